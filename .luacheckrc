@@ -1,0 +1,6 @@
+std = "lua54"
+max_line_length = 110
+files["spec"] = { std = "+busted" }
+-- Engine-side code in strings and functions sent to engines may use the
+-- engine's globals.
+read_globals = { "lpar" }

@@ -1,0 +1,201 @@
+/*
+** wire.c: message framing.
+*/
+#include "wire.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "lpar.h"
+
+static void put_u32(char *p, uint32_t v) {
+  for (int i = 0; i < 4; i++) p[i] = (char)(v >> (8 * i));
+}
+
+static void put_u64(char *p, uint64_t v) {
+  for (int i = 0; i < 8; i++) p[i] = (char)(v >> (8 * i));
+}
+
+static uint32_t get_u32(const char *p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; i--) v = (v << 8) | (unsigned char)p[i];
+  return v;
+}
+
+static uint64_t get_u64(const char *p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; i--) v = (v << 8) | (unsigned char)p[i];
+  return v;
+}
+
+void lparW_pack_header(char out[LPARW_HEADER_SIZE], int type, unsigned flags,
+                       uint64_t id, uint64_t len) {
+  put_u32(out, LPARW_MAGIC);
+  out[4] = (char)type;
+  out[5] = (char)flags;
+  out[6] = out[7] = 0;
+  put_u64(out + 8, id);
+  put_u64(out + 16, len);
+}
+
+int lparW_parse_header(const char in[LPARW_HEADER_SIZE], lparW_header *h,
+                       const char **reason) {
+  if (get_u32(in) != LPARW_MAGIC) {
+    *reason = "bad magic (not an lpar frame)";
+    return LPAR_EBADMSG;
+  }
+  h->type = (unsigned char)in[4];
+  h->flags = (unsigned char)in[5];
+  h->id = get_u64(in + 8);
+  h->len = get_u64(in + 16);
+  if (h->type < LPAR_MSG_HELLO || h->type >= LPAR_MSG_MAX_) {
+    *reason = "unknown message type";
+    return LPAR_EBADMSG;
+  }
+  if (h->flags & ~(unsigned)(LPAR_FLAG_TEXT | LPAR_FLAG_RAW)) {
+    *reason = "unknown flags";
+    return LPAR_EBADMSG;
+  }
+  if (in[6] != 0 || in[7] != 0) {
+    *reason = "reserved bytes not zero";
+    return LPAR_EBADMSG;
+  }
+  if (h->len > LPAR_MAX_PAYLOAD) {
+    *reason = "bad length (larger than the 1 GiB limit)";
+    return LPAR_EBADMSG;
+  }
+  return LPAR_OK;
+}
+
+void lparW_reader_init(lparW_reader *r) {
+  lparB_init(&r->buf);
+  r->pos = 0;
+}
+
+void lparW_reader_free(lparW_reader *r) {
+  lparB_free(&r->buf);
+  r->pos = 0;
+}
+
+/* Bytes still missing from the frame that starts at r->pos, if known. */
+static size_t frame_missing(const lparW_reader *r) {
+  size_t have = r->buf.len - r->pos;
+  if (have < LPARW_HEADER_SIZE) return 0;
+  uint64_t len = get_u64(r->buf.data + r->pos + 16);
+  if (len > LPAR_MAX_PAYLOAD) return 0; /* reported by _next */
+  size_t total = LPARW_HEADER_SIZE + (size_t)len;
+  return total > have ? total - have : 0;
+}
+
+int lparW_reader_space(lparW_reader *r, char **p, size_t *n) {
+  /* Move the unconsumed tail to the front so the buffer does not creep. */
+  if (r->pos > 0) {
+    size_t rest = r->buf.len - r->pos;
+    memmove(r->buf.data, r->buf.data + r->pos, rest);
+    r->buf.len = rest;
+    r->pos = 0;
+  }
+  size_t want = frame_missing(r);
+  if (want < 65536) want = 65536;
+  int rc = lparB_reserve(&r->buf, want);
+  if (rc < 0) return rc;
+  *p = r->buf.data + r->buf.len;
+  *n = r->buf.cap - r->buf.len;
+  return LPAR_OK;
+}
+
+void lparW_reader_commit(lparW_reader *r, size_t n) { r->buf.len += n; }
+
+int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
+                      const char **reason) {
+  size_t have = r->buf.len - r->pos;
+  if (have < LPARW_HEADER_SIZE) return 0;
+  int rc = lparW_parse_header(r->buf.data + r->pos, h, reason);
+  if (rc < 0) return rc;
+  if (have - LPARW_HEADER_SIZE < h->len) return 0;
+  *payload = r->buf.data + r->pos + LPARW_HEADER_SIZE;
+  r->pos += LPARW_HEADER_SIZE + (size_t)h->len;
+  if (r->pos == r->buf.len) r->buf.len = r->pos = 0;
+  return 1;
+}
+
+int lparW_write_all(int fd, const void *p, size_t n) {
+  const char *s = p;
+  while (n > 0) {
+    ssize_t k = send(fd, s, n, MSG_NOSIGNAL);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      return LPAR_ESYS;
+    }
+    s += k;
+    n -= (size_t)k;
+  }
+  return LPAR_OK;
+}
+
+int lparW_send(int fd, int type, unsigned flags, uint64_t id, const void *payload,
+               size_t len) {
+  char head[LPARW_HEADER_SIZE];
+  lparW_pack_header(head, type, flags, id, len);
+  struct iovec iov[2] = {{head, sizeof head}, {(void *)payload, len}};
+  struct msghdr msg = {.msg_iov = iov, .msg_iovlen = len ? 2 : 1};
+  size_t total = sizeof head + len;
+  ssize_t k;
+  do {
+    k = sendmsg(fd, &msg, MSG_NOSIGNAL);
+  } while (k < 0 && errno == EINTR);
+  if (k < 0) return LPAR_ESYS;
+  if ((size_t)k == total) return LPAR_OK;
+  /* Partial write (a large payload): finish with plain sends. */
+  size_t done = (size_t)k;
+  if (done < sizeof head) {
+    int rc = lparW_write_all(fd, head + done, sizeof head - done);
+    if (rc < 0) return rc;
+    done = sizeof head;
+  }
+  return lparW_write_all(fd, (const char *)payload + (done - sizeof head),
+                         total - done);
+}
+
+static int read_full(int fd, char *p, size_t n) {
+  size_t got = 0;
+  while (got < n) {
+    ssize_t k = read(fd, p + got, n - got);
+    if (k == 0) return got == 0 ? 0 : LPAR_EBADMSG;
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      return LPAR_ESYS;
+    }
+    got += (size_t)k;
+  }
+  return 1;
+}
+
+int lparW_recv(int fd, lparW_header *h, lparB_buffer *buf, const char **reason) {
+  char head[LPARW_HEADER_SIZE];
+  int rc = read_full(fd, head, sizeof head);
+  if (rc <= 0) {
+    *reason = rc == 0 ? "end of stream" : "read failed";
+    return rc;
+  }
+  rc = lparW_parse_header(head, h, reason);
+  if (rc < 0) return rc;
+  buf->len = 0;
+  rc = lparB_reserve(buf, (size_t)h->len + 1);
+  if (rc < 0) {
+    *reason = "out of memory";
+    return rc;
+  }
+  if (h->len > 0) {
+    rc = read_full(fd, buf->data, (size_t)h->len);
+    if (rc <= 0) {
+      *reason = "truncated frame";
+      return rc == 0 ? LPAR_EBADMSG : rc;
+    }
+  }
+  buf->len = (size_t)h->len;
+  return 1;
+}

@@ -1,0 +1,63 @@
+/*
+** wire.h: message framing (internal, prefix lparW_).
+**
+** A frame is a 24-byte header followed by the payload:
+**   magic u32 "LPAR" | type u8 | flags u8 | reserved u16 (0) | id u64 | length u64
+** little-endian. A header that fails a check cannot be resynchronised, so the
+** receiver drops the connection; a payload that fails to decode only fails
+** its own request.
+*/
+#ifndef LPAR_WIRE_H
+#define LPAR_WIRE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buffer.h"
+
+#define LPARW_HEADER_SIZE 24
+#define LPARW_MAGIC 0x5241504cu /* "LPAR" read little-endian */
+
+typedef struct lparW_header {
+  int type;
+  unsigned flags;
+  uint64_t id;
+  uint64_t len;
+} lparW_header;
+
+void lparW_pack_header(char out[LPARW_HEADER_SIZE], int type, unsigned flags,
+                       uint64_t id, uint64_t len);
+
+/* 0, or LPAR_EBADMSG with *reason naming the fault. */
+int lparW_parse_header(const char in[LPARW_HEADER_SIZE], lparW_header *h,
+                       const char **reason);
+
+/*
+** An incremental reader for non-blocking sockets: the caller asks for space,
+** reads into it, then takes whole frames out.
+*/
+typedef struct lparW_reader {
+  lparB_buffer buf;
+  size_t pos; /* start of the first unconsumed byte */
+} lparW_reader;
+
+void lparW_reader_init(lparW_reader *r);
+void lparW_reader_free(lparW_reader *r);
+/* Space to read into: at least 64 KiB, or the rest of a large frame at once. */
+int lparW_reader_space(lparW_reader *r, char **p, size_t *n);
+void lparW_reader_commit(lparW_reader *r, size_t n);
+/*
+** 1 with a frame (payload valid until the next call), 0 when more bytes are
+** needed, LPAR_EBADMSG with *reason for a malformed header.
+*/
+int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
+                      const char **reason);
+
+/* Blocking helpers for the engine: whole frames over a blocking socket. */
+int lparW_write_all(int fd, const void *p, size_t n);
+int lparW_send(int fd, int type, unsigned flags, uint64_t id, const void *payload,
+               size_t len);
+/* 1 with a frame read into buf (payload at buf->data), 0 on EOF, <0 on error. */
+int lparW_recv(int fd, lparW_header *h, lparB_buffer *buf, const char **reason);
+
+#endif

@@ -1,0 +1,295 @@
+/*
+** engine.c: lpar-engine, one Lua 5.4 state serving requests over fd 3.
+**
+** The engine is a plain blocking loop: read a frame, run it, write the
+** reply. Nothing else shares the process, so blocking I/O is the fastest
+** path and needs no event loop. It exits on EOF (its controller went away)
+** and, through PR_SET_PDEATHSIG, when its parent dies while it is busy.
+*/
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "engine.h"
+#include "lpar.h"
+#include "serialize.h"
+#include "wire.h"
+
+static int env_int(const char *name, int fallback) {
+  const char *s = getenv(name);
+  return s && *s ? atoi(s) : fallback;
+}
+
+static const char *env_str(const char *name, const char *fallback) {
+  const char *s = getenv(name);
+  return s && *s ? s : fallback;
+}
+
+/* Message handler: an error table with the message and the remote traceback. */
+static int error_handler(lua_State *L) {
+  luaL_tolstring(L, 1, NULL);
+  lua_createtable(L, 0, 2);
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "message");
+  luaL_traceback(L, L, NULL, 1);
+  lua_setfield(L, -2, "traceback");
+  return 1;
+}
+
+/*
+** Runs one request, protected: (type, flags, decoded values...) -> results.
+** An execute answers nothing, as in ipyparallel, except to a text-mode host,
+** which has no other way to read a value back.
+*/
+static int run_request(lua_State *L) {
+  int type = (int)lua_tointeger(L, 1);
+  unsigned flags = (unsigned)lua_tointeger(L, 2);
+  lua_remove(L, 2);
+  int nargs = lua_gettop(L) - 1;
+  switch (type) {
+  case LPAR_MSG_EXECUTE: {
+    size_t len;
+    const char *code = luaL_checklstring(L, 2, &len);
+    if (luaL_loadbufferx(L, code, len, "=[execute]", "t") != LUA_OK) return lua_error(L);
+    int want = (flags & LPAR_FLAG_TEXT) ? LUA_MULTRET : 0;
+    lua_call(L, 0, want);
+    return lua_gettop(L) - 2;
+  }
+  case LPAR_MSG_APPLY:
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_call(L, nargs - 1, LUA_MULTRET);
+    return lua_gettop(L) - 1;
+  case LPAR_MSG_PUSH:
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_pushnil(L);
+    while (lua_next(L, 2)) {
+      if (lua_type(L, -2) != LUA_TSTRING) return luaL_error(L, "push: names must be strings");
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_setglobal(L, lua_tostring(L, -2));
+      lua_pop(L, 1);
+    }
+    return 0;
+  case LPAR_MSG_PULL:
+    for (int i = 2; i <= nargs + 1; i++) lua_getglobal(L, luaL_checkstring(L, i));
+    return nargs;
+  default:
+    return luaL_error(L, "engine cannot serve a message of type %d", type);
+  }
+}
+
+static void send_or_exit(lparE_state *st, int type, unsigned flags, const void *p, size_t n) {
+  if (lparW_send(st->fd, type, flags, st->task, p, n) < 0) exit(0); /* controller gone */
+}
+
+/* A reply: two doubles (started, completed) then the encoded values. */
+static void reply_values(lua_State *L, lparE_state *st, int type, double started,
+                         int first, int count, lparB_buffer *enc) {
+  char err[512];
+  double stamps[2] = {started, lparE_now()};
+  enc->len = 0;
+  lparB_append(enc, stamps, sizeof stamps);
+  if (lparS_encode(L, first, count, type == LPAR_MSG_RESULT ? "result" : "error", enc,
+                   err, sizeof err) < 0) {
+    /* The result cannot travel: say so instead. */
+    lua_createtable(L, 0, 1);
+    lua_pushstring(L, err);
+    lua_setfield(L, -2, "message");
+    enc->len = sizeof stamps;
+    type = LPAR_MSG_ERROR;
+    if (lparS_encode(L, lua_gettop(L), 1, "error", enc, err, sizeof err) < 0) enc->len = 0;
+    lua_pop(L, 1);
+  }
+  send_or_exit(st, type, 0, enc->data, enc->len);
+}
+
+/* Text replies for hosts without Lua: values joined by tabs, or the error. */
+static void reply_text(lua_State *L, lparE_state *st, int ok, int first, int count,
+                       lparB_buffer *enc) {
+  enc->len = 0;
+  if (ok) {
+    for (int i = 0; i < count; i++) {
+      size_t n;
+      const char *s = luaL_tolstring(L, first + i, &n);
+      if (i > 0) lparB_append(enc, "\t", 1);
+      lparB_append(enc, s, n);
+      lua_pop(L, 1);
+    }
+  } else {
+    lua_getfield(L, first, "message");
+    lua_getfield(L, first, "traceback");
+    size_t n;
+    const char *s = lua_tolstring(L, -2, &n);
+    if (s) lparB_append(enc, s, n);
+    s = lua_tolstring(L, -1, &n);
+    if (s) {
+      lparB_append(enc, "\n", 1);
+      lparB_append(enc, s, n);
+    }
+    lua_pop(L, 2);
+  }
+  send_or_exit(st, ok ? LPAR_MSG_RESULT : LPAR_MSG_ERROR, LPAR_FLAG_TEXT | LPAR_FLAG_RAW,
+               enc->data, enc->len);
+}
+
+static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const char *payload,
+                  lparB_buffer *enc) {
+  double started = lparE_now();
+  char err[512];
+  int base = lua_gettop(L);
+  lua_pushcfunction(L, error_handler);
+  lua_pushcfunction(L, run_request);
+  lua_pushinteger(L, h->type);
+  lua_pushinteger(L, h->flags);
+  int nvals = 1;
+  if (h->flags & LPAR_FLAG_RAW) /* the payload is the code itself */
+    lua_pushlstring(L, payload, (size_t)h->len);
+  else if (lparS_decode(L, payload, (size_t)h->len, LPARS_ALLOW_CODE, &nvals, err,
+                        sizeof err) < 0) {
+    st->bad_messages++;
+    lua_settop(L, base);
+    lua_createtable(L, 0, 1);
+    lua_pushfstring(L, "malformed request: %s", err);
+    lua_setfield(L, -2, "message");
+    reply_values(L, st, LPAR_MSG_ERROR, started, base + 1, 1, enc);
+    lua_settop(L, base);
+    return;
+  }
+  int ok = lua_pcall(L, nvals + 2, LUA_MULTRET, base + 1) == LUA_OK;
+  lparE_flush_output(st);
+  int first = base + 2, count = lua_gettop(L) - base - 1;
+  if (h->flags & LPAR_FLAG_TEXT)
+    reply_text(L, st, ok, first, count, enc);
+  else
+    reply_values(L, st, ok ? LPAR_MSG_RESULT : LPAR_MSG_ERROR, started, first, count, enc);
+  lua_settop(L, base);
+}
+
+/* lpar.engine._send_raw(bytes): write raw bytes to the controller (tests of bad input). */
+static int engine_send_raw(lua_State *L) {
+  lparE_state *st = lua_touserdata(L, lua_upvalueindex(1));
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  lua_pushboolean(L, lparW_write_all(st->fd, s, n) == LPAR_OK);
+  return 1;
+}
+
+static void set_paths(lua_State *L) {
+  const char *lua_dir = env_str("LPAR_LUA_DIR", LPAR_LUA_DIR);
+  const char *build_dir = env_str("LPAR_BUILD_DIR", LPAR_BUILD_DIR);
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "path");
+  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", lua_dir, lua_dir, lua_tostring(L, -1));
+  lua_setfield(L, -3, "path");
+  lua_pop(L, 1);
+  lua_getfield(L, -1, "cpath");
+  lua_pushfstring(L, "%s/lib/?.so;%s", build_dir, lua_tostring(L, -1));
+  lua_setfield(L, -3, "cpath");
+  lua_pop(L, 2);
+}
+
+/*
+** On an engine, `lpar` (global, and package.loaded.lpar, so a closure that
+** captured the client's lpar module finds it by name) starts as a small
+** table holding `engine`; the first use of any other field loads the full
+** module into it.
+*/
+static const char *const lazy_lpar =
+  "local engine = ...\n"
+  "local lpar = { engine = engine }\n"
+  "setmetatable(lpar, { __index = function(t, k)\n"
+  "  setmetatable(t, nil)\n"
+  "  local path = package.searchpath('lpar', package.path)\n"
+  "  if path then\n"
+  "    for name, v in pairs(dofile(path)) do\n"
+  "      if rawget(t, name) == nil then t[name] = v end\n"
+  "    end\n"
+  "  end\n"
+  "  return rawget(t, k)\n"
+  "end })\n"
+  "package.loaded.lpar = lpar\n"
+  "_G.lpar = lpar\n";
+
+/* `lpar.engine`, also reachable as package.loaded["lpar.engine"]. */
+static void open_engine_module(lua_State *L, lparE_state *st) {
+  lua_createtable(L, 0, 6);
+  lua_pushinteger(L, st->id);
+  lua_setfield(L, -2, "id");
+  lua_pushinteger(L, st->n);
+  lua_setfield(L, -2, "n");
+  lua_pushinteger(L, (lua_Integer)getpid());
+  lua_setfield(L, -2, "pid");
+  lua_pushcfunction(L, lparS_register_metatable);
+  lua_setfield(L, -2, "register_metatable");
+  lua_pushlightuserdata(L, st);
+  lua_pushcclosure(L, engine_send_raw, 1);
+  lua_setfield(L, -2, "_send_raw");
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "lpar.engine");
+  lua_pop(L, 1);
+  if (luaL_loadstring(L, lazy_lpar) != LUA_OK) {
+    fprintf(stderr, "lpar-engine: %s\n", lua_tostring(L, -1));
+    exit(1);
+  }
+  lua_insert(L, -2);
+  lua_call(L, 1, 0);
+}
+
+int main(void) {
+  lparE_state st = {.fd = env_int("LPAR_FD", -1), .id = env_int("LPAR_ENGINE_ID", 0),
+                    .n = env_int("LPAR_ENGINE_N", 1)};
+  int parent = env_int("LPAR_PARENT_PID", 0);
+  if (st.fd < 0) {
+    fprintf(stderr, "lpar-engine: no LPAR_FD; engines are started by lpar, not by hand\n");
+    return 2;
+  }
+  /* Die with the parent even when too busy to read EOF. */
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (parent > 0 && getppid() != parent) return 0;
+  lparB_init(&st.out);
+  lparB_init(&st.err);
+  lua_State *L = luaL_newstate();
+  if (L == NULL) return 1;
+  luaL_openlibs(L);
+  set_paths(L);
+  open_engine_module(L, &st);
+  lparE_capture_output(L, &st);
+
+  char hello[96];
+  int n = snprintf(hello, sizeof hello, "lpar-engine %s id=%d pid=%ld", LPAR_VERSION, st.id,
+                   (long)getpid());
+  if (lparW_send(st.fd, LPAR_MSG_HELLO, LPAR_FLAG_RAW, 0, hello, (size_t)n) < 0) return 0;
+
+  lparB_buffer in, enc;
+  lparB_init(&in);
+  lparB_init(&enc);
+  for (;;) {
+    lparW_header h;
+    const char *reason = "";
+    int rc = lparW_recv(st.fd, &h, &in, &reason);
+    if (rc == 0) break; /* controller closed: leave quietly */
+    if (rc < 0) {
+      fprintf(stderr, "lpar-engine %d: dropping the connection: %s\n", st.id, reason);
+      lua_close(L);
+      return 3;
+    }
+    st.task = h.id;
+    serve(L, &st, &h, in.data, &enc);
+    if (in.cap > (1u << 24)) lparB_free(&in); /* do not hold a huge buffer while idle */
+    if (enc.cap > (1u << 24)) lparB_free(&enc);
+  }
+  lua_close(L);
+  lparB_free(&in);
+  lparB_free(&enc);
+  lparB_free(&st.out);
+  lparB_free(&st.err);
+  return 0;
+}

@@ -1,0 +1,29 @@
+/*
+** engine.h: state shared by the engine's files (internal, prefix lparE_).
+*/
+#ifndef LPAR_ENGINE_H
+#define LPAR_ENGINE_H
+
+#include <stdint.h>
+
+#include <lua.h>
+
+#include "buffer.h"
+
+typedef struct lparE_state {
+  int fd;           /* socket to the controller */
+  int id, n;        /* engine id, engines in the cluster */
+  uint64_t task;    /* id of the request being served */
+  lparB_buffer out; /* captured stdout not yet sent */
+  lparB_buffer err; /* captured stderr not yet sent */
+  double last_flush;
+  uint64_t bad_messages;
+} lparE_state;
+
+double lparE_now(void);
+/* Replace print, io.write, io.stdout and io.stderr with capturing versions. */
+void lparE_capture_output(lua_State *L, lparE_state *st);
+/* Send what was captured, as STDOUT/STDERR messages of the current task. */
+void lparE_flush_output(lparE_state *st);
+
+#endif

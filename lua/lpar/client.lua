@@ -1,0 +1,73 @@
+--- Client: the handle on a running cluster.
+-- `rc.ids` (engines up, sorted), `#rc`, `rc[i]` (a view of engine i),
+-- `rc:view(targets)`, `rc:wait(results, timeout)`, `rc:queue_status()`,
+-- `rc:close()`. A Client is a to-be-closed value: closing one that started
+-- its cluster (Cluster:start_and_connect) stops that cluster.
+local DirectView = require "lpar.view"
+local wait = require "lpar.wait"
+
+local Client = {}
+local methods = {}
+
+function Client.new(hub, owned_cluster)
+  return setmetatable({ _hub = hub, _owned = owned_cluster }, Client)
+end
+
+function Client.__index(self, k)
+  if k == "ids" then return self._hub:ids() end
+  if math.type(k) == "integer" then
+    return DirectView.new(self, k)
+  end
+  return methods[k]
+end
+
+function Client:__len() return #self._hub:ids() end
+
+function Client:__tostring()
+  return string.format("<Client: %d engines>", #self)
+end
+
+--- A DirectView over `targets` (nil: all engines).
+function methods:view(targets)
+  return DirectView.new(self, targets)
+end
+
+methods.direct_view = methods.view
+
+--- Wait for a list of AsyncResults (or one); true when all are done.
+function methods:wait(results, timeout)
+  if results == nil then error("Client:wait: expected a list of results", 2) end
+  if getmetatable(results) and results.ready then results = { results } end
+  return wait.until_done(function()
+    for _, ar in ipairs(results) do
+      if not ar:ready() then return false end
+    end
+    return true
+  end, timeout, nil, 2)
+end
+
+--- Per engine: requests in flight and state; plus messages dropped.
+function methods:queue_status()
+  local hub = self._hub
+  local status = {}
+  for id, e in pairs(hub.engines) do status[id] = { queue = 0, state = e.state, pid = e.pid } end
+  for _, rec in pairs(hub.pending) do
+    local s = status[rec.engine]
+    if s then s.queue = s.queue + 1 end
+  end
+  local stats = hub:stats()
+  status.bad_messages, status.undecodable = stats.bad_messages, stats.undecodable
+  return status
+end
+
+--- Detach; stop the cluster too when this client started it.
+function methods:close()
+  if self._owned then
+    self._owned:stop()
+    self._owned = nil
+  end
+end
+
+Client.__close = function(self) self:close() end
+
+return Client

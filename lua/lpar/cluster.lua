@@ -1,0 +1,129 @@
+--- Cluster: local engines started and owned by this process.
+--   local rc <close> = lpar.Cluster{n = 4}:start_and_connect()
+-- Options: n (engines, default 4), engine_env (table of NAME = value, or a
+-- list of "NAME=value"), blas_threads (OPENBLAS_NUM_THREADS on the engines,
+-- default 1), engine (path of lpar-engine), timeout (seconds to wait for
+-- engines to come up, default 30).
+-- A Cluster is to-be-closed, and its engines are stopped when it is
+-- garbage collected or the process exits; a SIGKILLed client leaves none
+-- either, since engines exit when their socket closes.
+local Hub = require "lpar.hub"
+local Client = require "lpar.client"
+local wait = require "lpar.wait"
+
+local Cluster = {}
+Cluster.__index = Cluster
+
+function Cluster.new(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("Cluster: expected a table of options", 2) end
+  local n = opts.n or 4
+  if math.type(n) ~= "integer" or n < 1 then error("Cluster: n must be a positive integer", 2) end
+  return setmetatable({ n = n, opts = opts, profile = opts.profile }, Cluster)
+end
+
+function Cluster:__tostring()
+  local state = self._hub and (self._hub.core and "running" or "stopped") or "not started"
+  return string.format("<Cluster n=%d %s>", self.n, state)
+end
+
+local function wait_engines(self, ids, timeout, level)
+  local hub = self._hub
+  local function settled()
+    for _, id in ipairs(ids) do
+      if hub:engine_state(id) == "starting" then return false end
+    end
+    return true
+  end
+  wait.until_done(settled, timeout, nil, level + 1)
+  local missing = {}
+  for _, id in ipairs(ids) do
+    local e = hub.engines[id]
+    if e.state ~= "ready" then
+      missing[#missing + 1] = string.format("engine %d %s", id,
+        e.state == "dead" and e.how or ("did not say hello within " .. timeout .. " s"))
+    end
+  end
+  if #missing > 0 then
+    error("cluster did not come up: " .. table.concat(missing, "; "), level + 1)
+  end
+end
+
+local function all_ids(self)
+  local ids = {}
+  for i = 0, self.n - 1 do ids[#ids + 1] = i end
+  return ids
+end
+
+--- Start the engines (returns at once; they say hello shortly).
+function Cluster:start()
+  if self._hub and self._hub.core then error("Cluster:start: already started", 2) end
+  self._hub = Hub.embedded { engine = self.opts.engine, env = self.opts.engine_env,
+                             blas_threads = self.opts.blas_threads }
+  for _, id in ipairs(all_ids(self)) do self._hub:spawn(id, self.n) end
+  return self
+end
+
+--- Wait until every engine is ready (raises naming those that are not).
+function Cluster:wait_for_engines(timeout)
+  wait_engines(self, all_ids(self), timeout or self.opts.timeout or 30, 2)
+  return self
+end
+
+--- A Client of this cluster.
+function Cluster:client()
+  if not self._hub then error("Cluster:client: start the cluster first", 2) end
+  return Client.new(self._hub)
+end
+
+--- Start, wait for every engine, and return a Client that owns the cluster.
+function Cluster:start_and_connect(timeout)
+  self:start()
+  wait_engines(self, all_ids(self), timeout or self.opts.timeout or 30, 2)
+  return Client.new(self._hub, self)
+end
+
+local function resolve_ids(self, ids)
+  if ids == nil then return all_ids(self) end
+  if math.type(ids) == "integer" then return { ids } end
+  return ids
+end
+
+--- Kill (if running) and start again the given engines (default all), and
+-- wait for them. Their globals are lost, as in ipyparallel.
+function Cluster:restart_engines(ids, timeout)
+  local hub = self._hub
+  if not (hub and hub.core) then error("Cluster:restart_engines: the cluster is not running", 2) end
+  ids = resolve_ids(self, ids)
+  for _, id in ipairs(ids) do
+    if hub:engine_state(id) ~= "dead" then
+      hub:signal(id, "KILL")
+    end
+  end
+  wait.until_done(function()
+    for _, id in ipairs(ids) do
+      if hub:engine_state(id) ~= "dead" then return false end
+    end
+    return true
+  end, 5, nil, 2)
+  for _, id in ipairs(ids) do hub:spawn(id, self.n) end
+  wait_engines(self, ids, timeout or self.opts.timeout or 30, 2)
+  return self
+end
+
+--- Send a signal (number or name: "INT", "SIGKILL", ...) to engines.
+function Cluster:signal_engines(sig, ids)
+  local hub = self._hub
+  if not (hub and hub.core) then error("Cluster:signal_engines: the cluster is not running", 2) end
+  for _, id in ipairs(resolve_ids(self, ids)) do hub:signal(id, sig) end
+end
+
+--- Stop every engine; their pending results fail with an EngineError.
+function Cluster:stop()
+  if self._hub then self._hub:stop() end
+end
+
+Cluster.__close = function(self) self:stop() end
+Cluster.__gc = function(self) self:stop() end
+
+return Cluster

@@ -1,0 +1,69 @@
+--- Error objects raised by AsyncResult:get() and the views.
+-- Each is a table with `__tostring`, so `print(err)` reads well and code can
+-- look at the fields: `err.engine`, `err.message`, `err.traceback`.
+local errors = {}
+
+local function class(name)
+  local c = { name = name }
+  c.__index = c
+  c.__name = name
+  return c
+end
+
+--- A Lua error raised by user code on an engine.
+errors.RemoteError = class("RemoteError")
+function errors.RemoteError.new(engine, kind, err, task)
+  return setmetatable({
+    engine = engine,
+    kind = kind,
+    task = task,
+    message = err and err.message or "unknown error",
+    traceback = err and err.traceback,
+  }, errors.RemoteError)
+end
+function errors.RemoteError:__tostring()
+  local head = string.format("[%d:%s] %s", self.engine, self.kind, self.message)
+  if self.traceback then head = head .. "\n" .. self.traceback end
+  return head
+end
+
+--- An engine that died, or was stopped, while a task of ours was on it.
+errors.EngineError = class("EngineError")
+function errors.EngineError.new(engine, task, how)
+  return setmetatable({ engine = engine, task = task, message = how }, errors.EngineError)
+end
+function errors.EngineError:__tostring()
+  if self.task then
+    return string.format("EngineError: engine %d %s while running task %d", self.engine,
+      self.message, self.task)
+  end
+  return string.format("EngineError: engine %d %s", self.engine, self.message)
+end
+
+--- Several failures of one AsyncResult, in target order.
+errors.CompositeError = class("CompositeError")
+function errors.CompositeError.new(list)
+  return setmetatable({ errors = list, message = #list .. " engines failed" }, errors.CompositeError)
+end
+function errors.CompositeError:__tostring()
+  local parts = { string.format("CompositeError: %d of the engines failed", #self.errors) }
+  for _, e in ipairs(self.errors) do parts[#parts + 1] = tostring(e) end
+  return table.concat(parts, "\n")
+end
+
+--- get(timeout) or wait ran out of time; the result is still pending.
+errors.TimeoutError = class("TimeoutError")
+function errors.TimeoutError.new(what)
+  return setmetatable({ message = what }, errors.TimeoutError)
+end
+function errors.TimeoutError:__tostring() return "TimeoutError: " .. self.message end
+
+--- True when `e` is one of lpar's error objects of class `c` (or any, without c).
+function errors.is(e, c)
+  local mt = getmetatable(e)
+  if c then return mt == c end
+  return mt == errors.RemoteError or mt == errors.EngineError or mt == errors.CompositeError
+    or mt == errors.TimeoutError
+end
+
+return errors

@@ -1,0 +1,34 @@
+--- lpar: interactive parallel computing for Lua 5.4.
+--   local lpar = require "lpar"
+--   local rc <close> = lpar.Cluster{n = 4}:start_and_connect()
+--   local dview = rc:view()
+--   dview:execute("x = 1", {block = true})
+local core = require "lpar.core"
+local errors = require "lpar.errors"
+
+local lpar = {
+  version = core.version,
+  Cluster = require("lpar.cluster").new,
+  errors = errors,
+  RemoteError = errors.RemoteError,
+  EngineError = errors.EngineError,
+  CompositeError = errors.CompositeError,
+  TimeoutError = errors.TimeoutError,
+  -- On an engine, the engine's own id and cluster size.
+  engine = package.loaded["lpar.engine"],
+}
+
+--- Register a metatable under a name, so values carrying it can be sent
+-- (the receiver must register the same name).
+function lpar.register_metatable(name, mt)
+  if type(name) ~= "string" then error("register_metatable: name must be a string", 2) end
+  if type(mt) ~= "table" then error("register_metatable: expected a metatable", 2) end
+  core.register_metatable(name, mt)
+  return mt
+end
+
+--- Encode values as bytes, as they travel to engines; and back.
+lpar.encode = core.encode
+lpar.decode = core.decode
+
+return lpar

@@ -1,0 +1,258 @@
+--- DirectView: calls addressed to a fixed set of engines.
+-- Flags are fields (`block`, default false as in ipyparallel); `view:with{}`
+-- returns a view with flags changed, and fixed-arity methods take a
+-- trailing options table for one call: `dview:execute(code, {block = true})`.
+local core = require "lpar.core"
+local targets_mod = require "lpar.targets"
+local AsyncResult = require "lpar.asyncresult"
+local wait = require "lpar.wait"
+
+local DirectView = {}
+DirectView.__index = DirectView
+
+local EXECUTE, APPLY, PUSH, PULL = core.EXECUTE, core.APPLY, core.PUSH, core.PULL
+local FLAGS = { block = true }
+
+--- A view of `client` over `spec` (see lpar.targets); nil means every
+-- engine, resolved at each call so restarted engines are included.
+function DirectView.new(client, spec)
+  -- Weak: a finished result the user dropped need not be kept; a pending
+  -- one is held by the hub until it settles.
+  local outstanding = setmetatable({}, { __mode = "k" })
+  local self = setmetatable({ client = client, _spec = spec, block = false,
+    _outstanding = outstanding }, DirectView)
+  if spec == nil then
+    self.targets = "all"
+  else
+    local hub = client._hub
+    local ok, ids = pcall(targets_mod.resolve, spec, client.ids, function(id)
+      return hub.engines[id] and hub:unavailable(id)
+    end)
+    if not ok then error(ids, 3) end
+    self._ids = ids
+    self.targets = math.type(spec) == "integer" and ids[1] or ids
+  end
+  return self
+end
+
+function DirectView:__tostring()
+  local t = self.targets
+  if type(t) == "table" then t = "{" .. table.concat(t, ", ") .. "}" end
+  return string.format("<DirectView %s>", tostring(t))
+end
+
+--- A copy of this view with the given flags changed.
+function DirectView:with(flags)
+  local copy = setmetatable({}, DirectView)
+  for k, v in pairs(self) do copy[k] = v end
+  copy._outstanding = self._outstanding
+  for k, v in pairs(flags) do
+    if not FLAGS[k] then error(string.format("unknown view flag %q", tostring(k)), 2) end
+    copy[k] = v
+  end
+  return copy
+end
+
+local function flag(self, opts, name)
+  if opts and opts[name] ~= nil then return opts[name] end
+  return self[name]
+end
+
+function DirectView:_targets(level)
+  if self._ids then return self._ids end
+  local ids = self.client.ids
+  if #ids == 0 then error("no engines are running", level + 1) end
+  return ids
+end
+
+local function single(self) return math.type(self.targets) == "integer" end
+
+--- Send one request per target; `args(i, engine)` gives the values for the
+-- i-th target (or `fixed` values for all). Raises at the user's call site.
+local function submit(self, kind, mtype, root, opts, finish, per_target, ...)
+  local hub = self.client._hub
+  local ids = self:_targets(3)
+  for _, id in ipairs(ids) do
+    local gone = hub:unavailable(id)
+    if gone then error(gone, 3) end
+  end
+  local ar = AsyncResult.new(kind, { single = single(self), finish = finish })
+  for i, id in ipairs(ids) do
+    local slot = ar:_slot(id)
+    local ok, err
+    if per_target then
+      ok, err = hub:submit(id, mtype, root, slot, per_target(i, #ids))
+    else
+      ok, err = hub:submit(id, mtype, root, slot, ...)
+    end
+    if not ok then
+      if i == 1 then error(err, 3) end
+      -- Already sent to some engines: fail the rest, keep what was sent.
+      ar:_settle(slot, false, nil, nil, err)
+    end
+  end
+  self._outstanding[ar] = true
+  return ar
+end
+
+local function finish_call(self, ar, opts, blocking_returns_ar)
+  if not flag(self, opts, "block") then return ar end
+  if blocking_returns_ar then
+    ar:get()
+    return ar
+  end
+  return ar:get()
+end
+
+--- Run a chunk of Lua code in each engine's globals. Returns the
+-- AsyncResult (waited for when blocking, as ipyparallel does).
+function DirectView:execute(code, opts)
+  if type(code) ~= "string" then error("execute: code must be a string", 2) end
+  local ar = submit(self, "execute", EXECUTE, "code", opts, function() end, nil, code)
+  return finish_call(self, ar, opts, true)
+end
+
+--- Run a Lua file on the engines (read here, sent as code).
+function DirectView:run(path, opts)
+  local f, err = io.open(path, "rb")
+  if not f then error("run: " .. err, 2) end
+  local code = f:read("a")
+  f:close()
+  local ar = submit(self, "execute", EXECUTE, "code", opts, function() end, nil,
+    "--[[" .. path .. "]] " .. code)
+  return finish_call(self, ar, opts, true)
+end
+
+function DirectView:apply_async(f, ...)
+  if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
+  return submit(self, "apply", APPLY, "args", nil, nil, nil, f, ...)
+end
+
+function DirectView:apply_sync(f, ...)
+  if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
+  return submit(self, "apply", APPLY, "args", nil, nil, nil, f, ...):get()
+end
+
+--- f(...) on every target: the AsyncResult, or the values when `block`.
+function DirectView:apply(f, ...)
+  if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
+  local ar = submit(self, "apply", APPLY, "args", nil, nil, nil, f, ...)
+  if self.block then return ar:get() end
+  return ar
+end
+
+--- Set globals on the engines from a table of name = value.
+function DirectView:push(values, opts)
+  if type(values) ~= "table" then error("push: expected a table of name = value", 2) end
+  for k in pairs(values) do
+    if type(k) ~= "string" then error("push: names must be strings, got " .. type(k), 2) end
+  end
+  local ar = submit(self, "push", PUSH, "push", opts, function() end, nil, values)
+  return finish_call(self, ar, opts)
+end
+
+--- Read globals: a name gives its value, a list of names a list of values;
+-- per engine on a multi-engine view.
+function DirectView:pull(names, opts)
+  local list = type(names) == "table" and names or { names }
+  for i, n in ipairs(list) do
+    if type(n) ~= "string" then error(string.format("pull: name %d is not a string", i), 2) end
+  end
+  local many = type(names) == "table"
+  local finish = function(slots, one)
+    local function value(s)
+      if many then return table.move(s.values, 1, s.values.n, 1, {}) end
+      return s.values[1]
+    end
+    if one then return value(slots[1]) end
+    local out = {}
+    for i, s in ipairs(slots) do out[i] = value(s) end
+    return out
+  end
+  local ar = submit(self, "pull", PULL, "pull", opts, finish, nil, table.unpack(list))
+  return finish_call(self, ar, opts)
+end
+
+--- Split `list` into contiguous chunks, as even as possible (the first
+-- chunks one longer), one per target.
+local function partition(list, parts)
+  local n = list.n or #list
+  local base, extra = n // parts, n % parts
+  local chunks, pos = {}, 1
+  for i = 1, parts do
+    local len = base + (i <= extra and 1 or 0)
+    chunks[i] = table.move(list, pos, pos + len - 1, 1, {})
+    pos = pos + len
+  end
+  return chunks
+end
+
+local function concat_lists(slots, one)
+  if one then return slots[1].values[1] end
+  local out, k = {}, 0
+  for _, s in ipairs(slots) do
+    local part = s.values[1]
+    local n = s.values[2] or (type(part) == "table" and #part or 0)
+    for j = 1, n do out[k + j] = part[j] end
+    k = k + n
+  end
+  return out
+end
+
+--- Distribute `list` over the targets as global `name`, in contiguous chunks.
+function DirectView:scatter(name, list, opts)
+  if type(name) ~= "string" then error("scatter: name must be a string", 2) end
+  if type(list) ~= "table" then error("scatter: expected a list", 2) end
+  local chunks = partition(list, #self:_targets(2))
+  local ar = submit(self, "scatter", PUSH, "scatter", opts, function() end,
+    function(i) return { [name] = chunks[i] } end)
+  return finish_call(self, ar, opts)
+end
+
+--- Collect the lists named `name` from the targets into one list.
+function DirectView:gather(name, opts)
+  if type(name) ~= "string" then error("gather: name must be a string", 2) end
+  local ar = submit(self, "gather", APPLY, "gather", opts, concat_lists, nil,
+    function(n) local v = _G[n]; return v, type(v) == "table" and #v or 0 end, name)
+  return finish_call(self, ar, opts)
+end
+
+local function map_chunk(f, chunk)
+  local out = {}
+  for i = 1, #chunk do out[i] = f(chunk[i]) end
+  return out, #chunk
+end
+
+--- f over `list`, in contiguous chunks on the targets; the results in order.
+function DirectView:map_async(f, list)
+  if type(f) ~= "function" then error("map: expected a function, got " .. type(f), 2) end
+  if type(list) ~= "table" then error("map: expected a list", 2) end
+  local chunks = partition(list, #self:_targets(2))
+  local ar = submit(self, "map", APPLY, "map", nil, function(slots) return concat_lists(slots) end,
+    function(i) return map_chunk, f, chunks[i] end)
+  return ar
+end
+
+function DirectView:map_sync(f, list)
+  return self:map_async(f, list):get()
+end
+
+function DirectView:map(f, list, opts)
+  local ar = self:map_async(f, list)
+  if flag(self, opts, "block") then return ar:get() end
+  return ar
+end
+
+--- Wait for every result this view has handed out; true when all are done.
+function DirectView:wait(timeout)
+  local out = self._outstanding
+  local ok = wait.until_done(function()
+    for ar in pairs(out) do
+      if ar:ready() then out[ar] = nil else return false end
+    end
+    return true
+  end, timeout, nil, 2)
+  return ok
+end
+
+return DirectView
