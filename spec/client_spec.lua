@@ -219,7 +219,7 @@ describe("a local cluster", function()
     it("shows outputs labelled by engine", function()
       local ar = rc:view("0:2"):execute("print('line 1') print('line 2')", { block = true })
       local lines = {}
-      ar:display_outputs({ write = function(_, s) lines[#lines + 1] = s end })
+      ar:display_outputs({ write = function(_, ...) lines[#lines + 1] = table.concat({ ... }) end })
       assert.equal("[stdout:0] line 1\n[stdout:0] line 2\n", lines[1])
       assert.equal("[stdout:1] line 1\n[stdout:1] line 2\n", lines[2])
     end)

@@ -174,16 +174,18 @@ function methods:serial_time()
   return total
 end
 
---- Print each engine's captured output, labelled as IPython does.
+--- Wait, then print each engine's captured output labelled as IPython
+-- does: "[stdout:0] text". `out` is any object with a write method.
 function methods:display_outputs(out)
+  self:wait()
   out = out or io.stdout
   for _, s in ipairs(self._slots) do
     for _, name in ipairs { "stdout", "stderr" } do
       local text = table.concat(s[name])
       if text ~= "" then
+        local label = string.format("[%s:%d] ", name, s.engine)
         text = text:gsub("\n$", "")
-        out:write(string.format("[%s:%d] %s\n", name, s.engine,
-          text:gsub("\n", string.format("\n[%s:%d] ", name, s.engine))))
+        out:write(label, (text:gsub("\n", "\n" .. label)), "\n")
       end
     end
   end
