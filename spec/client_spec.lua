@@ -1,3 +1,5 @@
+-- Globals of the engines, read by functions that run there:
+-- luacheck: globals part
 local lpar = require "lpar"
 local uv = require "luv"
 local helpers = require "helpers"

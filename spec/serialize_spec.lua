@@ -1,3 +1,4 @@
+-- luacheck: globals where
 local lpar = require "lpar"
 
 -- Send values to an engine and back: what a user's values go through.
@@ -54,9 +55,9 @@ describe("values on the wire", function()
 
   it("rebind _ENV to the engine's globals", function()
     e0:execute("where = 'engine'", { block = true })
-    where = "client" -- luacheck: ignore
+    where = "client"
     assert.equal("engine", e0:apply_sync(function() return where end))
-    where = nil -- luacheck: ignore
+    where = nil
   end)
 
   it("send C functions and library tables by name", function()

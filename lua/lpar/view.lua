@@ -67,9 +67,10 @@ end
 
 local function single(self) return math.type(self.targets) == "integer" end
 
---- Send one request per target; `args(i, engine)` gives the values for the
--- i-th target (or `fixed` values for all). Raises at the user's call site.
-local function submit(self, kind, mtype, root, opts, finish, per_target, ...)
+--- Send one request per target, with the values `per_target(i, n)` gives
+-- for the i-th of n targets, or else the same `...` to all. `finish` turns
+-- the settled slots into get()'s values. Raises at the user's call site.
+local function submit(self, kind, mtype, root, finish, per_target, ...)
   local hub = self.client._hub
   local ids = self:_targets(3)
   for _, id in ipairs(ids) do
@@ -108,7 +109,7 @@ end
 -- AsyncResult (waited for when blocking, as ipyparallel does).
 function DirectView:execute(code, opts)
   if type(code) ~= "string" then error("execute: code must be a string", 2) end
-  local ar = submit(self, "execute", EXECUTE, "code", opts, function() end, nil, code)
+  local ar = submit(self, "execute", EXECUTE, "code", function() end, nil, code)
   return finish_call(self, ar, opts, true)
 end
 
@@ -118,25 +119,25 @@ function DirectView:run(path, opts)
   if not f then error("run: " .. err, 2) end
   local code = f:read("a")
   f:close()
-  local ar = submit(self, "execute", EXECUTE, "code", opts, function() end, nil,
+  local ar = submit(self, "execute", EXECUTE, "code", function() end, nil,
     "--[[" .. path .. "]] " .. code)
   return finish_call(self, ar, opts, true)
 end
 
 function DirectView:apply_async(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
-  return submit(self, "apply", APPLY, "args", nil, nil, nil, f, ...)
+  return submit(self, "apply", APPLY, "args", nil, nil, f, ...)
 end
 
 function DirectView:apply_sync(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
-  return submit(self, "apply", APPLY, "args", nil, nil, nil, f, ...):get()
+  return submit(self, "apply", APPLY, "args", nil, nil, f, ...):get()
 end
 
 --- f(...) on every target: the AsyncResult, or the values when `block`.
 function DirectView:apply(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
-  local ar = submit(self, "apply", APPLY, "args", nil, nil, nil, f, ...)
+  local ar = submit(self, "apply", APPLY, "args", nil, nil, f, ...)
   if self.block then return ar:get() end
   return ar
 end
@@ -147,7 +148,7 @@ function DirectView:push(values, opts)
   for k in pairs(values) do
     if type(k) ~= "string" then error("push: names must be strings, got " .. type(k), 2) end
   end
-  local ar = submit(self, "push", PUSH, "push", opts, function() end, nil, values)
+  local ar = submit(self, "push", PUSH, "push", function() end, nil, values)
   return finish_call(self, ar, opts)
 end
 
@@ -169,7 +170,7 @@ function DirectView:pull(names, opts)
     for i, s in ipairs(slots) do out[i] = value(s) end
     return out
   end
-  local ar = submit(self, "pull", PULL, "pull", opts, finish, nil, table.unpack(list))
+  local ar = submit(self, "pull", PULL, "pull", finish, nil, table.unpack(list))
   return finish_call(self, ar, opts)
 end
 
@@ -204,7 +205,7 @@ function DirectView:scatter(name, list, opts)
   if type(name) ~= "string" then error("scatter: name must be a string", 2) end
   if type(list) ~= "table" then error("scatter: expected a list", 2) end
   local chunks = partition(list, #self:_targets(2))
-  local ar = submit(self, "scatter", PUSH, "scatter", opts, function() end,
+  local ar = submit(self, "scatter", PUSH, "scatter", function() end,
     function(i) return { [name] = chunks[i] } end)
   return finish_call(self, ar, opts)
 end
@@ -212,7 +213,7 @@ end
 --- Collect the lists named `name` from the targets into one list.
 function DirectView:gather(name, opts)
   if type(name) ~= "string" then error("gather: name must be a string", 2) end
-  local ar = submit(self, "gather", APPLY, "gather", opts, concat_lists, nil,
+  local ar = submit(self, "gather", APPLY, "gather", concat_lists, nil,
     function(n) local v = _G[n]; return v, type(v) == "table" and #v or 0 end, name)
   return finish_call(self, ar, opts)
 end
@@ -228,7 +229,7 @@ function DirectView:map_async(f, list)
   if type(f) ~= "function" then error("map: expected a function, got " .. type(f), 2) end
   if type(list) ~= "table" then error("map: expected a list", 2) end
   local chunks = partition(list, #self:_targets(2))
-  local ar = submit(self, "map", APPLY, "map", nil, function(slots) return concat_lists(slots) end,
+  local ar = submit(self, "map", APPLY, "map", function(slots) return concat_lists(slots) end,
     function(i) return map_chunk, f, chunks[i] end)
   return ar
 end
