@@ -38,10 +38,15 @@ methods.direct_view = methods.view
 function methods:wait(results, timeout)
   if results == nil then error("Client:wait: expected a list of results", 2) end
   if getmetatable(results) and results.ready then results = { results } end
+  local first = 1 -- results before this one are known to be ready
   return wait.until_done(function()
-    for _, ar in ipairs(results) do
-      if not ar:ready() then return false end
+    for i = first, #results do
+      if not results[i]:ready() then
+        first = i
+        return false
+      end
     end
+    first = #results + 1
     return true
   end, timeout, nil, 2)
 end
