@@ -85,8 +85,8 @@ static int run_request(lua_State *L) {
   }
 }
 
-static void send_or_exit(lparE_state *st, int type, unsigned flags, const void *p, size_t n) {
-  if (lparW_send(st->fd, type, flags, st->task, p, n) < 0) exit(0); /* controller gone */
+static void send_reply(lparE_state *st, int type, unsigned flags, const void *p, size_t n) {
+  if (lparW_send(st->fd, type, flags, st->task, p, n) < 0) st->gone = 1; /* controller gone */
 }
 
 /* A reply: two doubles (started, completed) then the encoded values. */
@@ -107,7 +107,7 @@ static void reply_values(lua_State *L, lparE_state *st, int type, double started
     if (lparS_encode(L, lua_gettop(L), 1, "error", enc, err, sizeof err) < 0) enc->len = 0;
     lua_pop(L, 1);
   }
-  send_or_exit(st, type, 0, enc->data, enc->len);
+  send_reply(st, type, 0, enc->data, enc->len);
 }
 
 /* Text replies for hosts without Lua: values joined by tabs, or the error. */
@@ -135,7 +135,7 @@ static void reply_text(lua_State *L, lparE_state *st, int ok, int first, int cou
     }
     lua_pop(L, 2);
   }
-  send_or_exit(st, ok ? LPAR_MSG_RESULT : LPAR_MSG_ERROR, LPAR_FLAG_TEXT | LPAR_FLAG_RAW,
+  send_reply(st, ok ? LPAR_MSG_RESULT : LPAR_MSG_ERROR, LPAR_FLAG_TEXT | LPAR_FLAG_RAW,
                enc->data, enc->len);
 }
 
@@ -266,9 +266,13 @@ int main(void) {
   char hello[96];
   int n = snprintf(hello, sizeof hello, "lpar-engine %s id=%d pid=%ld", LPAR_VERSION, st.id,
                    (long)getpid());
-  if (lparW_send(st.fd, LPAR_MSG_HELLO, LPAR_FLAG_RAW, 0, hello, (size_t)n) < 0) return 0;
+  if (lparW_send(st.fd, LPAR_MSG_HELLO, LPAR_FLAG_RAW, 0, hello, (size_t)n) < 0) {
+    lua_close(L);
+    return 0;
+  }
 
   lparB_buffer in, enc;
+  int status = 0;
   lparB_init(&in);
   lparB_init(&enc);
   for (;;) {
@@ -278,11 +282,12 @@ int main(void) {
     if (rc == 0) break; /* controller closed: leave quietly */
     if (rc < 0) {
       fprintf(stderr, "lpar-engine %d: dropping the connection: %s\n", st.id, reason);
-      lua_close(L);
-      return 3;
+      status = 3;
+      break;
     }
     st.task = h.id;
     serve(L, &st, &h, in.data, &enc);
+    if (st.gone) break;
     if (in.cap > (1u << 24)) lparB_free(&in); /* do not hold a huge buffer while idle */
     if (enc.cap > (1u << 24)) lparB_free(&enc);
   }
@@ -291,5 +296,5 @@ int main(void) {
   lparB_free(&enc);
   lparB_free(&st.out);
   lparB_free(&st.err);
-  return 0;
+  return status;
 }

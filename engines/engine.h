@@ -18,6 +18,7 @@ typedef struct lparE_state {
   lparB_buffer err; /* captured stderr not yet sent */
   double last_flush;
   uint64_t bad_messages;
+  int gone; /* the controller's socket failed: leave */
 } lparE_state;
 
 double lparE_now(void);
