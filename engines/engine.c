@@ -172,6 +172,13 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
   lua_settop(L, base);
 }
 
+/* lpar.engine.bad_messages(): malformed requests this engine rejected. */
+static int engine_bad_messages(lua_State *L) {
+  lparE_state *st = lua_touserdata(L, lua_upvalueindex(1));
+  lua_pushinteger(L, (lua_Integer)st->bad_messages);
+  return 1;
+}
+
 /* lpar.engine._send_raw(bytes): write raw bytes to the controller (tests of bad input). */
 static int engine_send_raw(lua_State *L) {
   lparE_state *st = lua_touserdata(L, lua_upvalueindex(1));
@@ -231,6 +238,9 @@ static void open_engine_module(lua_State *L, lparE_state *st) {
   lua_pushlightuserdata(L, st);
   lua_pushcclosure(L, engine_send_raw, 1);
   lua_setfield(L, -2, "_send_raw");
+  lua_pushlightuserdata(L, st);
+  lua_pushcclosure(L, engine_bad_messages, 1);
+  lua_setfield(L, -2, "bad_messages");
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_pushvalue(L, -2);
   lua_setfield(L, -2, "lpar.engine");

@@ -101,24 +101,41 @@ describe("errors and faults", function()
     assert.same({}, dview:pull("kept", { block = true }))
   end)
 
-  it("rejects a malformed request on the engine and keeps serving", function()
+  it("rejects a malformed request on the engine, counted, and keeps serving", function()
     -- A valid frame whose payload is not an encoding.
     local frame = string.pack("<I4BBI2I8I8", 0x5241504c, 3, 0, 0, 1234567, 5) .. "\255junk"
     assert.is_true(rc._hub:send_raw(1, frame))
+    assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.bad_messages() end))
     assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
   end)
 
-  it("drops the connection of an engine that sends a bad frame, counted", function()
-    local ar = rc[2]:apply_async(function()
-      lpar.engine._send_raw("this is not an lpar frame at all.......")
-      local t = os.clock() while os.clock() - t < 5 do end
-    end)
-    local ok, err = pcall(ar.get, ar, 5)
+  it("lose only the engine that is sent a broken frame", function()
+    local huge = string.pack("<I4BBI2I8I8", 0x5241504c, 3, 0, 0, 1, 1 << 40)
+    assert.is_true(rc._hub:send_raw(3, huge))
+    local ok, err = pcall(function() rc[3]:execute("x = 1", { block = true }) end)
     assert.is_false(ok)
-    assert.matches("engine 2 sent a malformed message %(bad magic", tostring(err))
-    assert.equal(1, rc:queue_status().bad_messages)
-    assert.same({ 0, 1, 3 }, rc:view():apply_sync(function() return lpar.engine.id end))
+    assert.matches("engine 3 exited with status 3", tostring(err))
+    assert.same({ 0, 1, 2 }, rc:view():apply_sync(function() return lpar.engine.id end))
   end)
+
+  for _, case in ipairs {
+    { "bad magic", "this is not an lpar frame at all......." },
+    { "unknown message type", string.pack("<I4BBI2I8I8", 0x5241504c, 0x7f, 0, 0, 0, 0) },
+    { "bad length", string.pack("<I4BBI2I8I8", 0x5241504c, 6, 0, 0, 0, 1 << 40) },
+  } do
+    it("drop the connection of an engine that sends a frame with " .. case[1] .. ", counted", function()
+      local bytes = case[2]
+      local ar = rc[2]:apply_async(function()
+        lpar.engine._send_raw(bytes)
+        local t = os.clock() while os.clock() - t < 5 do end
+      end)
+      local ok, err = pcall(ar.get, ar, 5)
+      assert.is_false(ok)
+      assert.matches("engine 2 sent a malformed message %(" .. case[1], tostring(err))
+      assert.equal(1, rc:queue_status().bad_messages)
+      assert.same({ 0, 1, 3 }, rc:view():apply_sync(function() return lpar.engine.id end))
+    end)
+  end
 
   it("fails a request whose reply cannot be decoded, counted, and carries on", function()
     local ar = rc[0]:apply_async(function()
