@@ -19,17 +19,13 @@
 
 #include "engine.h"
 #include "lpar.h"
+#include "paths.h"
 #include "serialize.h"
 #include "wire.h"
 
 static int env_int(const char *name, int fallback) {
   const char *s = getenv(name);
   return s && *s ? atoi(s) : fallback;
-}
-
-static const char *env_str(const char *name, const char *fallback) {
-  const char *s = getenv(name);
-  return s && *s ? s : fallback;
 }
 
 /* Message handler: an error table with the message and the remote traceback. */
@@ -188,20 +184,6 @@ static int engine_send_raw(lua_State *L) {
   return 1;
 }
 
-static void set_paths(lua_State *L) {
-  const char *lua_dir = env_str("LPAR_LUA_DIR", LPAR_LUA_DIR);
-  const char *build_dir = env_str("LPAR_BUILD_DIR", LPAR_BUILD_DIR);
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "path");
-  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", lua_dir, lua_dir, lua_tostring(L, -1));
-  lua_setfield(L, -3, "path");
-  lua_pop(L, 1);
-  lua_getfield(L, -1, "cpath");
-  lua_pushfstring(L, "%s/lib/?.so;%s", build_dir, lua_tostring(L, -1));
-  lua_setfield(L, -3, "cpath");
-  lua_pop(L, 2);
-}
-
 /*
 ** On an engine, `lpar` (global, and package.loaded.lpar, so a closure that
 ** captured the client's lpar module finds it by name) starts as a small
@@ -269,7 +251,7 @@ int main(void) {
   lua_State *L = luaL_newstate();
   if (L == NULL) return 1;
   luaL_openlibs(L);
-  set_paths(L);
+  lparP_set_paths(L);
   open_engine_module(L, &st);
   lparE_capture_output(L, &st);
 

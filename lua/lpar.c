@@ -15,24 +15,7 @@
 #include <lua.h>
 #include <lualib.h>
 
-static const char *env_or(const char *name, const char *fallback) {
-  const char *s = getenv(name);
-  return s && *s ? s : fallback;
-}
-
-static void set_paths(lua_State *L) {
-  const char *lua_dir = env_or("LPAR_LUA_DIR", LPAR_LUA_DIR);
-  const char *build_dir = env_or("LPAR_BUILD_DIR", LPAR_BUILD_DIR);
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "path");
-  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", lua_dir, lua_dir, lua_tostring(L, -1));
-  lua_setfield(L, -3, "path");
-  lua_pop(L, 1);
-  lua_getfield(L, -1, "cpath");
-  lua_pushfstring(L, "%s/lib/?.so;%s", build_dir, lua_tostring(L, -1));
-  lua_setfield(L, -3, "cpath");
-  lua_pop(L, 2);
-}
+#include "paths.h"
 
 static int traceback(lua_State *L) {
   const char *msg = luaL_tolstring(L, 1, NULL); /* error objects have __tostring */
@@ -69,7 +52,7 @@ int main(int argc, char **argv) {
   lua_State *L = luaL_newstate();
   if (L == NULL) return 1;
   luaL_openlibs(L);
-  set_paths(L);
+  lparP_set_paths(L);
   int status;
   int script = strcmp(argv[1], "-e") != 0;
   if (!script && argc < 3) {
