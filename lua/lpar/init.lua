@@ -27,6 +27,8 @@ function lpar.register_metatable(name, mt)
   return mt
 end
 
+lpar.timeit = require("lpar.timeit").timeit
+
 --- Encode values as bytes, as they travel to engines; and back.
 lpar.encode = core.encode
 lpar.decode = core.decode
