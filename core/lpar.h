@@ -45,7 +45,8 @@ enum lpar_msg_type {
   LPAR_MSG_ERROR = 7,   /* engine -> controller: (started, completed, error) */
   LPAR_MSG_STDOUT = 8,  /* engine -> controller: raw text */
   LPAR_MSG_STDERR = 9,  /* engine -> controller: raw text */
-  LPAR_MSG_MAX_ = 10
+  LPAR_MSG_DISPLAY = 10, /* engine -> controller: (mime type, data, metadata) */
+  LPAR_MSG_MAX_ = 11
 };
 
 /*

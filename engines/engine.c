@@ -175,6 +175,30 @@ static int engine_bad_messages(lua_State *L) {
   return 1;
 }
 
+/*
+** lpar.engine.display(mime, data, metadata?): attach display data (an image,
+** say) to the running task; the client finds it in ar.outputs.
+*/
+static int engine_display(lua_State *L) {
+  lparE_state *st = lua_touserdata(L, lua_upvalueindex(1));
+  luaL_checkstring(L, 1);
+  luaL_checkstring(L, 2);
+  if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
+  lua_settop(L, 3);
+  lparB_buffer b;
+  char err[512];
+  lparB_init(&b);
+  if (lparS_encode(L, 1, 3, "display", &b, err, sizeof err) < 0) {
+    lparB_free(&b);
+    return luaL_error(L, "%s", err);
+  }
+  lparE_flush_output(st); /* keep output and displays in the order they were made */
+  int rc = lparW_send(st->fd, LPAR_MSG_DISPLAY, 0, st->task, b.data, b.len);
+  lparB_free(&b);
+  if (rc < 0) st->gone = 1;
+  return 0;
+}
+
 /* lpar.engine._send_raw(bytes): write raw bytes to the controller (tests of bad input). */
 static int engine_send_raw(lua_State *L) {
   lparE_state *st = lua_touserdata(L, lua_upvalueindex(1));
@@ -223,6 +247,9 @@ static void open_engine_module(lua_State *L, lparE_state *st) {
   lua_pushlightuserdata(L, st);
   lua_pushcclosure(L, engine_bad_messages, 1);
   lua_setfield(L, -2, "bad_messages");
+  lua_pushlightuserdata(L, st);
+  lua_pushcclosure(L, engine_display, 1);
+  lua_setfield(L, -2, "display");
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_pushvalue(L, -2);
   lua_setfield(L, -2, "lpar.engine");

@@ -78,6 +78,7 @@ static const char *message_kind(int type) {
   case LPAR_MSG_ERROR: return "error";
   case LPAR_MSG_STDOUT: return "stdout";
   case LPAR_MSG_STDERR: return "stderr";
+  case LPAR_MSG_DISPLAY: return "display";
   default: return NULL;
   }
 }
@@ -118,7 +119,15 @@ static int push_event(cluster_ud *u, lua_State *L, const lpar_event *ev) {
     lua_pushlstring(L, ev->payload, ev->len);
     return 4;
   }
-  if (strcmp(kind, "undecodable") != 0) {
+  if (ev->type == LPAR_MSG_DISPLAY) {
+    int n = 0;
+    if (lparS_decode(L, ev->payload, ev->len, 0, &n, err, sizeof err) == 0) return 3 + n;
+    u->undecodable++;
+    lua_pop(L, 3);
+    lua_pushstring(L, "undecodable");
+    lua_pushinteger(L, ev->engine);
+    lua_pushinteger(L, (lua_Integer)ev->id);
+  } else if (strcmp(kind, "undecodable") != 0) {
     if (!lua_checkstack(L, 8)) return -1;
     int n = push_reply(u, L, ev, err, sizeof err);
     if (n >= 0) return 3 + n;

@@ -221,9 +221,30 @@ describe("a local cluster", function()
     it("shows outputs labelled by engine", function()
       local ar = rc:view("0:2"):execute("print('line 1') print('line 2')", { block = true })
       local lines = {}
-      ar:display_outputs({ write = function(_, ...) lines[#lines + 1] = table.concat({ ... }) end })
+      ar:display_outputs { out = { write = function(_, ...) lines[#lines + 1] = table.concat({ ... }) end } }
       assert.equal("[stdout:0] line 1\n[stdout:0] line 2\n", lines[1])
       assert.equal("[stdout:1] line 1\n[stdout:1] line 2\n", lines[2])
+    end)
+
+    it("collects display data from the engines and saves it", function()
+      local ar = rc:view("1:3"):execute([[
+        lpar.engine.display("text/plain", "note from " .. lpar.engine.id, { kind = "note" })
+      ]], { block = true })
+      assert.equal(2, #ar.outputs)
+      local o = ar.outputs[1]
+      assert.equal("text/plain", o.type)
+      assert.equal("note", o.metadata.kind)
+      local dir = os.tmpname()
+      os.remove(dir)
+      os.execute("mkdir " .. dir)
+      local lines = {}
+      local paths = ar:display_outputs { dir = dir, out = { write = function(_, ...) lines[#lines + 1] = table.concat { ... } end } }
+      assert.equal(2, #paths)
+      local f = assert(io.open(paths[1], "rb"))
+      assert.matches("^note from [12]$", f:read("a"))
+      f:close()
+      assert.matches("^%[output:[12]%] " .. dir:gsub("%p", "%%%0") .. "/output%-[12]%-1%.txt\n$", lines[1])
+      os.execute("rm -r " .. dir)
     end)
   end)
 

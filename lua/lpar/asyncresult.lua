@@ -2,6 +2,7 @@
 -- Fields: `elapsed` (seconds since submission, frozen when done), `stdout`
 -- and `stderr` (a string on a single-engine result, else a list in target
 -- order), `metadata` (likewise: engine_id, submitted, started, completed),
+-- `outputs` (display data such as images: {engine, type, data, metadata}),
 -- `engine_ids`, `progress` (tasks done). Iterating with `ar:iter()` yields
 -- each engine's result in arrival order.
 local core = require "lpar.core"
@@ -23,6 +24,7 @@ function AsyncResult.new(kind, opts)
     _finish = opts.finish,
     _waiters = {},
     _arrivals = {},
+    outputs = {}, -- display data from the engines, in arrival order
     _submitted = core.now(),
   }, AsyncResult)
 end
@@ -77,6 +79,10 @@ end
 function methods:_stream(slot, name, text)
   local t = slot[name]
   t[#t + 1] = text
+end
+
+function methods:_display(_, output)
+  self.outputs[#self.outputs + 1] = output
 end
 
 function methods:_settle(slot, ok, started, completed, value)
@@ -174,11 +180,42 @@ function methods:serial_time()
   return total
 end
 
---- Wait, then print each engine's captured output labelled as IPython
--- does: "[stdout:0] text". `out` is any object with a write method.
-function methods:display_outputs(out)
+--- Width and height of a PNG image, from its header.
+local function png_size(data)
+  if #data < 24 or data:sub(1, 8) ~= "\137PNG\r\n\26\n" then return nil end
+  return string.unpack(">I4I4", data, 17)
+end
+
+local extensions = { ["image/png"] = "png", ["text/plain"] = "txt" }
+
+--- Save one display output to a file; returns the path and a description.
+local function save_output(o, dir, n)
+  local path = string.format("%s/output-%d-%d.%s", dir, o.engine, n, extensions[o.type] or "bin")
+  local f = assert(io.open(path, "wb"))
+  f:write(o.data)
+  f:close()
+  local w, h = png_size(o.data)
+  return path, w and string.format(" (%dx%d)", w, h) or ""
+end
+
+local output_dir
+local function default_dir()
+  if not output_dir then
+    output_dir = os.getenv("LPAR_OUTPUT_DIR") or ((os.getenv("TMPDIR") or "/tmp") .. "/lpar-outputs")
+    os.execute("mkdir -p '" .. output_dir:gsub("'", "'\\''") .. "'")
+  end
+  return output_dir
+end
+
+--- Wait, then show what the engines produced, labelled as IPython does:
+-- "[stdout:0] text" for output, and "[output:2] PATH (WxH)" for display
+-- data, which is saved to files in `opts.dir` (default $LPAR_OUTPUT_DIR or
+-- $TMPDIR/lpar-outputs). `opts.out` is any object with a write method.
+-- Returns the list of saved paths.
+function methods:display_outputs(opts)
   self:wait()
-  out = out or io.stdout
+  opts = opts or {}
+  local out = opts.out or io.stdout
   for _, s in ipairs(self._slots) do
     for _, name in ipairs { "stdout", "stderr" } do
       local text = table.concat(s[name])
@@ -189,6 +226,13 @@ function methods:display_outputs(out)
       end
     end
   end
+  local paths = {}
+  for n, o in ipairs(self.outputs) do
+    local path, size = save_output(o, opts.dir or default_dir(), n)
+    paths[#paths + 1] = path
+    out:write(string.format("[output:%d] %s%s\n", o.engine, path, size))
+  end
+  return paths
 end
 
 return AsyncResult

@@ -141,6 +141,13 @@ function Hub:stderr(_, id, text)
   if rec then rec.ar:_stream(rec, "stderr", text) end
 end
 
+function Hub:display(engine, id, mime, data, metadata)
+  local rec = self.pending[id]
+  if rec then
+    rec.ar:_display(rec, { engine = engine, type = mime, data = data, metadata = metadata or {} })
+  end
+end
+
 function Hub:undecodable(engine, id, why)
   self.undecodable_count = self.undecodable_count + 1
   local rec = take(self, id)
