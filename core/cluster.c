@@ -23,6 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "shm.h"
 #include "wire.h"
 
 extern char **environ;
@@ -32,6 +33,7 @@ typedef struct engine {
   int id;
   pid_t pid;
   int pidfd;
+  int side; /* socket for descriptors (shared memory), blocking */
   uv_pipe_t pipe;
   uv_poll_t exit_poll;
   int open_handles; /* freed when this reaches 0 after retire */
@@ -139,6 +141,8 @@ static void retire(engine *e) {
   uv_close((uv_handle_t *)&e->exit_poll, on_handle_closed);
   if (e->pidfd >= 0) close(e->pidfd); /* uv_close does not close the fd of a poll */
   e->pidfd = -1;
+  if (e->side >= 0) close(e->side);
+  e->side = -1;
 }
 
 static void disconnect(engine *e) {
@@ -164,6 +168,20 @@ static void dispatch_frames(engine *e) {
     }
     lpar_event ev = {.kind = LPAR_EV_MESSAGE, .type = h.type, .flags = h.flags,
                      .id = h.id, .payload = payload, .len = (size_t)h.len};
+    int fds[LPARH_MAX_FDS];
+    if (h.flags & LPAR_FLAG_FDS) {
+      /* The engine sent them before the frame, so they are waiting. */
+      ev.nfds = lparH_recv_fds(e->side, fds, LPARH_MAX_FDS, 0);
+      if (ev.nfds < 0) {
+        e->c->bad_messages++;
+        lpar_event bad = {.kind = LPAR_EV_BAD_MESSAGE,
+                          .reason = "frame flagged with descriptors that did not come"};
+        disconnect(e);
+        emit(e, &bad);
+        return;
+      }
+      ev.fds = fds;
+    }
     if (h.type == LPAR_MSG_HELLO) ev.kind = LPAR_EV_READY;
     emit(e, &ev);
     if (!e->connected) return; /* the host stopped or retired us */
@@ -225,12 +243,12 @@ static void on_exit_poll(uv_poll_t *p, int status, int events) {
 
 /* environ minus the names we set, then ours, then the host's extra entries. */
 static char **engine_environment(lpar_cluster *c, int id, int n) {
-  static const char *const ours[] = {"LPAR_FD=", "LPAR_ENGINE_ID=", "LPAR_ENGINE_N=",
+  static const char *const ours[] = {"LPAR_FD=", "LPAR_SIDE_FD=", "LPAR_ENGINE_ID=", "LPAR_ENGINE_N=",
                                      "LPAR_PARENT_PID=", "OPENBLAS_NUM_THREADS="};
   size_t nenv = 0, nextra = 0;
   while (environ[nenv]) nenv++;
   while (c->env[nextra]) nextra++;
-  char **env = calloc(nenv + nextra + 6, sizeof *env);
+  char **env = calloc(nenv + nextra + 7, sizeof *env);
   if (env == NULL) return NULL;
   size_t k = 0;
   for (size_t i = 0; i < nenv; i++) {
@@ -245,8 +263,8 @@ static char **engine_environment(lpar_cluster *c, int id, int n) {
     if (!skip) env[k++] = dup_string(environ[i]);
   }
   char tmp[64];
-  snprintf(tmp, sizeof tmp, "LPAR_FD=3");
-  env[k++] = dup_string(tmp);
+  env[k++] = dup_string("LPAR_FD=3");
+  env[k++] = dup_string("LPAR_SIDE_FD=4");
   snprintf(tmp, sizeof tmp, "LPAR_ENGINE_ID=%d", id);
   env[k++] = dup_string(tmp);
   snprintf(tmp, sizeof tmp, "LPAR_ENGINE_N=%d", n);
@@ -255,7 +273,7 @@ static char **engine_environment(lpar_cluster *c, int id, int n) {
   env[k++] = dup_string(tmp);
   int blas_given = 0;
   for (size_t j = 0; j < nextra; j++)
-    blas_given |= strncmp(c->env[j], ours[4], strlen(ours[4])) == 0;
+    blas_given |= strncmp(c->env[j], ours[5], strlen(ours[5])) == 0;
   if (!blas_given) {
     snprintf(tmp, sizeof tmp, "OPENBLAS_NUM_THREADS=%d", c->blas_threads);
     env[k++] = dup_string(tmp);
@@ -271,7 +289,7 @@ static char **engine_environment(lpar_cluster *c, int id, int n) {
   return env;
 }
 
-static int spawn_process(lpar_cluster *c, int child_fd, char **env, pid_t *pid) {
+static int spawn_process(lpar_cluster *c, int child_fd, int child_side, char **env, pid_t *pid) {
   posix_spawn_file_actions_t fa;
   posix_spawnattr_t attr;
   sigset_t none, all;
@@ -279,6 +297,7 @@ static int spawn_process(lpar_cluster *c, int child_fd, char **env, pid_t *pid) 
   sigfillset(&all);
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, child_fd, 3);
+  posix_spawn_file_actions_adddup2(&fa, child_side, 4);
   posix_spawnattr_init(&attr);
   posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setsigdefault(&attr, &all);
@@ -290,6 +309,14 @@ static int spawn_process(lpar_cluster *c, int child_fd, char **env, pid_t *pid) 
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
   return err == 0 ? LPAR_OK : LPAR_ESPAWN;
+}
+
+/* The descriptor fd, moved to a number above `min` if it is not already. */
+static int move_above(int fd, int min) {
+  if (fd < 0 || fd > min) return fd;
+  int moved = fcntl(fd, F_DUPFD_CLOEXEC, min + 1);
+  close(fd);
+  return moved;
 }
 
 static int grow_slots(lpar_cluster *c, int id) {
@@ -308,20 +335,26 @@ int lpar_cluster_spawn(lpar_cluster *c, int id, int n) {
   if (c->freeing || id < 0 || n < 1 || id >= 1 << 20) return LPAR_EINVAL;
   if (grow_slots(c, id) < 0) return LPAR_ENOMEM;
   if (c->slots[id] && c->slots[id]->alive) return LPAR_EINVAL;
-  int sv[2];
+  int sv[2], side[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return LPAR_ESYS;
-  if (sv[1] == 3) { /* dup2(3, 3) would keep close-on-exec set */
-    int fd = fcntl(sv[1], F_DUPFD_CLOEXEC, 4);
+  if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, side) < 0) {
+    close(sv[0]);
     close(sv[1]);
-    sv[1] = fd;
+    return LPAR_ESYS;
   }
+  /* dup2(fd, fd) would keep close-on-exec set: keep the child's ends above 4. */
+  sv[1] = move_above(sv[1], 4);
+  side[1] = move_above(side[1], 4);
   char **env = engine_environment(c, id, n);
   pid_t pid = 0;
-  int rc = env && sv[1] >= 0 ? spawn_process(c, sv[1], env, &pid) : LPAR_ENOMEM;
+  int rc = env && sv[1] >= 0 && side[1] >= 0 ? spawn_process(c, sv[1], side[1], env, &pid)
+                                             : LPAR_ENOMEM;
   free_env(env);
   if (sv[1] >= 0) close(sv[1]);
+  if (side[1] >= 0) close(side[1]);
   if (rc < 0) {
     close(sv[0]);
+    close(side[0]);
     return rc;
   }
   int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
@@ -330,6 +363,7 @@ int lpar_cluster_spawn(lpar_cluster *c, int id, int n) {
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
     close(sv[0]);
+    close(side[0]);
     if (pidfd >= 0) close(pidfd);
     free(e);
     return pidfd < 0 ? LPAR_ESYS : LPAR_ENOMEM;
@@ -338,6 +372,7 @@ int lpar_cluster_spawn(lpar_cluster *c, int id, int n) {
   e->id = id;
   e->pid = pid;
   e->pidfd = pidfd;
+  e->side = side[0];
   e->alive = e->connected = 1;
   lparW_reader_init(&e->reader);
   uv_pipe_init(c->loop, &e->pipe, 0);
@@ -414,6 +449,17 @@ int lpar_cluster_send(lpar_cluster *c, int id, int type, unsigned flags, uint64_
     return LPAR_EDEAD;
   }
   return LPAR_OK;
+}
+
+int lpar_cluster_send_fds(lpar_cluster *c, int id, int type, unsigned flags, uint64_t mid,
+                          const void *payload, size_t len, const int *fds, int nfds) {
+  if (nfds == 0) return lpar_cluster_send(c, id, type, flags, mid, payload, len);
+  engine *e = find_engine(c, id);
+  if (e == NULL) return LPAR_ENOENGINE;
+  if (!e->connected) return LPAR_EDEAD;
+  int rc = lparH_send_fds(e->side, fds, nfds);
+  if (rc < 0) return LPAR_EDEAD;
+  return lpar_cluster_send(c, id, type, flags | LPAR_FLAG_FDS, mid, payload, len);
 }
 
 int lpar_cluster_signal(lpar_cluster *c, int id, int sig) {

@@ -56,6 +56,7 @@ enum lpar_msg_type {
 */
 #define LPAR_FLAG_TEXT 0x1u
 #define LPAR_FLAG_RAW 0x2u /* payload is raw bytes, not an encoded tuple */
+#define LPAR_FLAG_FDS 0x4u /* descriptors (shared memory) came before it on the side socket */
 
 #define LPAR_MAX_PAYLOAD ((uint64_t)1 << 30)
 
@@ -80,6 +81,8 @@ typedef struct lpar_event {
   int exit_status;      /* EXIT: exit code, or -1 when killed by a signal */
   int term_signal;      /* EXIT: signal number, or 0 */
   const char *reason;   /* BAD_MESSAGE: what was wrong */
+  int *fds;             /* MESSAGE with LPAR_FLAG_FDS: descriptors, now the callback's to close */
+  int nfds;
 } lpar_event;
 
 typedef void (*lpar_event_cb)(lpar_cluster *c, const lpar_event *ev, void *ud);
@@ -112,6 +115,14 @@ int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags,
 */
 int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code,
                          size_t len);
+
+/*
+** Send a message with descriptors (memfds of shared matrices) alongside:
+** they travel first on the engine's side socket, then the frame, flagged
+** LPAR_FLAG_FDS. The caller keeps its own descriptors.
+*/
+int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
+                          const void *payload, size_t len, const int *fds, int nfds);
 
 /* Send raw bytes on an engine's socket, framing and all: for tests of bad input. */
 int lpar_cluster_send_raw(lpar_cluster *c, int engine, const void *bytes, size_t len);

@@ -26,10 +26,13 @@
 **     0x0C CFUNC   uv(len) name: a C function by dotted name ("math.sin")
 **     0x0D LIB     uv(len) name: a table of package.loaded by its key
 **     0x0E END     closes a table's pairs
+**     0x0F MATRIX  uv(rows) uv(cols), then 0x00 and rows*cols doubles
+**                  (row-major), or 0x01 uv(i) uv(offset): the i-th memfd
+**                  sent with the message, elements from `offset` (doubles)
 **     0x40..0x5F   STR of length tag - 0x40 (0..31), bytes follow
 **     0x80..0xFF   INT tag - 0x80 (0..127)
 **
-** References: TABLE, TABLEMT and FUNC take the next index (from 1) as soon
+** References: TABLE, TABLEMT, FUNC and MATRIX take the next index (from 1) as soon
 ** as they start, before their contents, on both sides; so a table that
 ** contains itself, a table met twice, or a recursive function refers back
 ** with REF. Named things (GLOBALS, CFUNC, LIB) take no index.
@@ -49,16 +52,22 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <lauxlib.h>
 
 #include "lpar.h"
+#include "matrix.h"
 
 _Static_assert(sizeof(lua_Integer) == 8, "lpar needs 64-bit Lua integers");
 _Static_assert(sizeof(lua_Number) == 8, "lpar needs double Lua floats");
 
 enum {
   T_NIL = 0x00, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR, T_TABLE, T_TABLEMT,
-  T_REF, T_GLOBALS, T_FUNC, T_JOIN, T_CFUNC, T_LIB, T_END,
+  T_REF, T_GLOBALS, T_FUNC, T_JOIN, T_CFUNC, T_LIB, T_END, T_MATRIX,
   T_SHORTSTR = 0x40,
   T_SMALLINT = 0x80
 };
@@ -143,6 +152,7 @@ typedef struct enc {
   const char *root;
   char *err;
   size_t errlen;
+  lparS_shm *shm; /* or NULL: matrices inline */
   seg path[LPAR_MAX_DEPTH + 2];
 } enc;
 
@@ -765,8 +775,73 @@ static int enc_cfunc(enc *S, int idx) {
   return rc;
 }
 
+/* Index of `fd` in the message's descriptors, adding it; -1 when full. */
+static int shm_slot(lparS_shm *shm, int fd, int owned) {
+  for (int i = 0; i < shm->nfds; i++)
+    if (shm->fds[i] == fd) return i;
+  if (shm->nfds == LPARH_MAX_FDS) return -1;
+  shm->fds[shm->nfds] = fd;
+  shm->owned[shm->nfds] = owned;
+  return shm->nfds++;
+}
+
+/* A memfd for the matrix's elements and the offset of (1,1) in it, or -1. */
+static int matrix_fd(lparM_matrix *m, size_t *off, int *owned) {
+  if (lparM_contiguous(m)) {
+    *off = m->offset;
+    return lparM_export_fd(m->st, owned);
+  }
+  /* A strided view: copy its rows into a new memfd of its own. */
+  int fd;
+  void *map;
+  size_t row = m->cols * sizeof(double), bytes = m->rows * row;
+  if (lparH_create(bytes, &fd, &map) < 0) return -1;
+  for (size_t i = 0; i < m->rows; i++) memcpy((char *)map + i * row, lparM_at(m, i, 0), row);
+  munmap(map, bytes ? bytes : 1);
+  *off = 0;
+  *owned = 1;
+  return fd;
+}
+
+static int enc_matrix_shm(enc *S, lparM_matrix *m) {
+  size_t off;
+  int owned;
+  int fd = matrix_fd(m, &off, &owned);
+  if (fd < 0) return 1; /* no memfd: inline instead */
+  int slot = shm_slot(S->shm, fd, owned);
+  if (slot < 0) {
+    if (owned) close(fd);
+    return 1;
+  }
+  int rc = put_uv_only(S, 1);
+  if (rc == 0) rc = put_uv_only(S, (uint64_t)slot);
+  return rc ? rc : put_uv_only(S, off);
+}
+
+static int enc_matrix(enc *S, int idx, lparM_matrix *m) {
+  int rc = enc_seen(S, idx);
+  if (rc != 1) return rc;
+  mark_seen(S, idx);
+  size_t bytes = m->rows * m->cols * sizeof(double);
+  if ((rc = put_tag_uv(S, T_MATRIX, m->rows)) != 0 || (rc = put_uv_only(S, m->cols)) != 0)
+    return rc;
+  if (S->shm && S->shm->min_bytes && bytes >= S->shm->min_bytes) {
+    rc = enc_matrix_shm(S, m);
+    if (rc <= 0) return rc;
+  }
+  if ((rc = put_uv_only(S, 0)) != 0 || bytes == 0) return rc;
+  unsigned char *p = room(S, bytes);
+  if (p == NULL) return nomem(S);
+  size_t row = m->cols * sizeof(double);
+  for (size_t i = 0; i < m->rows; i++) memcpy(p + i * row, lparM_at(m, i, 0), row);
+  S->b->len += bytes;
+  return 0;
+}
+
 static int enc_userdata(enc *S, int idx) {
   lua_State *L = S->L;
+  lparM_matrix *m = lparM_test(L, idx);
+  if (m) return enc_matrix(S, idx, m);
   if (luaL_getmetafield(L, idx, "__name") == LUA_TSTRING)
     return enc_fail(S, LPAR_EUNSENDABLE, "userdata %s", lua_tostring(L, -1));
   return enc_fail(S, LPAR_EUNSENDABLE, "userdata");
@@ -805,6 +880,17 @@ static int enc_typed(enc *S, int idx, int type) {
 
 int lparS_encode(lua_State *L, int first, int count, const char *root,
                  lparB_buffer *out, char *err, size_t errlen) {
+  return lparS_encode_shm(L, first, count, root, out, NULL, err, errlen);
+}
+
+void lparS_shm_done(lparS_shm *shm) {
+  for (int i = 0; i < shm->nfds; i++)
+    if (shm->owned[i]) close(shm->fds[i]);
+  shm->nfds = 0;
+}
+
+int lparS_encode_shm(lua_State *L, int first, int count, const char *root, lparB_buffer *out,
+                     lparS_shm *shm, char *err, size_t errlen) {
   if (err && errlen) err[0] = '\0';
   int top = lua_gettop(L);
   if (count > 0) first = lua_absindex(L, first);
@@ -822,6 +908,7 @@ int lparS_encode(lua_State *L, int first, int count, const char *root,
   S.root = root ? root : "value";
   S.err = err;
   S.errlen = errlen;
+  S.shm = shm;
   if (!lua_checkstack(L, 16)) return enc_fail(&S, LPAR_ENOMEM, "Lua stack overflow");
   lua_pushnil(L);
   S.seen = lua_gettop(L);
@@ -838,7 +925,10 @@ int lparS_encode(lua_State *L, int first, int count, const char *root,
     rc = enc_value(&S, first + i);
   }
   lua_settop(L, top);
-  if (rc) out->len = len0;
+  if (rc) {
+    out->len = len0;
+    if (shm) lparS_shm_done(shm);
+  }
   return rc;
 }
 
@@ -854,6 +944,7 @@ typedef struct dec {
   int depth;
   char *err;
   size_t errlen;
+  const lparS_shm *shm; /* descriptors that came with the message, or NULL */
 } dec;
 
 static int bad(dec *D, const char *fmt, ...) {
@@ -1178,6 +1269,67 @@ static int dec_string(dec *D, uint64_t n, const unsigned char *at) {
   return 0;
 }
 
+/* The storage of a shared matrix: a private mapping of descriptor `slot`. */
+static lparM_storage *dec_shm_storage(dec *D, uint64_t slot, uint64_t off, uint64_t count,
+                                      const unsigned char *at, size_t *offset_out) {
+  if (D->shm == NULL || slot >= (uint64_t)D->shm->nfds) {
+    bad(D, "matrix in shared memory %llu at offset %zu, but %d descriptors came",
+        (unsigned long long)slot, offset(D, at), D->shm ? D->shm->nfds : 0);
+    return NULL;
+  }
+  struct stat st;
+  int fd = D->shm->fds[slot];
+  if (fstat(fd, &st) != 0 || st.st_size < 0 || off > (uint64_t)st.st_size / sizeof(double) ||
+      count > (uint64_t)st.st_size / sizeof(double) - off) {
+    bad(D, "shared matrix at offset %zu does not fit its memory", offset(D, at));
+    return NULL;
+  }
+  int mine = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  lparM_storage *s = mine < 0 ? NULL
+                              : lparM_storage_from_fd(mine, (size_t)st.st_size / sizeof(double));
+  if (s == NULL) bad(D, "cannot map the shared matrix at offset %zu", offset(D, at));
+  *offset_out = (size_t)off;
+  return s;
+}
+
+static int dec_matrix(dec *D, const unsigned char *at) {
+  uint64_t rows, cols, kind, slot, off = 0;
+  int rc;
+  if ((rc = get_uv(D, &rows, "matrix rows")) || (rc = get_uv(D, &cols, "matrix columns")) ||
+      (rc = get_uv(D, &kind, "matrix kind")))
+    return rc;
+  /* Each side is bounded too: a 2^40 x 0 matrix is empty, yet loops over its rows. */
+  if (rows > ((uint64_t)1 << 31) || cols > ((uint64_t)1 << 31) ||
+      (cols && rows > ((uint64_t)1 << 40) / cols))
+    return bad(D, "matrix of %llux%llu at offset %zu is too large", (unsigned long long)rows,
+               (unsigned long long)cols, offset(D, at));
+  uint64_t count = rows * cols;
+  size_t view_offset = 0;
+  lparM_storage *s;
+  if (kind == 0) {
+    if (count > left(D) / sizeof(double))
+      return bad(D, "matrix of %llux%llu at offset %zu: only %zu bytes left",
+                 (unsigned long long)rows, (unsigned long long)cols, offset(D, at), left(D));
+    s = lparM_storage_new((size_t)count);
+    if (s == NULL) return bad(D, "out of memory for a %llux%llu matrix", (unsigned long long)rows,
+                              (unsigned long long)cols);
+    memcpy(s->data, D->p, (size_t)count * sizeof(double));
+    D->p += count * sizeof(double);
+  } else if (kind == 1) {
+    if ((rc = get_uv(D, &slot, "matrix descriptor")) || (rc = get_uv(D, &off, "matrix offset")))
+      return rc;
+    s = dec_shm_storage(D, slot, off, count, at, &view_offset);
+    if (s == NULL) return LPAR_EBADMSG;
+  } else {
+    return bad(D, "unknown matrix kind %llu at offset %zu", (unsigned long long)kind, offset(D, at));
+  }
+  lparM_matrix *m = lparM_push(D->L, s, (size_t)rows, (size_t)cols);
+  lparM_storage_release(s); /* the userdata holds it now */
+  m->offset = view_offset;
+  add_ref(D, lua_gettop(D->L));
+  return 0;
+}
+
 static int dec_value(dec *D) {
   lua_State *L = D->L;
   const unsigned char *at = D->p;
@@ -1218,6 +1370,7 @@ static int dec_value(dec *D) {
     return 0;
   case T_GLOBALS: lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS); return 0;
   case T_FUNC: return dec_func(D, at);
+  case T_MATRIX: return dec_matrix(D, at);
   case T_CFUNC:
   case T_LIB: return dec_named(D, (int)tag, at);
   case T_JOIN: return bad(D, "upvalue join outside a function at offset %zu", offset(D, at));
@@ -1228,6 +1381,11 @@ static int dec_value(dec *D) {
 
 int lparS_decode(lua_State *L, const void *data, size_t len, unsigned flags,
                  int *count, char *err, size_t errlen) {
+  return lparS_decode_shm(L, data, len, flags, NULL, count, err, errlen);
+}
+
+int lparS_decode_shm(lua_State *L, const void *data, size_t len, unsigned flags,
+                     const lparS_shm *shm, int *count, char *err, size_t errlen) {
   if (err && errlen) err[0] = '\0';
   if (count) *count = 0;
   dec D;
@@ -1240,6 +1398,7 @@ int lparS_decode(lua_State *L, const void *data, size_t len, unsigned flags,
   D.depth = 0;
   D.err = err;
   D.errlen = errlen;
+  D.shm = shm;
   if (len == 0 || data == NULL) return bad(&D, "empty input");
   if (*D.p != FORMAT_VERSION)
     return bad(&D, "unsupported encoding version %u (expected %d)", *D.p, FORMAT_VERSION);

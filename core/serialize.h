@@ -10,6 +10,7 @@
 #include <lua.h>
 
 #include "buffer.h"
+#include "shm.h"
 
 /* Deepest nesting of tables and functions that encode and decode accept. */
 #define LPAR_MAX_DEPTH 200
@@ -35,6 +36,27 @@ int lparS_encode(lua_State *L, int first, int count, const char *root,
 */
 int lparS_decode(lua_State *L, const void *data, size_t len, unsigned flags,
                  int *count, char *err, size_t errlen);
+
+/*
+** Shared memory for matrices. On encode, a matrix of at least `min_bytes`
+** (0: never) goes as a memfd listed in fds[] (owned[i]: the encoder made it,
+** and the caller closes it once sent); other matrices go inline. On decode,
+** fds[] are the descriptors that came with the message (the caller closes
+** them; storages keep duplicates).
+*/
+typedef struct lparS_shm {
+  size_t min_bytes;
+  int fds[LPARH_MAX_FDS];
+  int owned[LPARH_MAX_FDS];
+  int nfds;
+} lparS_shm;
+
+int lparS_encode_shm(lua_State *L, int first, int count, const char *root, lparB_buffer *out,
+                     lparS_shm *shm, char *err, size_t errlen);
+int lparS_decode_shm(lua_State *L, const void *data, size_t len, unsigned flags,
+                     const lparS_shm *shm, int *count, char *err, size_t errlen);
+/* Close the descriptors the encoder made (after sending) and forget all. */
+void lparS_shm_done(lparS_shm *shm);
 
 /*
 ** lua_CFunction (name, metatable): register a metatable under a name, so

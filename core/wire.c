@@ -55,7 +55,7 @@ int lparW_parse_header(const char in[LPARW_HEADER_SIZE], lparW_header *h,
     *reason = "unknown message type";
     return LPAR_EBADMSG;
   }
-  if (h->flags & ~(unsigned)(LPAR_FLAG_TEXT | LPAR_FLAG_RAW)) {
+  if (h->flags & ~(unsigned)(LPAR_FLAG_TEXT | LPAR_FLAG_RAW | LPAR_FLAG_FDS)) {
     *reason = "unknown flags";
     return LPAR_EBADMSG;
   }

@@ -19,8 +19,10 @@
 
 #include "engine.h"
 #include "lpar.h"
+#include "matrix.h"
 #include "paths.h"
 #include "serialize.h"
+#include "shm.h"
 #include "wire.h"
 
 static int env_int(const char *name, int fallback) {
@@ -85,15 +87,19 @@ static void send_reply(lparE_state *st, int type, unsigned flags, const void *p,
   if (lparW_send(st->fd, type, flags, st->task, p, n) < 0) st->gone = 1; /* controller gone */
 }
 
-/* A reply: two doubles (started, completed) then the encoded values. */
+/*
+** A reply: two doubles (started, completed) then the encoded values; large
+** matrices go as memfds, sent on the side socket just before the frame.
+*/
 static void reply_values(lua_State *L, lparE_state *st, int type, double started,
                          int first, int count, lparB_buffer *enc) {
   char err[512];
   double stamps[2] = {started, lparE_now()};
+  lparS_shm shm = {.min_bytes = st->side >= 0 ? LPARM_SHM_MIN_BYTES : 0};
   enc->len = 0;
   lparB_append(enc, stamps, sizeof stamps);
-  if (lparS_encode(L, first, count, type == LPAR_MSG_RESULT ? "result" : "error", enc,
-                   err, sizeof err) < 0) {
+  if (lparS_encode_shm(L, first, count, type == LPAR_MSG_RESULT ? "result" : "error", enc,
+                       &shm, err, sizeof err) < 0) {
     /* The result cannot travel: say so instead. */
     lua_createtable(L, 0, 1);
     lua_pushstring(L, err);
@@ -103,7 +109,13 @@ static void reply_values(lua_State *L, lparE_state *st, int type, double started
     if (lparS_encode(L, lua_gettop(L), 1, "error", enc, err, sizeof err) < 0) enc->len = 0;
     lua_pop(L, 1);
   }
-  send_reply(st, type, 0, enc->data, enc->len);
+  unsigned flags = 0;
+  if (shm.nfds > 0) {
+    if (lparH_send_fds(st->side, shm.fds, shm.nfds) < 0) st->gone = 1;
+    flags = LPAR_FLAG_FDS;
+  }
+  lparS_shm_done(&shm);
+  send_reply(st, type, flags, enc->data, enc->len);
 }
 
 /* Text replies for hosts without Lua: values joined by tabs, or the error. */
@@ -144,11 +156,22 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
   lua_pushcfunction(L, run_request);
   lua_pushinteger(L, h->type);
   lua_pushinteger(L, h->flags);
-  int nvals = 1;
-  if (h->flags & LPAR_FLAG_RAW) /* the payload is the code itself */
+  int nvals = 1, decoded = 0;
+  lparS_shm shm = {.nfds = 0};
+  if ((h->flags & LPAR_FLAG_FDS) && st->side >= 0) /* sent just before the frame */
+    shm.nfds = lparH_recv_fds(st->side, shm.fds, LPARH_MAX_FDS, 1);
+  if (shm.nfds < 0) {
+    shm.nfds = 0;
+    snprintf(err, sizeof err, "the request's shared memory did not arrive");
+  } else if (h->flags & LPAR_FLAG_RAW) { /* the payload is the code itself */
     lua_pushlstring(L, payload, (size_t)h->len);
-  else if (lparS_decode(L, payload, (size_t)h->len, LPARS_ALLOW_CODE, &nvals, err,
-                        sizeof err) < 0) {
+    decoded = 1;
+  } else {
+    decoded = lparS_decode_shm(L, payload, (size_t)h->len, LPARS_ALLOW_CODE, &shm, &nvals, err,
+                               sizeof err) == 0;
+  }
+  for (int i = 0; i < shm.nfds; i++) close(shm.fds[i]); /* storages hold their own */
+  if (!decoded) {
     st->bad_messages++;
     lua_settop(L, base);
     lua_createtable(L, 0, 1);
@@ -263,7 +286,8 @@ static void open_engine_module(lua_State *L, lparE_state *st) {
 }
 
 int main(void) {
-  lparE_state st = {.fd = env_int("LPAR_FD", -1), .id = env_int("LPAR_ENGINE_ID", 0),
+  lparE_state st = {.fd = env_int("LPAR_FD", -1), .side = env_int("LPAR_SIDE_FD", -1),
+                    .id = env_int("LPAR_ENGINE_ID", 0),
                     .n = env_int("LPAR_ENGINE_N", 1)};
   int parent = env_int("LPAR_PARENT_PID", 0);
   if (st.fd < 0) {
@@ -279,6 +303,11 @@ int main(void) {
   if (L == NULL) return 1;
   luaL_openlibs(L);
   lparP_set_paths(L);
+  /* lpar.matrix from this executable: no second copy of the core to load. */
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  lua_pushcfunction(L, lparM_open);
+  lua_setfield(L, -2, "lpar.matrix");
+  lua_pop(L, 1);
   open_engine_module(L, &st);
   lparE_capture_output(L, &st);
 

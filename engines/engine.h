@@ -12,6 +12,7 @@
 
 typedef struct lparE_state {
   int fd;           /* socket to the controller */
+  int side;         /* socket for descriptors of shared matrices, or -1 */
   int id, n;        /* engine id, engines in the cluster */
   uint64_t task;    /* id of the request being served */
   lparB_buffer out; /* captured stdout not yet sent */

@@ -11,12 +11,14 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
 #include <luv/luv.h>
 
 #include "lpar.h"
+#include "matrix.h"
 #include "serialize.h"
 
 #define CLUSTER_MT "lpar.cluster"
@@ -63,8 +65,10 @@ static int push_reply(cluster_ud *u, lua_State *L, const lpar_event *ev, char *e
   lua_pushnumber(L, stamps[0]);
   lua_pushnumber(L, stamps[1]);
   int n = 0;
-  if (lparS_decode(L, ev->payload + STAMPS_SIZE, ev->len - STAMPS_SIZE, LPARS_ALLOW_CODE, &n,
-                   err, errlen) < 0) {
+  lparS_shm shm = {.nfds = ev->nfds};
+  for (int i = 0; i < ev->nfds; i++) shm.fds[i] = ev->fds[i];
+  if (lparS_decode_shm(L, ev->payload + STAMPS_SIZE, ev->len - STAMPS_SIZE, LPARS_ALLOW_CODE,
+                       &shm, &n, err, errlen) < 0) {
     lua_pop(L, 2);
     u->undecodable++;
     return -1;
@@ -148,6 +152,7 @@ static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
   lua_pushcfunction(L, traceback);
   lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
   int n = push_event(u, L, ev);
+  for (int i = 0; i < ev->nfds; i++) close(ev->fds[i]); /* matrices hold their own */
   if (n >= 0 && lua_pcall(L, n, 0, top + 1) != LUA_OK)
     fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
   lua_settop(L, top);
@@ -214,14 +219,17 @@ static int l_send(lua_State *L) {
   const char *root = luaL_checkstring(L, 5);
   char err[512];
   u->enc.len = 0;
-  int rc = lparS_encode(L, 6, lua_gettop(L) - 5, root, &u->enc, err, sizeof err);
+  lparS_shm shm = {.min_bytes = LPARM_SHM_MIN_BYTES};
+  int rc = lparS_encode_shm(L, 6, lua_gettop(L) - 5, root, &u->enc, &shm, err, sizeof err);
   if (rc < 0) {
     lua_pushnil(L);
     lua_pushstring(L, err);
     lua_pushinteger(L, rc);
     return 3;
   }
-  rc = lpar_cluster_send(u->c, engine, type, 0, (uint64_t)id, u->enc.data, u->enc.len);
+  rc = lpar_cluster_send_fds(u->c, engine, type, 0, (uint64_t)id, u->enc.data, u->enc.len,
+                             shm.fds, shm.nfds);
+  lparS_shm_done(&shm);
   if (u->enc.cap > (1u << 24)) lparB_free(&u->enc);
   if (rc < 0) return push_failure(L, rc, NULL);
   lua_pushboolean(L, 1);

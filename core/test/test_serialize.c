@@ -452,7 +452,11 @@ static void test_decode_errors(void) {
   DECODE_ERROR("varint 11 bytes", "\x01\x01\x03\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",
                0, "varint too long");
   DECODE_ERROR("unknown tag", "\x01\x01\x7f", 0, "unknown tag 0x7f at offset 2");
-  DECODE_ERROR("unknown tag 0x0f", "\x01\x02\x00\x0f", 0, "unknown tag 0x0f at offset 3");
+  DECODE_ERROR("unknown tag 0x10", "\x01\x02\x00\x10", 0, "unknown tag 0x10 at offset 3");
+  DECODE_ERROR("matrix from memfd without descriptors", "\x01\x01\x0f\x02\x02\x01\x00\x00", 0,
+               "but 0 descriptors came");
+  DECODE_ERROR("matrix bigger than its bytes", "\x01\x01\x0f\x02\x02\x00\x00", 0,
+               "2x2 at offset 2: only 1 bytes left");
   DECODE_ERROR("trailing", "\x01\x01\x00\x00", 0, "trailing bytes at offset 3 (1 bytes)");
   DECODE_ERROR("missing count", "\x01\x02\x00", 0, "bad value count 2 at offset 1");
   DECODE_ERROR("missing value", "\x01\x01\x06\x00\x81", 0, "truncated input at offset 5");
