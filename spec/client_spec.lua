@@ -238,12 +238,13 @@ describe("a local cluster", function()
       os.remove(dir)
       os.execute("mkdir " .. dir)
       local lines = {}
-      local paths = ar:display_outputs { dir = dir, out = { write = function(_, ...) lines[#lines + 1] = table.concat { ... } end } }
+      local sink = { write = function(_, ...) lines[#lines + 1] = table.concat { ... } end }
+      local paths = ar:display_outputs { dir = dir, out = sink }
       assert.equal(2, #paths)
       local f = assert(io.open(paths[1], "rb"))
       assert.matches("^note from [12]$", f:read("a"))
       f:close()
-      assert.matches("^%[output:[12]%] " .. dir:gsub("%p", "%%%0") .. "/output%-[12]%-1%.txt\n$", lines[1])
+      assert.matches("^%[output:[12]%] " .. dir:gsub("%p", "%%%0") .. "/output%-[12]%-%d+%-1%.txt\n$", lines[1])
       os.execute("rm -r " .. dir)
     end)
   end)

@@ -190,7 +190,8 @@ local extensions = { ["image/png"] = "png", ["text/plain"] = "txt" }
 
 --- Save one display output to a file; returns the path and a description.
 local function save_output(o, dir, n)
-  local path = string.format("%s/output-%d-%d.%s", dir, o.engine, n, extensions[o.type] or "bin")
+  local path = string.format("%s/output-%d-%d-%d.%s", dir, o.engine, o.task, n,
+    extensions[o.type] or "bin")
   local f = assert(io.open(path, "wb"))
   f:write(o.data)
   f:close()

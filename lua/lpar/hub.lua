@@ -144,7 +144,7 @@ end
 function Hub:display(engine, id, mime, data, metadata)
   local rec = self.pending[id]
   if rec then
-    rec.ar:_display(rec, { engine = engine, type = mime, data = data, metadata = metadata or {} })
+    rec.ar:_display(rec, { engine = engine, task = id, type = mime, data = data, metadata = metadata or {} })
   end
 end
 
