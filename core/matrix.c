@@ -12,6 +12,7 @@
 ** carry the position of the user's call.
 */
 #include "matrix.h"
+#include "blas.h"
 #include "plot.h"
 
 #include <limits.h>
@@ -23,7 +24,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <cblas.h>
 #include <lauxlib.h>
 
 #define MAX_ELEMENTS ((size_t)1 << 40) /* refuse larger matrices: surely a mistake */
@@ -698,6 +698,14 @@ static int m_set_sub(lua_State *L) {
 
 /* ---- products and arithmetic ------------------------------------------ */
 
+/* OpenBLAS, loaded on first use (see blas.h); raises when it cannot be. */
+static const lparM_blas *blas(lua_State *L) {
+  char err[256];
+  const lparM_blas *b = lparM_blas_load(err, sizeof err);
+  if (b == NULL) luaL_error(L, "lpar.matrix: %s", err);
+  return b;
+}
+
 static void check_blas_int(lua_State *L, size_t n) {
   if (n > INT_MAX) luaL_error(L, "dot: dimension %I is too large for BLAS", (lua_Integer)n);
 }
@@ -722,14 +730,15 @@ static int m_dot(lua_State *L) {
   check_blas_int(L, a->stride);
   check_blas_int(L, b->stride);
   const double *pa = lparM_at(a, 0, 0), *pb = lparM_at(b, 0, 0);
+  const lparM_blas *B = blas(L);
   if (n == 1)
-    cblas_dgemv(CblasRowMajor, CblasNoTrans, (int)m, (int)k, 1.0, pa, (int)a->stride, pb,
+    B->dgemv(CblasRowMajor, CblasNoTrans, (int)m, (int)k, 1.0, pa, (int)a->stride, pb,
                 (int)b->stride, 0.0, c->st->data, 1);
   else if (m == 1)
-    cblas_dgemv(CblasRowMajor, CblasTrans, (int)k, (int)n, 1.0, pb, (int)b->stride, pa, 1, 0.0,
+    B->dgemv(CblasRowMajor, CblasTrans, (int)k, (int)n, 1.0, pb, (int)b->stride, pa, 1, 0.0,
                 c->st->data, 1);
   else
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)n, (int)k, 1.0, pa,
+    B->dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)n, (int)k, 1.0, pa,
                 (int)a->stride, pb, (int)b->stride, 0.0, c->st->data, (int)n);
   return 1;
 }
@@ -853,9 +862,9 @@ static int m_blas_threads(lua_State *L) {
   if (!lua_isnoneornil(L, 1)) {
     lua_Integer n = luaL_checkinteger(L, 1);
     if (n < 1 || n > 4096) luaL_error(L, "blas_threads: need a count from 1 to 4096, got %I", n);
-    openblas_set_num_threads((int)n);
+    blas(L)->set_num_threads((int)n);
   }
-  lua_pushinteger(L, openblas_get_num_threads());
+  lua_pushinteger(L, blas(L)->get_num_threads());
   return 1;
 }
 

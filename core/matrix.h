@@ -43,14 +43,14 @@ void lparM_storage_retain(lparM_storage *s);
 void lparM_storage_release(lparM_storage *s);
 
 /*
-** Shared-memory storage (matrix_shm.c). Storage of at least
-** LPARM_SHM_MIN_BYTES lives in a memfd, so sending it to a local engine
+** Shared-memory storage (matrix_shm.c). A matrix of at least
+** LPARM_SHM_MIN_BYTES is sent to a local engine as a memfd (its heap storage
+** moves into one when first sent), so sending it
 ** passes the descriptor instead of the bytes. Every write to a storage goes
 ** through lparM_will_write first: once its memfd has been sent, the writer
 ** moves to a private copy, so what a peer received never changes.
 */
-#define LPARM_SHM_MIN_BYTES ((size_t)1 << 20)
-lparM_storage *lparM_storage_new_shared(size_t count);
+#define LPARM_SHM_MIN_BYTES ((size_t)256 << 10)
 /* Storage over a private (copy-on-write) mapping of a received memfd; takes fd. */
 lparM_storage *lparM_storage_from_fd(int fd, size_t count);
 /* Call before writing to s (0, or LPAR_ENOMEM when a private copy cannot be made). */

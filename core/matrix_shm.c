@@ -1,7 +1,7 @@
 /*
 ** matrix_shm.c: matrix storage in shared memory.
 **
-** Three states of a storage with a memfd:
+** Heap storage moves into a memfd when first sent. Then, three states:
 **   shared, not exported: our own file, written in place;
 **   shared, exported:     a peer may map the file, so before our next write
 **                         we move to a fresh copy (lparH_unshare);
@@ -35,19 +35,6 @@ static lparM_storage *wrap(double *data, size_t count, int fd, int shared) {
   s->fd = fd;
   s->shared = shared;
   s->mapped = 1;
-  return s;
-}
-
-lparM_storage *lparM_storage_new_shared(size_t count) {
-  if (count > SIZE_MAX / sizeof(double)) return NULL;
-  int fd;
-  void *map;
-  if (lparH_create(count * sizeof(double), &fd, &map) < 0) return NULL;
-  lparM_storage *s = wrap(map, count, fd, 1); /* a new memfd reads as zeros */
-  if (s == NULL) {
-    munmap(map, count ? count * sizeof(double) : 1);
-    close(fd);
-  }
   return s;
 }
 

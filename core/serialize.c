@@ -833,7 +833,10 @@ static int enc_matrix(enc *S, int idx, lparM_matrix *m) {
   unsigned char *p = room(S, bytes);
   if (p == NULL) return nomem(S);
   size_t row = m->cols * sizeof(double);
-  for (size_t i = 0; i < m->rows; i++) memcpy(p + i * row, lparM_at(m, i, 0), row);
+  if (lparM_contiguous(m))
+    memcpy(p, lparM_at(m, 0, 0), bytes);
+  else
+    for (size_t i = 0; i < m->rows; i++) memcpy(p + i * row, lparM_at(m, i, 0), row);
   S->b->len += bytes;
   return 0;
 }

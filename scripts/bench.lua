@@ -3,6 +3,7 @@
 -- asserted, since these machines are shared and noisy.
 --   ./build/lpar scripts/bench.lua [--quick]
 local lpar = require "lpar"
+local matrix = require "lpar.matrix"
 local uv = require "luv"
 
 local quick = arg[1] == "--quick"
@@ -111,6 +112,61 @@ do
   end
   row("push 2 MiB string to 1 engine", #s / pct(sorted(t), 0.5), "GB/s", ">= 2 GB/s")
   e0:execute("blob = nil collectgarbage()", { block = true })
+end
+
+-- Push matrices to one engine: 2 MiB and 64 MiB (shared memory, so the
+-- time should not grow with the size).
+do
+  local t2, t64
+  for _, case in ipairs { { 256 * 1024, "2 MiB" }, { 8 * 1024 * 1024, "64 MiB" } } do
+    local a = matrix.random(case[1], 1, 1)
+    local t = {}
+    for i = 1, count(200) do
+      local t0 = uv.hrtime()
+      e0:push({ a = a }, { block = true })
+      t[i] = uv.hrtime() - t0
+    end
+    local med = pct(sorted(t), 0.5)
+    row("push " .. case[2] .. " matrix to 1 engine", case[1] * 8 / med, "GB/s",
+      case[2] == "2 MiB" and ">= 5 GB/s" or nil)
+    if case[2] == "2 MiB" then t2 = med else t64 = med end
+  end
+  row("push 64 MiB / push 2 MiB, time ratio", t64 / t2, "x", "<= 2x")
+  e0:execute("a = nil collectgarbage()", { block = true })
+end
+
+-- Tiled dgemm over 2 engines (row blocks of A, B pushed once) against
+-- OpenBLAS on 2 threads here; transfers included.
+do
+  local n = quick and 512 or 4096
+  local rc2 <close> = lpar.Cluster { n = 2 }:start_and_connect()
+  local A, B = matrix.random(n, n, 1), matrix.random(n, n, 2)
+  local function tiled()
+    rc2:view():push({ B = B }, { block = true })
+    local h = n // 2
+    local top = rc2[0]:apply_async(function(a) return a:dot(B) end, A:sub(1, h, 1, n)) -- luacheck: ignore
+    local bottom = rc2[1]:apply_async(function(a) return a:dot(B) end, A:sub(h + 1, n, 1, n)) -- luacheck: ignore
+    return matrix.block { { top:get() }, { bottom:get() } }
+  end
+  local reps = quick and 3 or 5
+  local tp, tl = {}, {}
+  local before = matrix.blas_threads()
+  local C, want
+  for i = 1, reps do
+    local t0 = uv.hrtime()
+    C = tiled()
+    tp[i] = (uv.hrtime() - t0) / 1e9
+    matrix.blas_threads(2)
+    t0 = uv.hrtime()
+    want = A:dot(B)
+    tl[i] = (uv.hrtime() - t0) / 1e9
+    matrix.blas_threads(before)
+  end
+  assert(C:max_abs_diff(want) < 1e-9 * want:norm(), "tiled product is wrong")
+  local gp, gl = 2 * n ^ 3 / pct(sorted(tp), 0.5) / 1e9, 2 * n ^ 3 / pct(sorted(tl), 0.5) / 1e9
+  row(string.format("dgemm n=%d tiled on 2 engines", n), gp, "GFLOP/s")
+  row(string.format("dgemm n=%d OpenBLAS, 2 threads", n), gl, "GFLOP/s")
+  row("tiled / OpenBLAS", gp / gl, "x", ">= 0.9x")
 end
 
 return rows

@@ -13,13 +13,36 @@ describe("the examples", function()
     assert.matches("2048 KiB +[%d.]+ us +[%d.]+ GB/s", out)
   end)
 
+  it("latency.lua prints the timings and the bandwidth table", function()
+    local out, code = helpers.run(helpers.lpar .. " examples/latency.lua 2 quick 2>&1")
+    assert.equal(0, code, out)
+    assert.matches("apply%(identity%) blocking, 1 engine +%d+ loops, best of 3: [%d.]+ %S+ per loop", out)
+    assert.matches("\n +262144 +2097152 +[%d.]+ %S+ +[%d.]+ GB/s", out)
+    assert.matches("bandwidth from [%d.]+ to [%d.]+ GB/s", out)
+  end)
+
+  it("matmul.lua checks its products at small sizes", function()
+    local out, code = helpers.run(helpers.lpar .. " examples/matmul.lua 2 128 256 2>&1")
+    assert.equal(0, code, out)
+    assert.matches("n=16, 256 tasks of one element", out)
+    assert.matches("n=128 by quadrants on 2 engines", out)
+    assert.matches("n=256 tiled over 2 engines: [%d.]+ ms %([%d.]+ GFLOP/s%)", out)
+  end)
+
+  it("imshow.lua draws on every second engine", function()
+    local out, code = helpers.run("LPAR_OUTPUT_DIR=$(mktemp -d) " .. helpers.lpar .. " examples/imshow.lua 4 2>&1")
+    assert.equal(0, code, out)
+    assert.matches("%[output:0%] [^\n]+%.png %(250x250%)\n%[output:2%] [^\n]+%.png %(250x250%)", out)
+  end)
+
   it("scripts/bench.lua --quick produces every figure", function()
     local out, code = helpers.run(helpers.lpar .. " scripts/bench.lua --quick 2>&1")
     assert.equal(0, code, out)
     for _, row in ipairs {
       "start 4 engines, all ready", "idle engine RSS", "round trip, 1 engine, p50",
       "round trip, 4 engines, p99", "execute%(\"\"%) blocking", "execute%(\"\"%) non%-blocking",
-      "push 2 MiB string",
+      "push 2 MiB string", "push 2 MiB matrix", "push 64 MiB matrix", "time ratio",
+      "tiled on 2 engines", "OpenBLAS, 2 threads", "tiled / OpenBLAS",
     } do
       assert.matches(row .. "[^\n]- +%d+%.%d+ ", out)
     end

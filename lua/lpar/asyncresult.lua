@@ -227,8 +227,16 @@ function methods:display_outputs(opts)
       end
     end
   end
+  -- Grouped by engine, in arrival order within an engine, as IPython shows them.
+  local shown = {}
+  for n, o in ipairs(self.outputs) do shown[n] = { o = o, n = n } end
+  table.sort(shown, function(a, b)
+    if a.o.engine ~= b.o.engine then return a.o.engine < b.o.engine end
+    return a.n < b.n
+  end)
   local paths = {}
-  for n, o in ipairs(self.outputs) do
+  for _, item in ipairs(shown) do
+    local o, n = item.o, item.n
     local path, size = save_output(o, opts.dir or default_dir(), n)
     paths[#paths + 1] = path
     out:write(string.format("[output:%d] %s%s\n", o.engine, path, size))
