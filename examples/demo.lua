@@ -1,7 +1,9 @@
 -- The README's first command runs this: four local engines, the calls of
--- the ipyparallel tutorial, and a small latency and bandwidth table.
+-- the ipyparallel tutorial, a tiled matrix product checked against OpenBLAS,
+-- and a small latency and bandwidth table.
 --   ./build/lpar examples/demo.lua
 local lpar = require "lpar"
+local matrix = require "lpar.matrix"
 local uv = require "luv"
 
 local function ms(ns) return ns / 1e6 end
@@ -41,6 +43,29 @@ rc:view("0:2"):execute("print('printed on engine ' .. lpar.engine.id)"):display_
 local ok, err = pcall(function() rc[1]:execute("local t = nil; t.x = 1", { block = true }) end)
 print("remote error:            " .. (ok and "none?" or tostring(err):match("^[^\n]*")))
 
+-- a 1024x1024 product split into four row tiles, one per engine
+do
+  local n = 1024
+  local A, B = matrix.random(n, n, 1), matrix.random(n, n, 2)
+  local t0 = uv.hrtime()
+  dview:push { B = B } -- 8 MiB, as shared memory
+  local rows, ars = n // 4, {}
+  for k = 0, 3 do
+    ars[k + 1] = rc[k]:apply_async(function(a) return a:dot(B) end, -- luacheck: ignore
+      A:sub(k * rows + 1, (k + 1) * rows, 1, n))
+  end
+  local tiles = {}
+  for k, ar in ipairs(ars) do tiles[k] = { ar:get() } end
+  local C = matrix.block(tiles)
+  local t_tiled = (uv.hrtime() - t0) / 1e9
+  t0 = uv.hrtime()
+  local want = A:dot(B)
+  local t_local = (uv.hrtime() - t0) / 1e9
+  print(string.format("tiled %dx%d product on 4 engines: %.1f ms (%.1f GFLOP/s); "
+    .. "OpenBLAS here, %d thread(s): %.1f ms; max difference %.1e", n, n, t_tiled * 1e3,
+    2 * n ^ 3 / t_tiled / 1e9, matrix.blas_threads(), t_local * 1e3, C:max_abs_diff(want)))
+end
+
 -- latency: apply(identity) round trips on one engine and on all four
 local function percentile(sorted, p) return sorted[math.max(1, math.ceil(#sorted * p))] end
 local function round_trips(view, n)
@@ -61,12 +86,13 @@ print("latency of apply(identity)        p50        p99")
 print(string.format("  1 engine                  %7.1f us %7.1f us", p50, p99))
 print(string.format("  4 engines                 %7.1f us %7.1f us", q50, q99))
 
--- bandwidth: push strings of growing size to one engine
+-- bandwidth: push vectors of doubles of growing size to one engine (from
+-- 256 KiB they go as shared memory)
 print()
 print("push to one engine      size       time   bandwidth")
 local e0 = rc[0]
-for _, kib in ipairs { 8, 64, 512, 2048 } do
-  local s = string.rep("x", kib * 1024)
+for _, kib in ipairs { 8, 64, 512, 2048, 65536 } do
+  local s = matrix.random(kib * 128, 1)
   local best = math.huge
   for _ = 1, 20 do
     local start = uv.hrtime()
