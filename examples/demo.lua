@@ -47,20 +47,20 @@ print("remote error:            " .. (ok and "none?" or tostring(err):match("^[^
 do
   local n = 1024
   local A, B = matrix.random(n, n, 1), matrix.random(n, n, 2)
-  local t0 = uv.hrtime()
+  local start = uv.hrtime()
   dview:push { B = B } -- 8 MiB, as shared memory
   local rows, ars = n // 4, {}
   for k = 0, 3 do
-    ars[k + 1] = rc[k]:apply_async(function(a) return a:dot(B) end, -- luacheck: ignore
+    ars[k + 1] = rc[k]:apply_async(function(a) return a:dot(B) end,
       A:sub(k * rows + 1, (k + 1) * rows, 1, n))
   end
   local tiles = {}
   for k, ar in ipairs(ars) do tiles[k] = { ar:get() } end
   local C = matrix.block(tiles)
-  local t_tiled = (uv.hrtime() - t0) / 1e9
-  t0 = uv.hrtime()
+  local t_tiled = (uv.hrtime() - start) / 1e9
+  start = uv.hrtime()
   local want = A:dot(B)
-  local t_local = (uv.hrtime() - t0) / 1e9
+  local t_local = (uv.hrtime() - start) / 1e9
   print(string.format("tiled %dx%d product on 4 engines: %.1f ms (%.1f GFLOP/s); "
     .. "OpenBLAS here, %d thread(s): %.1f ms; max difference %.1e", n, n, t_tiled * 1e3,
     2 * n ^ 3 / t_tiled / 1e9, matrix.blas_threads(), t_local * 1e3, C:max_abs_diff(want)))
