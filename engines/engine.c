@@ -181,7 +181,9 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
     lua_settop(L, base);
     return;
   }
+  lparE_task_begin();
   int ok = lua_pcall(L, nvals + 2, LUA_MULTRET, base + 1) == LUA_OK;
+  lparE_task_end(L);
   lparE_flush_output(st);
   int first = base + 2, count = lua_gettop(L) - base - 1;
   if (h->flags & LPAR_FLAG_TEXT)
@@ -310,6 +312,7 @@ int main(void) {
   lua_pop(L, 1);
   open_engine_module(L, &st);
   lparE_capture_output(L, &st);
+  lparE_interrupt_init(L);
 
   char hello[96];
   int n = snprintf(hello, sizeof hello, "lpar-engine %s id=%d pid=%ld", LPAR_VERSION, st.id,

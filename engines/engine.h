@@ -28,4 +28,9 @@ void lparE_capture_output(lua_State *L, lparE_state *st);
 /* Send what was captured, as STDOUT/STDERR messages of the current task. */
 void lparE_flush_output(lparE_state *st);
 
+/* SIGINT interrupts a running task with the error "interrupted" (interrupt.c). */
+void lparE_interrupt_init(lua_State *L);
+void lparE_task_begin(void);
+void lparE_task_end(lua_State *L);
+
 #endif
