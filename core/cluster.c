@@ -469,6 +469,14 @@ int lpar_cluster_signal(lpar_cluster *c, int id, int sig) {
   return kill(e->pid, sig) == 0 ? LPAR_OK : LPAR_ESYS;
 }
 
+int lpar_cluster_interrupt(lpar_cluster *c, int id, uint64_t mid) {
+  engine *e = find_engine(c, id);
+  if (e == NULL) return LPAR_ENOENGINE;
+  if (!e->alive) return LPAR_EDEAD;
+  union sigval v = {.sival_ptr = (void *)(uintptr_t)mid};
+  return sigqueue(e->pid, SIGINT, v) == 0 ? LPAR_OK : LPAR_ESYS;
+}
+
 int lpar_cluster_pid(lpar_cluster *c, int id) {
   engine *e = find_engine(c, id);
   if (e == NULL) return LPAR_ENOENGINE;

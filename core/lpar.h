@@ -130,6 +130,12 @@ int lpar_cluster_send_raw(lpar_cluster *c, int engine, const void *bytes, size_t
 /* Send a signal to an engine's process. */
 int lpar_cluster_signal(lpar_cluster *c, int engine, int sig);
 
+/*
+** Interrupt request `id` on an engine if it is the one running (SIGINT sent
+** with sigqueue, carrying the id); a request already done is left alone.
+*/
+int lpar_cluster_interrupt(lpar_cluster *c, int engine, uint64_t id);
+
 /* Process id of engine `id`, or a negative code. */
 int lpar_cluster_pid(lpar_cluster *c, int engine);
 

@@ -181,7 +181,7 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
     lua_settop(L, base);
     return;
   }
-  lparE_task_begin();
+  lparE_task_begin(h->id);
   int ok = lua_pcall(L, nvals + 2, LUA_MULTRET, base + 1) == LUA_OK;
   lparE_task_end(L);
   lparE_flush_output(st);

@@ -30,7 +30,7 @@ void lparE_flush_output(lparE_state *st);
 
 /* SIGINT interrupts a running task with the error "interrupted" (interrupt.c). */
 void lparE_interrupt_init(lua_State *L);
-void lparE_task_begin(void);
+void lparE_task_begin(uint64_t task);
 void lparE_task_end(lua_State *L);
 
 #endif

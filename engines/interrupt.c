@@ -5,8 +5,11 @@
 ** as lua.c relies on); the hook raises "interrupted" at the next Lua step,
 ** so the task fails with a normal error and the engine keeps its globals and
 ** goes on serving. A SIGINT that arrives while the engine is idle is ignored.
+** A SIGINT sent with sigqueue carries a task id: it interrupts only that task,
+** so a timeout never hits the task queued behind the one it was meant for.
 */
 #include <signal.h>
+#include <stdint.h>
 #include <string.h>
 
 #include <lauxlib.h>
@@ -18,6 +21,7 @@
    "no globals", and are set only by the functions below. */
 static lua_State *interruptible;
 static volatile sig_atomic_t task_running;
+static volatile uint64_t running_task; /* aligned 64-bit: read whole on the platforms we run on */
 
 static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
@@ -25,8 +29,11 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   luaL_error(L, "interrupted");
 }
 
-static void on_sigint(int sig) {
+static void on_sigint(int sig, siginfo_t *info, void *context) {
   (void)sig;
+  (void)context;
+  if (info->si_code == SI_QUEUE && (uint64_t)(uintptr_t)info->si_value.sival_ptr != running_task)
+    return;
   if (task_running && interruptible)
     lua_sethook(interruptible, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
@@ -35,13 +42,16 @@ void lparE_interrupt_init(lua_State *L) {
   interruptible = L;
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_sigint;
-  sa.sa_flags = SA_RESTART; /* a blocking read of the next request goes on */
+  sa.sa_sigaction = on_sigint;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART; /* a blocking read of the next request goes on */
   sigemptyset(&sa.sa_mask);
   sigaction(SIGINT, &sa, NULL);
 }
 
-void lparE_task_begin(void) { task_running = 1; }
+void lparE_task_begin(uint64_t task) {
+  running_task = task;
+  task_running = 1;
+}
 
 void lparE_task_end(lua_State *L) {
   task_running = 0;

@@ -271,6 +271,15 @@ static int l_signal(lua_State *L) {
   return 1;
 }
 
+static int l_interrupt(lua_State *L) {
+  cluster_ud *u = check_cluster(L);
+  int rc = lpar_cluster_interrupt(u->c, (int)luaL_checkinteger(L, 2),
+                                  (uint64_t)luaL_checkinteger(L, 3));
+  if (rc < 0) return push_failure(L, rc, NULL);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int l_pid(lua_State *L) {
   cluster_ud *u = check_cluster(L);
   int rc = lpar_cluster_pid(u->c, (int)luaL_checkinteger(L, 2));
@@ -372,7 +381,8 @@ static int keep_going_pcall(lua_State *L, int nargs, int nresults, int flags) {
 
 static const luaL_Reg cluster_methods[] = {
   {"spawn", l_spawn}, {"send", l_send}, {"send_raw", l_send_raw}, {"signal", l_signal},
-  {"pid", l_pid},     {"stats", l_stats}, {"stop", l_stop},       {NULL, NULL}};
+  {"pid", l_pid},     {"stats", l_stats}, {"stop", l_stop},       {"interrupt", l_interrupt},
+  {NULL, NULL}};
 
 static const luaL_Reg functions[] = {
   {"new_cluster", l_new_cluster},

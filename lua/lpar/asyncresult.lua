@@ -128,37 +128,91 @@ local function raise_errors(self)
 end
 
 --- The results: raises the remote error (or a CompositeError of several),
--- or a TimeoutError when `timeout` seconds pass first.
-function methods:get(timeout)
+-- or a TimeoutError when the wait runs out. Takes a timeout in seconds, or
+-- a table {timeout =, return_errors = true} to get error objects in place
+-- of the failed results instead of raising.
+function methods:get(opts)
+  local timeout, return_errors = opts, false
+  if type(opts) == "table" then timeout, return_errors = opts.timeout, opts.return_errors end
   if not self:wait(timeout) then
     error(errors.TimeoutError.new(string.format("%s result not ready after %gs (%d/%d done)",
       self._kind, timeout, self._done, #self._slots)), 2)
   end
-  raise_errors(self)
-  if self._finish then return self._finish(self._slots, self._single) end
+  if not return_errors then raise_errors(self) end
+  if self._finish then return self._finish(self._slots, self._single, self) end
   if self._single then
-    local v = self._slots[1].values
-    return table.unpack(v, 1, v.n)
+    local s = self._slots[1]
+    if not s.ok then return s.error end
+    return table.unpack(s.values, 1, s.values.n)
   end
   local out = {}
-  for i, s in ipairs(self._slots) do out[i] = s.values[1] end
+  for i, s in ipairs(self._slots) do
+    if s.ok then out[i] = s.values[1] else out[i] = s.error end
+  end
   return out
 end
 
---- Iterate over (engine id, first value or error object) in arrival order,
--- waiting for each.
+local function wait_for(self, pred)
+  wait.until_done(pred, nil, function(fn) self._waiters[#self._waiters + 1] = fn end, 3)
+end
+
+--- Iterate over the results as they arrive: (engine id, first value or
+-- error object). A map's result yields its elements instead, in order for
+-- an ordered map and as their tasks finish otherwise.
 function methods:iter()
+  if self._kind == "map" then
+    local k, j, s = 0, 0, nil
+    return function()
+      while s == nil or j >= s.count do
+        k = k + 1
+        if k > #self._slots then return nil end
+        if self._ordered then
+          s = self._slots[k]
+          wait_for(self, function() return s.done end)
+        else
+          wait_for(self, function() return #self._arrivals >= k end)
+          s = self._arrivals[k]
+        end
+        j = 0
+      end
+      j = j + 1
+      if not s.ok then error(s.error, 2) end
+      return s.values[1][j]
+    end
+  end
   local i = 0
   return function()
     i = i + 1
     if i > #self._slots then return nil end
-    wait.until_done(function() return #self._arrivals >= i end, nil,
-      function(fn) self._waiters[#self._waiters + 1] = fn end, 2)
+    wait_for(self, function() return #self._arrivals >= i end)
     local s = self._arrivals[i]
-    if not s then return nil end
     if s.ok then return s.engine, s.values[1] end
     return s.engine, s.error
   end
+end
+
+--- Wait while drawing a progress bar on the terminal (tasks done, rate,
+-- time left), redrawn in place; silent when stdout is not a terminal.
+function methods:wait_interactive(interval)
+  local uv = require "luv"
+  local tty = uv.guess_handle(1) == "tty"
+  local total = #self._slots
+  local t0 = core.now()
+  while not self:wait(interval or 0.1) do
+    if tty then
+      local done, dt = self._done, core.now() - t0
+      local rate = dt > 0 and done / dt or 0
+      local left = rate > 0 and (total - done) / rate or 0
+      local width = 30
+      local fill = total > 0 and math.floor(width * done / total) or width
+      io.stdout:write(string.format("\r[%s%s] %d/%d tasks, %.1f/s, %.1fs left ",
+        string.rep("#", fill), string.rep(" ", width - fill), done, total, rate, left))
+      io.stdout:flush()
+    end
+  end
+  if tty then io.stdout:write(string.format("\r%d/%d tasks done in %.2fs%s\n", total, total,
+    core.now() - t0, string.rep(" ", 30))) end
+  return true
 end
 
 --- Seconds from the first start to the last completion on the engines.

@@ -4,6 +4,7 @@
 -- `rc:close()`. A Client is a to-be-closed value: closing one that started
 -- its cluster (Cluster:start_and_connect) stops that cluster.
 local DirectView = require "lpar.view"
+local LoadBalancedView = require "lpar.balanced"
 local wait = require "lpar.wait"
 
 local Client = {}
@@ -33,6 +34,18 @@ function methods:view(targets)
 end
 
 methods.direct_view = methods.view
+
+--- A LoadBalancedView over `targets` (nil: all engines).
+function methods:load_balanced_view(targets)
+  return LoadBalancedView.new(self, targets)
+end
+
+--- Abort the queued load-balanced tasks of `results`: they fail with a
+-- TaskError "aborted" without running. Returns how many were aborted.
+function methods:abort(results)
+  if results == nil then error("Client:abort: expected a result or a list of results", 2) end
+  return LoadBalancedView.abort(self, results)
+end
 
 --- Wait for a list of AsyncResults (or one); true when all are done.
 function methods:wait(results, timeout)

@@ -58,12 +58,22 @@ function errors.TimeoutError.new(what)
 end
 function errors.TimeoutError:__tostring() return "TimeoutError: " .. self.message end
 
+--- A load-balanced task that did not run to the end: aborted while queued,
+-- timed out, or whose dependency failed. `reason` says which.
+errors.TaskError = class("TaskError")
+function errors.TaskError.new(reason, message, task)
+  return setmetatable({ reason = reason, message = message, task = task }, errors.TaskError)
+end
+function errors.TaskError:__tostring()
+  return string.format("TaskError (%s): %s", self.reason, self.message)
+end
+
 --- True when `e` is one of lpar's error objects of class `c` (or any, without c).
 function errors.is(e, c)
   local mt = getmetatable(e)
   if c then return mt == c end
   return mt == errors.RemoteError or mt == errors.EngineError or mt == errors.CompositeError
-    or mt == errors.TimeoutError
+    or mt == errors.TimeoutError or mt == errors.TaskError
 end
 
 return errors

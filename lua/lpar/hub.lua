@@ -189,6 +189,11 @@ function Hub:signal(engine, sig)
   if not ok then error(string.format("cannot signal engine %d: %s", engine, err), 3) end
 end
 
+--- Interrupt request `id` on `engine`, if it is still the one running there.
+function Hub:interrupt_task(engine, id)
+  if self.core then self.core:interrupt(engine, id) end
+end
+
 function Hub:stats()
   local s = self.core and self.core:stats() or { bad_messages = 0, undecodable = 0 }
   s.undecodable = self.undecodable_count

@@ -14,6 +14,7 @@ local lpar = {
   EngineError = errors.EngineError,
   CompositeError = errors.CompositeError,
   TimeoutError = errors.TimeoutError,
+  TaskError = errors.TaskError,
   -- On an engine, the engine's own id and cluster size.
   engine = package.loaded["lpar.engine"],
 }

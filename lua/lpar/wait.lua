@@ -28,6 +28,8 @@ local function release_timer(t)
   idle_timers[#idle_timers + 1] = t
 end
 
+wait.acquire_timer, wait.release_timer = acquire_timer, release_timer
+
 local function wait_in_coroutine(done, timeout, subscribe)
   local co = coroutine.running()
   local timer, woken = nil, false

@@ -1,0 +1,156 @@
+local lpar = require "lpar"
+
+local function range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
+describe("a load-balanced view", function()
+  local cluster, rc, lb
+  lazy_setup(function()
+    cluster = lpar.Cluster { n = 3 }
+    rc = cluster:start_and_connect()
+    lb = rc:load_balanced_view()
+  end)
+  lazy_teardown(function() rc:close() end)
+
+  it("applies on some engine and says which", function()
+    local ar = lb:apply_async(function(x) return x * 2 end, 21)
+    assert.equal(42, ar:get())
+    assert.is_number(ar.metadata.engine_id)
+    assert.is_true(ar.metadata.submitted <= ar.metadata.started)
+  end)
+
+  it("maps like the serial map, ordered and unordered, in any chunk size", function()
+    local f = function(x) return x * x + 1 end
+    local want = {}
+    for i = 1, 50 do want[i] = f(i) end
+    assert.same(want, lb:map_sync(f, range(50)))
+    assert.same(want, lb:map_sync(f, range(50), { chunksize = 7 }))
+    local got = lb:map_sync(f, range(50), { ordered = false, chunksize = 3 })
+    table.sort(got)
+    assert.same(want, got)
+  end)
+
+  it("spreads tasks over the engines", function()
+    local ar = lb:map_async(function() local t = os.clock() while os.clock() - t < 0.01 do end
+      return lpar.engine.id end, range(12))
+    local seen = {}
+    for _, id in ipairs(ar:get()) do seen[id] = true end
+    assert.same({ [0] = true, [1] = true, [2] = true }, seen)
+  end)
+
+  it("iterates an ordered map in order and an unordered one as tasks finish", function()
+    local slow_first = function(x) local t = os.clock() while os.clock() - t < (x == 1 and 0.1 or 0) do end
+      return x end
+    local out = {}
+    for v in lb:map_async(slow_first, range(6)):iter() do out[#out + 1] = v end
+    assert.same(range(6), out)
+    out = {}
+    for v in lb:map_async(slow_first, range(6), { ordered = false }):iter() do out[#out + 1] = v end
+    assert.are_not.equal(1, out[1])
+    table.sort(out)
+    assert.same(range(6), out)
+  end)
+
+  it("returns errors in place when asked, and raises them otherwise", function()
+    local f = function(x) if x == 3 then error("three") end return x end
+    local ar = lb:map_async(f, range(4))
+    local got = ar:get { return_errors = true }
+    assert.equal(1, got[1])
+    assert.equal(lpar.RemoteError, getmetatable(got[3]))
+    assert.matches("three", got[3].message)
+    assert.has_error(function() ar:get() end)
+  end)
+
+  it("retries a task whose engine was SIGKILLed, elsewhere", function()
+    local victim = lb:apply_sync(function() return lpar.engine.pid end)
+    local f = function(x)
+      if x == 5 and lpar.engine.pid == victim then os.execute("kill -KILL " .. victim) end
+      local t = os.clock() while os.clock() - t < 0.005 do end
+      return x * 10
+    end
+    local got = lb:with { retries = 1 }:map_sync(f, range(30))
+    local want = {}
+    for i = 1, 30 do want[i] = i * 10 end
+    assert.same(want, got)
+    cluster:restart_engines()
+  end)
+
+  it("interrupts a task past its timeout, and the engine serves the next", function()
+    local ar = lb:with { timeout = 0.2 }:apply(function() while true do end end)
+    local ok, err = pcall(ar.get, ar, 5)
+    assert.is_false(ok)
+    assert.equal(lpar.TaskError, getmetatable(err))
+    assert.equal("timeout", err.reason)
+    assert.same({ 0, 1, 2 }, rc:view():apply_sync(function() return lpar.engine.id end))
+  end)
+
+  it("fails a queued task past its timeout without running it", function()
+    local one = rc:load_balanced_view(0)
+    rc[0]:execute("runs = 0", { block = true })
+    local blocker = one:apply(function() local t = os.clock() while os.clock() - t < 0.4 do end end)
+    local queued = {}
+    for i = 1, 4 do queued[i] = one:with { timeout = 0.1 }:apply(function() runs = runs + 1 end) end -- luacheck: ignore
+    blocker:get(5)
+    for i = 2, 4 do
+      local ok, err = pcall(queued[i].get, queued[i], 5)
+      assert.is_false(ok)
+      assert.matches("did not start within its timeout of 0.1s", tostring(err))
+    end
+    -- Only the task already handed to the engine's queue (depth 2) ran.
+    assert.is_false(pcall(queued[1].get, queued[1], 5))
+    assert.equal(1, rc[0]:pull("runs"):get())
+  end)
+
+  it("holds `after` tasks until their dependencies are done, and `follow` to their engine", function()
+    local first = lb:apply(function() local t = os.clock() while os.clock() - t < 0.1 do end
+      return os.clock() end)
+    local second = lb:with { after = first }:apply(function() return os.clock() end)
+    assert.is_true(second:get(5) ~= nil)
+    assert.is_true(second.metadata.started >= first.metadata.completed)
+    local here = lb:apply(function() return lpar.engine.id end)
+    local follow = lb:with { follow = here }:map_async(function() return lpar.engine.id end, range(6))
+    for _, id in ipairs(follow:get()) do assert.equal(here:get(), id) end
+  end)
+
+  it("aborts exactly the queued tasks asked for", function()
+    local one = rc:load_balanced_view({ 1 })
+    local busy = one:apply(function() local t = os.clock() while os.clock() - t < 0.3 do end return "ran" end)
+    local ars = {}
+    for i = 1, 6 do ars[i] = one:apply(function() return "ran" end) end
+    local aborted = rc:abort({ ars[5], ars[6] })
+    assert.equal(2, aborted)
+    assert.equal("ran", busy:get(5))
+    for i = 1, 4 do assert.equal("ran", ars[i]:get(5)) end
+    for i = 5, 6 do
+      local ok, err = pcall(ars[i].get, ars[i], 5)
+      assert.is_false(ok)
+      assert.equal("aborted", err.reason)
+    end
+  end)
+
+  it("consumes an endless iterator lazily with imap, within max_outstanding", function()
+    local n = 0
+    local source = function() n = n + 1 return n end
+    local it, stats = lb:imap(function(x) return x * 2 end, source, { max_outstanding = 4 })
+    local got = {}
+    for _ = 1, 40 do got[#got + 1] = it() end
+    assert.equal(40, #got)
+    assert.is_true(stats.max_in_flight <= 4)
+    assert.is_true(n <= 44)
+    table.sort(got)
+    assert.equal(2, got[1])
+  end)
+
+  it("keeps the client's memory flat over many tiny tasks", function()
+    collectgarbage()
+    local before = collectgarbage("count")
+    for _ = 1, 5 do lb:map_sync(function(x) return x end, range(5000)) end
+    collectgarbage()
+    collectgarbage()
+    assert.is_true(collectgarbage("count") - before < 2048, "grew by " .. (collectgarbage("count") - before) .. " KB")
+    assert.is_nil(next(rc._hub.pending))
+  end)
+end)
