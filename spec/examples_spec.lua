@@ -46,7 +46,7 @@ describe("the examples", function()
       "tiled on 2 engines", "OpenBLAS, 2 threads", "tiled / OpenBLAS",
       "tiny tasks, load%-balanced map", "makespan / ideal", "tiny tasks, chunksize 1", "client Lua heap growth", "client RSS growth",
     } do
-      assert.matches(row .. "[^\n]- +%d+%.%d+ ", out)
+      assert.matches(row .. "[^\n]- +%-?%d+%.%d+ ", out)
     end
   end)
 end)

@@ -136,6 +136,10 @@ function Scheduler:dispatch()
     self.queue[self.head] = nil
     self.head = self.head + 1
   end
+  if self.head > self.tail and self.tail > 1024 then
+    -- A drained table keeps its array: start a fresh one so memory stays flat.
+    self.queue, self.head, self.tail = {}, 1, 0
+  end
   self.dispatching = false
 end
 

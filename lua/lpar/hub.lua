@@ -26,6 +26,8 @@ function Hub.embedded(opts)
   local self = setmetatable({
     engines = {},    -- id -> { state = "starting"|"ready"|"dead", pid =, n =, how = }
     pending = {},    -- request id -> record
+    npending = 0,
+    pending_reset = 0,
     next_id = 0,
     undecodable_count = 0,
     on_ready = {},   -- callbacks waiting for engines to come up
@@ -95,6 +97,7 @@ function Hub:submit(engine, mtype, root, record, ...)
   if not ok then return nil, err end
   record.engine, record.id = engine, id
   self.pending[id] = record
+  self.npending = self.npending + 1
   return id
 end
 
@@ -113,7 +116,14 @@ end
 
 local function take(self, id)
   local rec = self.pending[id]
-  self.pending[id] = nil
+  if rec then
+    self.pending[id] = nil
+    self.npending = self.npending - 1
+    -- Lua tables do not shrink when emptied: after a burst, start afresh.
+    if self.npending == 0 and id > self.pending_reset + 4096 then
+      self.pending, self.pending_reset = {}, id
+    end
+  end
   return rec
 end
 
@@ -168,7 +178,7 @@ function Hub:fail_engine(engine, how)
   local now = core.now()
   for id, rec in pairs(self.pending) do
     if rec.engine == engine then
-      self.pending[id] = nil
+      take(self, id)
       rec.ar:_settle(rec, false, nil, now, errors.EngineError.new(engine, id, how))
     end
   end
