@@ -44,7 +44,8 @@ describe("the examples", function()
       "round trip, 4 engines, p99", "execute%(\"\"%) blocking", "execute%(\"\"%) non%-blocking",
       "push 2 MiB string", "push 2 MiB matrix", "push 64 MiB matrix", "time ratio",
       "tiled on 2 engines", "OpenBLAS, 2 threads", "tiled / OpenBLAS",
-      "tiny tasks, load%-balanced map", "makespan / ideal", "tiny tasks, chunksize 1", "client Lua heap growth", "client RSS growth",
+      "tiny tasks, load%-balanced map", "makespan / ideal", "tiny tasks, chunksize 1",
+      "client Lua heap growth", "client RSS growth",
     } do
       assert.matches(row .. "[^\n]- +%-?%d+%.%d+ ", out)
     end
