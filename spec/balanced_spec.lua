@@ -144,6 +144,20 @@ describe("a load-balanced view", function()
     assert.equal(2, got[1])
   end)
 
+  it("waits interactively, silent when output is not a terminal", function()
+    local ar = lb:map_async(function(x) return x end, range(20))
+    local written = {}
+    local real = io.stdout
+    local sink = setmetatable({ write = function(_, s) written[#written + 1] = s end, flush = function() end },
+      { __index = real })
+    io.stdout = sink -- luacheck: ignore
+    local ok = ar:wait_interactive()
+    io.stdout = real -- luacheck: ignore
+    assert.is_true(ok)
+    assert.equal(20, ar.progress)
+    assert.same({}, written)
+  end)
+
   it("keeps the client's memory flat over many tiny tasks", function()
     collectgarbage()
     local before = collectgarbage("count")
