@@ -13,6 +13,7 @@
 local core = require "lpar.core"
 local errors = require "lpar.errors"
 local targets_mod = require "lpar.targets"
+local viewflags = require "lpar.viewflags"
 local AsyncResult = require "lpar.asyncresult"
 local wait = require "lpar.wait"
 
@@ -239,21 +240,11 @@ function LoadBalancedView.new(client, spec)
   return self
 end
 
-function LoadBalancedView:__tostring()
-  local t = self.targets
-  if type(t) == "table" then t = "{" .. table.concat(t, ", ") .. "}" end
-  return string.format("<LoadBalancedView %s>", tostring(t))
-end
+function LoadBalancedView:__tostring() return viewflags.describe("LoadBalancedView", self.targets) end
 
 --- A copy of this view with the given flags changed.
 function LoadBalancedView:with(flags)
-  local copy = setmetatable({}, LoadBalancedView)
-  for k, v in pairs(self) do copy[k] = v end
-  for k, v in pairs(flags) do
-    if not FLAGS[k] then error(string.format("unknown view flag %q", tostring(k)), 2) end
-    copy[k] = v
-  end
-  return copy
+  return viewflags.with(self, flags, FLAGS)
 end
 
 local function result_list(x)

@@ -4,6 +4,7 @@
 -- trailing options table for one call: `dview:execute(code, {block = true})`.
 local core = require "lpar.core"
 local targets_mod = require "lpar.targets"
+local viewflags = require "lpar.viewflags"
 local AsyncResult = require "lpar.asyncresult"
 local wait = require "lpar.wait"
 
@@ -35,22 +36,11 @@ function DirectView.new(client, spec)
   return self
 end
 
-function DirectView:__tostring()
-  local t = self.targets
-  if type(t) == "table" then t = "{" .. table.concat(t, ", ") .. "}" end
-  return string.format("<DirectView %s>", tostring(t))
-end
+function DirectView:__tostring() return viewflags.describe("DirectView", self.targets) end
 
 --- A copy of this view with the given flags changed.
 function DirectView:with(flags)
-  local copy = setmetatable({}, DirectView)
-  for k, v in pairs(self) do copy[k] = v end
-  copy._outstanding = self._outstanding
-  for k, v in pairs(flags) do
-    if not FLAGS[k] then error(string.format("unknown view flag %q", tostring(k)), 2) end
-    copy[k] = v
-  end
-  return copy
+  return viewflags.with(self, flags, FLAGS)
 end
 
 local function flag(self, opts, name)
