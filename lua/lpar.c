@@ -3,6 +3,7 @@
 **
 **   lpar FILE.lua [args...]   run a script (arg[0] = FILE, arg[1..] = args)
 **   lpar -e CODE              run a chunk
+**   lpar [-n N]               the interactive prompt, first starting N engines
 **
 ** The state is closed on the way out, so every Cluster's finalizer runs and
 ** no engine outlives the command.
@@ -16,6 +17,7 @@
 #include <lualib.h>
 
 #include "paths.h"
+#include "readline_module.h"
 
 static int traceback(lua_State *L) {
   const char *msg = luaL_tolstring(L, 1, NULL); /* error objects have __tostring */
@@ -41,19 +43,56 @@ static int run_chunk(lua_State *L, int status, int nargs) {
 static void usage(void) {
   fprintf(stderr,
           "usage: lpar FILE.lua [args...]   run a Lua 5.4 script with lpar available\n"
-          "       lpar -e CODE              run a chunk\n");
+          "       lpar -e CODE              run a chunk\n"
+          "       lpar [-n N]               the interactive prompt, with N local engines\n");
+}
+
+/* The prompt: lpar.prompt.main{n = engines}, in Lua. */
+static int run_prompt(lua_State *L, int engines) {
+  lua_getglobal(L, "require");
+  lua_pushstring(L, "lpar.prompt");
+  int status = lua_pcall(L, 1, 1, 0);
+  if (status == LUA_OK) {
+    lua_getfield(L, -1, "main");
+    lua_remove(L, -2);
+    lua_createtable(L, 0, 1);
+    lua_pushinteger(L, engines);
+    lua_setfield(L, -2, "n");
+    return run_chunk(L, LUA_OK, 1);
+  }
+  return run_chunk(L, status, 0);
 }
 
 int main(int argc, char **argv) {
-  if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+  if (argc >= 2 && (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)) {
     usage();
-    return argc < 2 ? 2 : 0;
+    return 0;
+  }
+  int engines = -1; /* the prompt: without -n, no engines */
+  if (argc == 1) engines = 0;
+  if (argc == 3 && strcmp(argv[1], "-n") == 0) {
+    char *end;
+    long n = strtol(argv[2], &end, 10);
+    if (*end || n < 1 || n > 4096) {
+      fprintf(stderr, "lpar: -n needs a number of engines from 1 to 4096\n");
+      return 2;
+    }
+    engines = (int)n;
   }
   lua_State *L = luaL_newstate();
   if (L == NULL) return 1;
   luaL_openlibs(L);
   lparP_set_paths(L);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  lua_pushcfunction(L, lparR_open);
+  lua_setfield(L, -2, "lpar.readline");
+  lua_pop(L, 1);
   int status;
+  if (engines >= 0) {
+    status = run_prompt(L, engines);
+    lua_close(L);
+    return status == LUA_OK ? 0 : 1;
+  }
   int script = strcmp(argv[1], "-e") != 0;
   if (!script && argc < 3) {
     usage();

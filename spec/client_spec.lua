@@ -286,3 +286,24 @@ describe("a local cluster", function()
     end)
   end)
 end)
+
+describe("sync_imports", function()
+  it("binds a module here and on the engines, under a chosen or the last name", function()
+    local rc <close> = lpar.Cluster { n = 2 }:start_and_connect()
+    local dview = rc:view()
+    local lines = {}
+    local real = io.stdout
+    io.stdout = { write = function(_, ...) lines[#lines + 1] = table.concat { ... } end } -- luacheck: ignore
+    local ok, err = pcall(dview.sync_imports, dview, { np = "lpar.matrix", "lpar.timeit" })
+    io.stdout = real -- luacheck: ignore
+    assert.is_true(ok, err)
+    assert.equal(require("lpar.matrix"), rawget(_G, "np"))
+    assert.equal(require("lpar.timeit"), rawget(_G, "timeit"))
+    assert.same({ true, true }, dview:apply_sync(function() return np.eye(2):sum() == 2 and timeit ~= nil end)) -- luacheck: ignore
+    table.sort(lines)
+    assert.equal("importing lpar.matrix as np here and on engine(s) 0 1\n", lines[1])
+    assert.equal("importing lpar.timeit as timeit here and on engine(s) 0 1\n", lines[2])
+    assert.has_error(function() dview:sync_imports { "no.such.module" } end)
+    _G.np, _G.timeit = nil, nil
+  end)
+end)

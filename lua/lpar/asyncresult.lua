@@ -79,6 +79,7 @@ end
 function methods:_stream(slot, name, text)
   local t = slot[name]
   t[#t + 1] = text
+  if self.on_output then self.on_output(slot.engine, name, text) end
 end
 
 function methods:_display(_, output)

@@ -11,7 +11,9 @@ local Client = {}
 local methods = {}
 
 function Client.new(hub, owned_cluster)
-  return setmetatable({ _hub = hub, _owned = owned_cluster }, Client)
+  local client = setmetatable({ _hub = hub, _owned = owned_cluster }, Client)
+  require("lpar.px").set_client(client) -- lpar.px runs on the latest client's engines
+  return client
 end
 
 function Client.__index(self, k)

@@ -30,6 +30,14 @@ end
 
 lpar.timeit = require("lpar.timeit").timeit
 
+--- Run code on the active view (the last activated, or all engines of the
+-- latest client) and show the output labelled by engine. opts: targets,
+-- block (default true), locally (also run it here).
+function lpar.px(code, opts)
+  if type(code) ~= "string" then error("px: code must be a string", 2) end
+  return require("lpar.px").run(code, opts)
+end
+
 --- Encode values as bytes, as they travel to engines; and back.
 lpar.encode = core.encode
 lpar.decode = core.decode

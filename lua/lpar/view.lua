@@ -234,6 +234,39 @@ function DirectView:map(f, list, opts)
   return ar
 end
 
+--- Import modules here and on the targets, under the same global names:
+-- sync_imports{ matrix = "lpar.matrix" } binds `matrix`, and
+-- sync_imports{ "lpar.matrix" } binds the last name component, `matrix`.
+-- Says what it imported where (opts.quiet to keep still); returns the names.
+function DirectView:sync_imports(spec, opts)
+  if type(spec) ~= "table" then error("sync_imports: expected a table of name = \"module\"", 2) end
+  local names, code = {}, {}
+  for k, v in pairs(spec) do
+    if type(v) ~= "string" then error("sync_imports: module names must be strings", 2) end
+    local name = type(k) == "string" and k or v:match("([%a_][%w_]*)$")
+    if not name or not name:match("^[%a_][%w_]*$") then
+      error(string.format("sync_imports: cannot bind %q to a global name", tostring(k)), 2)
+    end
+    local ok, mod = pcall(require, v)
+    if not ok then error(string.format("sync_imports: %s", mod), 2) end
+    _G[name] = mod
+    names[#names + 1] = name
+    code[#code + 1] = string.format("%s = require %q", name, v)
+    if not (opts and opts.quiet) then
+      io.stdout:write(string.format("importing %s as %s here and on engine(s) %s\n", v, name,
+        table.concat(self:_targets(2), " ")))
+    end
+  end
+  self:execute(table.concat(code, "\n"), { block = true })
+  return names
+end
+
+--- Make this the view lpar.px and the prompt's %px run on.
+function DirectView:activate()
+  require("lpar.px").activate(self)
+  return self
+end
+
 --- Wait for every result this view has handed out; true when all are done.
 function DirectView:wait(timeout)
   local out = self._outstanding

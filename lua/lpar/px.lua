@@ -1,0 +1,109 @@
+--- lpar.px: run code on the active view, as IPython's %px does, and show
+-- what the engines produced the way IPython labels it:
+--   [stdout:0] text      output, streamed while a blocking cell runs
+--   [0:execute] message  an error, with the remote traceback
+--   [output:2] PATH      an image, saved to a file
+local errors = require "lpar.errors"
+
+local px = {}
+
+local active -- the view activated last (view:activate()), or nil
+local clients = setmetatable({}, { __mode = "v" }) -- the latest Client, weakly
+
+function px.activate(view) active = view end
+function px.set_client(client) clients[1] = client end
+
+function px.active_view(client)
+  if active then return active end
+  client = client or clients[1]
+  if client then return client:view() end
+  return nil
+end
+
+--- Show an error object as IPython does: one block per engine.
+function px.show_error(err, out)
+  out = out or io.stdout
+  local list = getmetatable(err) == errors.CompositeError and err.errors or { err }
+  for _, e in ipairs(list) do
+    if getmetatable(e) == errors.RemoteError then
+      out:write(string.format("[%d:%s] %s\n", e.engine, e.kind, e.message))
+      if e.traceback then out:write(e.traceback, "\n") end
+    else
+      out:write(tostring(e), "\n")
+    end
+  end
+end
+
+local function label_lines(engine, name, text, out)
+  local label = string.format("[%s:%d] ", name, engine)
+  text = text:gsub("\n$", "")
+  out:write(label, (text:gsub("\n", "\n" .. label)), "\n")
+end
+
+--- Run `code` on the active view (or opts.targets of `client`).
+-- opts: targets, block (default true), locally (also run it here),
+-- group_outputs ("engine": each engine's output together, after the end;
+-- "order": as it arrives, the default), out (a file to write to).
+-- Returns the AsyncResult; errors are shown, not raised, when blocking.
+function px.run(code, opts, client)
+  opts = opts or {}
+  local out = opts.out or io.stdout
+  client = client or clients[1]
+  local view = opts.targets ~= nil and client and client:view(opts.targets)
+    or px.active_view(client)
+  if view == nil then error("px: no engines (start a cluster, or activate a view)", 2) end
+  local block = opts.block
+  if block == nil then block = true end
+  local ar = view:execute(code, { block = false })
+  local streamed = false
+  if block and opts.group_outputs ~= "engine" then
+    -- Stream output as it arrives, labelled; what came before is shown now.
+    streamed = true
+    for _, s in ipairs(ar._slots) do
+      for _, name in ipairs { "stdout", "stderr" } do
+        if #s[name] > 0 then label_lines(s.engine, name, table.concat(s[name]), out) end
+      end
+    end
+    ar.on_output = function(engine, name, text) label_lines(engine, name, text, out) end
+  end
+  if not block then
+    if opts.locally then px.run_locally(code) end
+    return ar
+  end
+  local ok, err = pcall(ar.wait, ar, opts.timeout)
+  ar.on_output = nil
+  if not ok then error(err, 2) end
+  if not streamed then
+    for _, s in ipairs(ar._slots) do
+      for _, name in ipairs { "stdout", "stderr" } do
+        local text = table.concat(s[name])
+        if text ~= "" then label_lines(s.engine, name, text, out) end
+      end
+    end
+  end
+  if #ar.outputs > 0 then -- images: saved, and listed as [output:ID] PATH (WxH)
+    ar:display_outputs { out = { write = function(_, ...)
+      local line = table.concat { ... }
+      if line:match("^%[output:") then out:write(line) end
+    end } }
+  end
+  if not ar:successful() then
+    local failures = {}
+    for _, s in ipairs(ar._slots) do
+      if not s.ok then failures[#failures + 1] = s.error end
+    end
+    px.show_error(#failures == 1 and failures[1] or errors.CompositeError.new(failures), out)
+  end
+  -- --local: the same code here too, after the engines, as IPython does.
+  if opts.locally then px.run_locally(code) end
+  return ar
+end
+
+--- Run code in this process's globals (%%px --local).
+function px.run_locally(code)
+  local chunk, err = load(code, "=[local]")
+  if not chunk then error(err, 2) end
+  chunk()
+end
+
+return px
