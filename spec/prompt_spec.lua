@@ -61,6 +61,8 @@ describe("the prompt", function()
     type_line("%px print(a)")
     local s = wait_for("%[stdout:3%] 30")
     for id = 0, 3 do assert.truthy(s:find("%[stdout:" .. id .. "%] " .. id * 10)) end
+    type_line("%px lpar.engine.id + 100")
+    wait_for("Out%[3:%d+%]: 103")
   end)
 
   it("runs %%px --targets 0::2 --local on engines 0 and 2 and here", function()

@@ -8,6 +8,7 @@ local errors = require "lpar.errors"
 local px = {}
 
 local active -- the view activated last (view:activate()), or nil
+local count = 0 -- px runs so far, for IPython's Out[engine:count] labels
 local clients = setmetatable({}, { __mode = "v" }) -- the latest Client, weakly
 
 function px.activate(view) active = view end
@@ -54,7 +55,18 @@ function px.run(code, opts, client)
   if view == nil then error("px: no engines (start a cluster, or activate a view)", 2) end
   local block = opts.block
   if block == nil then block = true end
-  local ar = view:execute(code, { block = false })
+  -- An expression's values come back and show as Out[ID:n], as in IPython.
+  local expression = load("return " .. code, "=[execute]") ~= nil
+  local ar
+  if expression then
+    ar = view:apply_async(function(c) return assert(load("return " .. c, "=[execute]"))() end, code)
+    ar._kind = "execute"
+    for _, slot in ipairs(ar._slots) do slot.kind = "execute" end
+  else
+    ar = view:execute(code, { block = false })
+  end
+  count = count + 1
+  local n = count
   local streamed = false
   if block and opts.group_outputs ~= "engine" then
     -- Stream output as it arrives, labelled; what came before is shown now.
@@ -93,6 +105,16 @@ function px.run(code, opts, client)
       if not s.ok then failures[#failures + 1] = s.error end
     end
     px.show_error(#failures == 1 and failures[1] or errors.CompositeError.new(failures), out)
+  end
+  if expression then
+    local show = require("lpar.prompt").show
+    for _, s in ipairs(ar._slots) do
+      if s.ok and s.values.n > 0 then
+        local parts = {}
+        for i = 1, s.values.n do parts[i] = show(s.values[i]) end
+        out:write(string.format("Out[%d:%d]: %s\n", s.engine, n, table.concat(parts, "\t")))
+      end
+    end
   end
   -- --local: the same code here too, after the engines, as IPython does.
   if opts.locally then px.run_locally(code) end
