@@ -79,6 +79,9 @@ int lparG_png(lua_State *L) {
   if (m->rows == 0 || m->cols == 0)
     return luaL_error(L, "imshow: cannot draw an empty %dx%d matrix", (int)m->rows, (int)m->cols);
   if (scale < 1 || scale > 4096) return luaL_error(L, "imshow: scale must be 1 to 4096");
+  if (m->cols > 65535 / (size_t)scale || m->rows > 65535 / (size_t)scale)
+    return luaL_error(L, "imshow: a %dx%d image at scale %d is larger than PNG's 65535 a side",
+                      (int)m->rows, (int)m->cols, (int)scale);
   double lo = INFINITY, hi = -INFINITY;
   for (size_t i = 0; i < m->rows; i++)
     for (size_t j = 0; j < m->cols; j++) {

@@ -23,7 +23,14 @@ local MAGICS = {
 --- A readable, abbreviated rendering of a value, as the prompt prints it.
 local function show(v, depth, seen)
   depth, seen = depth or 0, seen or {}
-  if type(v) == "string" then return string.format("%q", v) end
+  if type(v) == "string" then
+    -- Long or binary strings (an image's bytes, say) are cut, with their size.
+    if #v > 80 or v:find("[%z\1-\8\14-\31\127-\255]") then
+      local head = v:sub(1, 24):gsub("[^%w%p ]", ".")
+      return string.format("%q... (%d bytes)", head, #v)
+    end
+    return string.format("%q", v)
+  end
   if type(v) ~= "table" or getmetatable(v) and getmetatable(v).__tostring then return tostring(v) end
   if seen[v] then return "<cycle>" end
   if depth >= 2 then return "{...}" end
