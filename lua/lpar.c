@@ -70,6 +70,12 @@ int main(int argc, char **argv) {
   }
   int engines = -1; /* the prompt: without -n, no engines */
   if (argc == 1) engines = 0;
+  if (argc >= 2 && strcmp(argv[1], "--profile") == 0) {
+    /* Standalone clusters (lpar cluster start) are not built yet. */
+    fprintf(stderr, "lpar: --profile needs standalone clusters, which this lpar does not have "
+                    "yet; use `lpar -n N` for local engines\n");
+    return 2;
+  }
   if (argc == 3 && strcmp(argv[1], "-n") == 0) {
     char *end;
     long n = strtol(argv[2], &end, 10);
