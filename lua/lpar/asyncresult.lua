@@ -36,7 +36,7 @@ function AsyncResult.__index(self, k)
     local last = self._completed or core.now()
     return last - self._submitted
   elseif k == "stdout" or k == "stderr" then
-    return self:_per_slot(function(s) return table.concat(s[k]) end)
+    return self:_per_slot(function(s) return s[k] and table.concat(s[k]) or "" end)
   elseif k == "metadata" then
     return self:_per_slot(function(s)
       return { engine_id = s.engine, task = s.id, submitted = s.submitted, started = s.started,
@@ -64,7 +64,7 @@ function AsyncResult:__len() return #self._slots end
 --- A new task slot for `engine`; the hub fills in its id.
 function methods:_slot(engine)
   local s = { ar = self, engine = engine, kind = self._kind, submitted = core.now(),
-              stdout = {}, stderr = {}, done = false }
+              done = false } -- stdout and stderr: lists of chunks, made on first output
   self._slots[#self._slots + 1] = s
   return s
 end
@@ -78,6 +78,10 @@ end
 
 function methods:_stream(slot, name, text)
   local t = slot[name]
+  if t == nil then
+    t = {}
+    slot[name] = t
+  end
   t[#t + 1] = text
   if self.on_output then self.on_output(slot.engine, name, text) end
 end
@@ -274,7 +278,7 @@ function methods:display_outputs(opts)
   local out = opts.out or io.stdout
   for _, s in ipairs(self._slots) do
     for _, name in ipairs { "stdout", "stderr" } do
-      local text = table.concat(s[name])
+      local text = s[name] and table.concat(s[name]) or ""
       if text ~= "" then
         local label = string.format("[%s:%d] ", name, s.engine)
         text = text:gsub("\n$", "")

@@ -49,6 +49,13 @@ end
 
 --- Engines a task may go to now, given its targets, follow and exclusions.
 local function candidates(self, task, ids)
+  if not (task.targets or task.follow or task.excluded) then -- the common case, cheaply
+    local out = {}
+    for _, id in ipairs(ids) do
+      if (self.load[id] or 0) < task.depth then out[#out + 1] = id end
+    end
+    return out
+  end
   local allowed = {}
   for _, id in ipairs(task.targets or ids) do allowed[id] = true end
   for _, ar in ipairs(task.follow or {}) do
@@ -124,7 +131,7 @@ end
 function Scheduler:dispatch()
   if self.dispatching then return end
   self.dispatching = true
-  local ids = self.hub:ids()
+  local ids = self.hub:ids_shared()
   -- Tasks held back by dependencies or placement go first once free.
   local still = {}
   for _, task in ipairs(self.held) do

@@ -24,7 +24,7 @@ function Client.__index(self, k)
   return methods[k]
 end
 
-function Client:__len() return #self._hub:ids() end
+function Client:__len() return #self._hub:ids_shared() end
 
 function Client:__tostring()
   return string.format("<Client: %d engines>", #self)

@@ -59,16 +59,26 @@ function Hub:spawn(id, n)
   local pid, err = self.core:spawn(id, n)
   if not pid then error(string.format("cannot start engine %d: %s", id, err), 3) end
   self.engines[id] = { state = "starting", pid = pid, n = n }
+  self.ids_cache = nil
   return pid
 end
 
---- Sorted ids of the engines that are up.
+--- Sorted ids of the engines that are up (a fresh list: callers may keep it).
 function Hub:ids()
-  local ids = {}
+  local ids = self:ids_shared()
+  return table.move(ids, 1, #ids, 1, {})
+end
+
+--- The same list, cached until an engine comes or goes: not to be changed.
+function Hub:ids_shared()
+  local ids = self.ids_cache
+  if ids then return ids end
+  ids = {}
   for id, e in pairs(self.engines) do
     if e.state == "ready" then ids[#ids + 1] = id end
   end
   table.sort(ids)
+  self.ids_cache = ids
   return ids
 end
 
@@ -111,6 +121,7 @@ function Hub:ready(engine, hello)
   local e = self.engines[engine]
   if not e then return end
   e.state, e.hello = "ready", hello
+  self.ids_cache = nil
   for _, fn in ipairs(self.on_ready) do fn(engine) end
 end
 
@@ -190,6 +201,7 @@ function Hub:exit(engine, status, signal)
   local how = describe_exit(status, signal)
   if e.bad then how = "sent a malformed message (" .. e.bad .. ") and was disconnected; it " .. how end
   e.state, e.how, e.status, e.signal = "dead", how, status, signal
+  self.ids_cache = nil
   self:fail_engine(engine, how)
   for _, fn in ipairs(self.on_ready) do fn(engine) end
 end
@@ -218,6 +230,7 @@ function Hub:stop()
   for id, e in pairs(self.engines) do
     if e.state ~= "dead" then
       e.state, e.how = "dead", "was stopped with its cluster"
+      self.ids_cache = nil
       self:fail_engine(id, e.how)
     end
   end

@@ -73,7 +73,7 @@ function px.run(code, opts, client)
     streamed = true
     for _, s in ipairs(ar._slots) do
       for _, name in ipairs { "stdout", "stderr" } do
-        if #s[name] > 0 then label_lines(s.engine, name, table.concat(s[name]), out) end
+        if s[name] then label_lines(s.engine, name, table.concat(s[name]), out) end
       end
     end
     ar.on_output = function(engine, name, text) label_lines(engine, name, text, out) end
@@ -88,7 +88,7 @@ function px.run(code, opts, client)
   if not streamed then
     for _, s in ipairs(ar._slots) do
       for _, name in ipairs { "stdout", "stderr" } do
-        local text = table.concat(s[name])
+        local text = s[name] and table.concat(s[name]) or ""
         if text ~= "" then label_lines(s.engine, name, text, out) end
       end
     end

@@ -50,7 +50,7 @@ end
 
 function DirectView:_targets(level)
   if self._ids then return self._ids end
-  local ids = self.client.ids
+  local ids = self.client._hub:ids_shared()
   if #ids == 0 then error("no engines are running", level + 1) end
   return ids
 end
