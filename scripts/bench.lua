@@ -1,12 +1,22 @@
 -- Benchmarks of the foundation, as medians (and p99 for latencies) from one
 -- run. Targets from DESIGN.md are printed beside each figure; they are not
 -- asserted, since these machines are shared and noisy.
---   ./build/lpar scripts/bench.lua [--quick]
+--   ./build/lpar scripts/bench.lua [--quick] [--vs-ipyparallel] [--plots] [--json PATH]
+-- --vs-ipyparallel runs scripts/bench_ipyparallel.py (Debian's python3) on
+-- the same workloads and prints both with the ratio; --plots draws PNGs into
+-- bench/ with gnuplot. Without --quick, bench/results.json gets every figure.
 local lpar = require "lpar"
 local matrix = require "lpar.matrix"
 local uv = require "luv"
 
-local quick = arg[1] == "--quick"
+local quick, vs, plots, out_path = false, false, false, nil
+for i, a in ipairs(arg) do
+  if a == "--quick" then quick = true
+  elseif a == "--vs-ipyparallel" then vs, plots = true, true
+  elseif a == "--plots" then plots = true
+  elseif a == "--json" then out_path = arg[i + 1]
+  end
+end
 local scale = quick and 0.05 or 1
 
 local function count(n) return math.max(3, math.floor(n * scale)) end
@@ -18,27 +28,34 @@ end
 
 local function pct(t, p) return t[math.max(1, math.ceil(#t * p))] end
 
-local rows = {}
-local function row(name, value, unit, target)
-  rows[#rows + 1] = { name, value, unit, target or "" }
+local rows, by_key, samples = {}, {}, {}
+--- One figure: `key` names it for results.json and the comparison with
+-- ipyparallel; `spread` is {low, high} (quartiles) where there are samples.
+local function row(key, name, value, unit, target, spread)
+  local r = { key = key, name = name, value = value, unit = unit, target = target, spread = spread }
+  rows[#rows + 1], by_key[key] = r, r
   print(string.format("%-44s %12.2f %-8s %s", name, value, unit, target or ""))
   io.stdout:flush()
 end
+
+local function quartiles(t) return { pct(t, 0.25), pct(t, 0.75) } end
 
 print(string.format("lpar %s benchmarks, %s, %d CPUs%s", lpar.version, os.date("%Y-%m-%d %H:%M"),
   #uv.cpu_info(), quick and " (quick mode: figures are rough)" or ""))
 print(string.format("%-44s %12s %-8s %s", "measure", "median", "unit", "target"))
 
--- Start 4 engines until all are ready.
-do
+-- Start N engines until all are ready.
+for _, n in ipairs(quick and { 2, 4 } or { 2, 4, 64 }) do
   local times = {}
-  for i = 1, count(20) do
+  for i = 1, count(n == 64 and 5 or 20) do
     local t0 = uv.hrtime()
-    local rc = lpar.Cluster { n = 4 }:start_and_connect()
+    local c = lpar.Cluster { n = n }:start_and_connect()
     times[i] = (uv.hrtime() - t0) / 1e6
-    rc:close()
+    c:close()
   end
-  row("start 4 engines, all ready", pct(sorted(times), 0.5), "ms", "<= 50 ms")
+  sorted(times)
+  row("start_" .. n, string.format("start %d engines, all ready", n), pct(times, 0.5), "ms",
+    n == 4 and "<= 50 ms" or nil, quartiles(times))
 end
 
 local rc <close> = lpar.Cluster { n = 4 }:start_and_connect()
@@ -56,7 +73,7 @@ do
     if f then f:close() end
     rss[#rss + 1] = kb / 1024
   end
-  row("idle engine RSS", pct(sorted(rss), 0.5), "MB", "<= 4 MB")
+  row("rss", "idle engine RSS", pct(sorted(rss), 0.5), "MB", "<= 4 MB")
 end
 
 
@@ -74,11 +91,12 @@ end
 
 do
   local t = round_trips(e0, count(20000))
-  row("apply(identity) round trip, 1 engine, p50", pct(t, 0.5), "us", "<= 50 us")
-  row("apply(identity) round trip, 1 engine, p99", pct(t, 0.99), "us")
+  samples.apply1 = t
+  row("apply1_p50", "apply(identity) round trip, 1 engine, p50", pct(t, 0.5), "us", "<= 50 us")
+  row("apply1_p99", "apply(identity) round trip, 1 engine, p99", pct(t, 0.99), "us")
   t = round_trips(dview, count(5000))
-  row("apply(identity) round trip, 4 engines, p50", pct(t, 0.5), "us")
-  row("apply(identity) round trip, 4 engines, p99", pct(t, 0.99), "us")
+  row("apply4_p50", "apply(identity) round trip, 4 engines, p50", pct(t, 0.5), "us")
+  row("apply4_p99", "apply(identity) round trip, 4 engines, p99", pct(t, 0.99), "us")
 end
 
 -- execute(""): blocking, one at a time; non-blocking, many in flight.
@@ -90,7 +108,7 @@ do
     for _ = 1, n do e0:execute("", { block = true }) end
     reps[r] = n / ((uv.hrtime() - t0) / 1e9)
   end
-  row("execute(\"\") blocking, 1 engine", pct(sorted(reps), 0.5), "/s")
+  row("exec_b", "execute(\"\") blocking, 1 engine", pct(sorted(reps), 0.5), "/s")
   for r = 1, 3 do
     local t0 = uv.hrtime()
     local ars = {}
@@ -98,7 +116,7 @@ do
     rc:wait(ars)
     reps[r] = n / ((uv.hrtime() - t0) / 1e9)
   end
-  row("execute(\"\") non-blocking, 1 engine", pct(sorted(reps), 0.5), "/s")
+  row("exec_nb", "execute(\"\") non-blocking, 1 engine", pct(sorted(reps), 0.5), "/s")
 end
 
 -- Push a 2 MiB string to one engine.
@@ -110,7 +128,7 @@ do
     e0:push({ blob = s }, { block = true })
     t[i] = uv.hrtime() - t0
   end
-  row("push 2 MiB string to 1 engine", #s / pct(sorted(t), 0.5), "GB/s", ">= 2 GB/s")
+  row("push_string_2mib", "push 2 MiB string to 1 engine", #s / pct(sorted(t), 0.5), "GB/s", ">= 2 GB/s")
   e0:execute("blob = nil collectgarbage()", { block = true })
 end
 
@@ -126,7 +144,7 @@ do
     lb:map_sync(identity, list)
     reps[r] = n / ((uv.hrtime() - t0) / 1e9)
   end
-  row("tiny tasks, load-balanced map, 4 engines", pct(sorted(reps), 0.5), "/s", ">= 100000 /s")
+  row("lb_tiny", "tiny tasks, load-balanced map, 4 engines", pct(sorted(reps), 0.5), "/s", ">= 100000 /s")
   -- Balance: tasks of random 0-2 ms busy work against the ideal makespan.
   local m = quick and 100 or 1000
   local work, total = {}, 0
@@ -140,7 +158,7 @@ do
   local makespan = (uv.hrtime() - t0) / 1e9
   -- Ideal: the work spread evenly over the engines that can run at once.
   local parallel = math.min(#rc, #uv.cpu_info())
-  row("random 0-2 ms tasks: makespan / ideal", makespan / (total / parallel), "x", "<= 1.1x")
+  row("lb_balance", "random 0-2 ms tasks: makespan / ideal", makespan / (total / parallel), "x", "<= 1.1x")
 end
 
 local function rss_mb()
@@ -165,17 +183,17 @@ do
   list, out = nil, nil -- luacheck: ignore
   collectgarbage()
   collectgarbage()
-  row(string.format("map of %d tiny tasks, chunksize 1", n), n / dt, "/s")
-  row("  client Lua heap growth after it", (collectgarbage("count") - heap_before) / 1024, "MB",
+  row("lb_million", string.format("map of %d tiny tasks, chunksize 1", n), n / dt, "/s")
+  row("lb_million_heap", "  client Lua heap growth after it", (collectgarbage("count") - heap_before) / 1024, "MB",
     "a few MB")
-  row("  client RSS growth after it (malloc keeps freed memory)", rss_mb() - before, "MB")
+  row("lb_million_rss", "  client RSS growth after it (malloc keeps freed memory)", rss_mb() - before, "MB")
 end
 
 -- Push matrices to one engine: 2 MiB and 64 MiB (shared memory, so the
 -- time should not grow with the size).
 do
   local t2, t64
-  for _, case in ipairs { { 256 * 1024, "2 MiB" }, { 8 * 1024 * 1024, "64 MiB" } } do
+  for _, case in ipairs { { 256 * 1024, "2 MiB", "2mib" }, { 8 * 1024 * 1024, "64 MiB", "64mib" } } do
     local a = matrix.random(case[1], 1, 1)
     local t = {}
     for i = 1, count(200) do
@@ -184,11 +202,11 @@ do
       t[i] = uv.hrtime() - t0
     end
     local med = pct(sorted(t), 0.5)
-    row("push " .. case[2] .. " matrix to 1 engine", case[1] * 8 / med, "GB/s",
+    row("push_matrix_" .. case[3], "push " .. case[2] .. " matrix to 1 engine", case[1] * 8 / med, "GB/s",
       case[2] == "2 MiB" and ">= 5 GB/s" or nil)
     if case[2] == "2 MiB" then t2 = med else t64 = med end
   end
-  row("push 64 MiB / push 2 MiB, time ratio", t64 / t2, "x", "<= 2x")
+  row("push_ratio", "push 64 MiB / push 2 MiB, time ratio", t64 / t2, "x", "<= 2x")
   e0:execute("a = nil collectgarbage()", { block = true })
 end
 
@@ -222,9 +240,234 @@ do
   end
   assert(C:max_abs_diff(want) < 1e-9 * want:norm(), "tiled product is wrong")
   local gp, gl = 2 * n ^ 3 / pct(sorted(tp), 0.5) / 1e9, 2 * n ^ 3 / pct(sorted(tl), 0.5) / 1e9
-  row(string.format("dgemm n=%d tiled on 2 engines", n), gp, "GFLOP/s")
-  row(string.format("dgemm n=%d OpenBLAS, 2 threads", n), gl, "GFLOP/s")
-  row("tiled / OpenBLAS", gp / gl, "x", ">= 0.9x")
+  row("dgemm2_tiled", string.format("dgemm n=%d tiled on 2 engines", n), gp, "GFLOP/s")
+  row("dgemm2_blas", string.format("dgemm n=%d OpenBLAS, 2 threads", n), gl, "GFLOP/s")
+  row("dgemm2_ratio", "tiled / OpenBLAS", gp / gl, "x", ">= 0.9x")
+end
+
+-- execute("") round trips, on one engine and on all.
+for _, case in ipairs { { "exec1", e0, "1 engine" }, { "exec4", dview, "4 engines" } } do
+  local t = {}
+  for i = 1, count(5000) do
+    local t0 = uv.hrtime()
+    case[2]:execute("", { block = true })
+    t[i] = (uv.hrtime() - t0) / 1e3
+  end
+  sorted(t)
+  row(case[1] .. "_p50", "execute(\"\") round trip, " .. case[3] .. ", p50", pct(t, 0.5), "us")
+  row(case[1] .. "_p99", "execute(\"\") round trip, " .. case[3] .. ", p99", pct(t, 0.99), "us")
+end
+
+-- The notebook's bandwidth table: push and pull 1K..256K doubles.
+do
+  local size = 1024
+  while size <= 256 * 1024 do
+    local a = matrix.random(size, 1, 1)
+    for _, dir in ipairs { "push", "pull" } do
+      local t = {}
+      for i = 1, count(100) do
+        local t0 = uv.hrtime()
+        if dir == "push" then e0:push({ a = a }, { block = true }) else e0:pull("a"):get() end
+        t[i] = (uv.hrtime() - t0) / 1e9
+      end
+      sorted(t)
+      row(dir .. "_" .. size, string.format("%s %d doubles", dir, size), size * 8 / pct(t, 0.5) / 1e9, "GB/s")
+    end
+    size = size * 2
+  end
+  local big = matrix.random(8 * 1024 * 1024, 1, 2)
+  e0:push({ big = big }, { block = true })
+  local t = {}
+  for i = 1, count(20) do
+    local t0 = uv.hrtime()
+    e0:pull("big"):get()
+    t[i] = (uv.hrtime() - t0) / 1e9
+  end
+  row("pull_64mib", "pull 64 MiB matrix from 1 engine", 64 * 2 ^ 20 / pct(sorted(t), 0.5) / 1e9, "GB/s")
+  e0:execute("big = nil a = nil collectgarbage()", { block = true })
+end
+
+-- Encoding throughput, in one process.
+do
+  local t = {}
+  for i = 1, 1e6 do t[i] = i * 0.5 end
+  local m = matrix.random(1024, 1024, 3)
+  for _, case in ipairs {
+    { "encode_table", "encode a table of 1e6 numbers", t },
+    { "encode_matrix", "encode an 8 MiB matrix", m },
+  } do
+    local bytes = #assert(lpar.encode(case[3]))
+    local r = lpar.timeit(function() lpar.encode(case[3]) end, { number = quick and 2 or 10, quiet = true })
+    row(case[1], case[2], bytes / r.best / 1e9, "GB/s")
+  end
+end
+
+-- Tiled dgemm on the 4 engines for growing n (for the plot), and the
+-- notebook's n=1024 quadrants.
+do
+  local n_list = quick and { 256, 512 } or { 512, 1024, 2048, 4096 }
+  local times_b = function(a) return a:dot(B) end -- luacheck: ignore
+  for _, n in ipairs(n_list) do
+    local A, B = matrix.random(n, n, 1), matrix.random(n, n, 2)
+    local rows4 = (n + 3) // 4
+    local t0 = uv.hrtime()
+    dview:push({ B = B }, { block = true })
+    local parts = {}
+    for k = 0, 3 do
+      parts[k + 1] = rc[k]:apply_async(times_b, A:sub(k * rows4 + 1, math.min(n, (k + 1) * rows4), 1, n))
+    end
+    local tiles = {}
+    for k, ar in ipairs(parts) do tiles[k] = { ar:get() } end
+    local C = matrix.block(tiles)
+    local dt = (uv.hrtime() - t0) / 1e9
+    assert(C:max_abs_diff(A:dot(B)) < 1e-9 * n, "tiled product is wrong")
+    row("dgemm_tiled_" .. n, string.format("dgemm n=%d tiled on 4 engines", n), 2 * n ^ 3 / dt / 1e9, "GFLOP/s")
+  end
+end
+
+-- results.json: machine, versions, date, every figure.
+local function json(v, indent)
+  indent = indent or ""
+  local t = type(v)
+  if t == "number" then return v ~= v and "null" or string.format("%.6g", v) end
+  if t == "string" then return string.format("%q", v):gsub("\\\n", "\\n") end
+  if t ~= "table" then return tostring(v) end
+  local inner = indent .. "  "
+  if #v > 0 then
+    local parts = {}
+    for _, x in ipairs(v) do parts[#parts + 1] = json(x, inner) end
+    return "[" .. table.concat(parts, ", ") .. "]"
+  end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local parts = {}
+  for _, k in ipairs(keys) do parts[#parts + 1] = inner .. string.format("%q", k) .. ": " .. json(v[k], inner) end
+  return "{\n" .. table.concat(parts, ",\n") .. "\n" .. indent .. "}"
+end
+
+local function command_output(cmd)
+  local p = io.popen(cmd .. " 2>/dev/null")
+  local out = p and p:read("a") or ""
+  if p then p:close() end
+  return (out:gsub("%s+$", ""))
+end
+
+local function write_results(path, extra)
+  local figures = {}
+  for _, r in ipairs(rows) do
+    figures[#figures + 1] = { key = r.key, name = r.name, value = r.value, unit = r.unit,
+                              target = r.target, spread = r.spread }
+  end
+  local doc = {
+    date = os.date("!%Y-%m-%dT%H:%M:%SZ"), quick = quick,
+    machine = { cpus = #uv.cpu_info(), cpu = uv.cpu_info()[1].model, memory_mb = uv.get_total_memory() // 2 ^ 20,
+                kernel = command_output("uname -r") },
+    versions = { lpar = lpar.version, lua = _VERSION, libuv = uv.version_string(),
+                 ipyparallel = extra and extra.version or nil },
+    lpar = figures, ipyparallel = extra and extra.figures or nil,
+  }
+  os.execute("mkdir -p '" .. (path:match("^(.*)/") or ".") .. "'")
+  local f = assert(io.open(path, "w"))
+  f:write(json(doc), "\n")
+  f:close()
+  print("wrote " .. path)
+end
+
+-- ipyparallel, the same workloads, side by side.
+local ipp
+if vs then
+  print()
+  print("ipyparallel, same workloads (4 engines on " .. #uv.cpu_info() .. " cores)...")
+  local cmd = "/usr/bin/python3 scripts/bench_ipyparallel.py" .. (quick and " --quick" or "")
+  local p = assert(io.popen(cmd))
+  ipp = { figures = {}, by_key = {}, samples = {} }
+  for line in p:lines() do
+    local a, b, c = line:match("^([^\t]+)\t([^\t]+)\t([^\t]+)$")
+    if a == "sample" then
+      ipp.samples[b] = ipp.samples[b] or {}
+      table.insert(ipp.samples[b], tonumber(c))
+    elseif a then
+      local r = { key = a, value = tonumber(b), unit = c }
+      ipp.figures[#ipp.figures + 1] = r
+      ipp.by_key[a] = r
+    end
+  end
+  p:close()
+  ipp.version = command_output("/usr/bin/python3 -c 'import ipyparallel; print(ipyparallel.__version__)'")
+  print()
+  print(string.format("%-44s %12s %12s %10s", "measure (times: lower is better)", "lpar", "ipyparallel",
+    "lpar/ipp"))
+  for _, r in ipairs(rows) do
+    local o = ipp.by_key[r.key]
+    if o then
+      print(string.format("%-44s %12.4g %12.4g %10.3g  %s", r.name, r.value, o.value, r.value / o.value, r.unit))
+    end
+  end
+end
+
+if not quick or out_path then write_results(out_path or "bench/results.json", ipp) end
+
+-- Plots, with gnuplot when it is there.
+if plots and os.execute("command -v gnuplot >/dev/null") then
+  local dir = "bench"
+  os.execute("mkdir -p " .. dir)
+  local function data(name, lines)
+    local f = assert(io.open(dir .. "/" .. name, "w"))
+    f:write(table.concat(lines, "\n"), "\n")
+    f:close()
+  end
+  local bw = {}
+  local size = 1024
+  while size <= 256 * 1024 do
+    local o = ipp and ipp.by_key["push_" .. size]
+    bw[#bw + 1] = string.format("%d %g %s", size * 8, by_key["push_" .. size].value, o and o.value or "NaN")
+    size = size * 2
+  end
+  data("bandwidth.dat", bw)
+  local lat = {}
+  for _, v in ipairs(samples.apply1) do lat[#lat + 1] = string.format("lpar %g", v) end
+  for _, v in ipairs(ipp and ipp.samples.apply1 or {}) do lat[#lat + 1] = string.format("ipp %g", v) end
+  data("latency.dat", lat)
+  local dg = {}
+  for _, r in ipairs(rows) do
+    local n = r.key:match("^dgemm_tiled_(%d+)$")
+    if n then
+      local o = ipp and ipp.by_key[r.key]
+      dg[#dg + 1] = string.format("%s %g %s", n, r.value, o and o.value or "NaN")
+    end
+  end
+  data("dgemm.dat", dg)
+  local script = [[
+set terminal pngcairo size 800,500
+set output "bench/bandwidth.png"
+set logscale xy
+set xlabel "message size (bytes)"
+set ylabel "push bandwidth (GB/s)"
+set title "Push to one engine"
+plot "bench/bandwidth.dat" using 1:2 with linespoints title "lpar", "" using 1:3 with linespoints title "ipyparallel"
+set output "bench/latency.png"
+unset logscale
+set logscale x
+set xlabel "apply(identity) round trip (us)"
+set ylabel "count"
+set title "Round-trip latency, one engine"
+set style fill solid 0.5
+bin(x) = 10 ** (floor(log10(x) * 20) / 20.0)
+plot "< grep ^lpar bench/latency.dat" using (bin($2)):(1) smooth frequency with boxes title "lpar", \
+     "< grep ^ipp bench/latency.dat" using (bin($2)):(1) smooth frequency with boxes title "ipyparallel"
+set output "bench/dgemm.png"
+unset logscale
+set logscale x 2
+set xlabel "n"
+set ylabel "GFLOP/s"
+set title "Tiled dgemm on 4 engines, transfers included"
+plot "bench/dgemm.dat" using 1:2 with linespoints title "lpar", "" using 1:3 with linespoints title "ipyparallel"
+]]
+  data("plots.gp", { script })
+  if os.execute("gnuplot bench/plots.gp") then
+    print("wrote bench/bandwidth.png, bench/latency.png, bench/dgemm.png")
+  end
 end
 
 return rows

@@ -47,8 +47,16 @@ describe("the examples", function()
     assert.matches("%[output:0%] [^\n]+%.png %(250x250%)\n%[output:2%] [^\n]+%.png %(250x250%)", out)
   end)
 
-  it("scripts/bench.lua --quick produces every figure", function()
-    local out, code = helpers.run(helpers.lpar .. " scripts/bench.lua --quick 2>&1")
+  it("scripts/bench.lua --quick produces every figure, and --json writes them", function()
+    local json = os.tmpname()
+    local out, code = helpers.run(helpers.lpar .. " scripts/bench.lua --quick --json " .. json .. " 2>&1")
+    local f = assert(io.open(json))
+    local doc = f:read("a")
+    f:close()
+    os.remove(json)
+    assert.matches('"machine": {', doc)
+    assert.matches('"key": "apply1_p50",', doc)
+    assert.matches('"lpar": %[', doc)
     assert.equal(0, code, out)
     for _, row in ipairs {
       "start 4 engines, all ready", "idle engine RSS", "round trip, 1 engine, p50",
