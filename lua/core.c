@@ -205,7 +205,7 @@ static int l_spawn(lua_State *L) {
   cluster_ud *u = check_cluster(L);
   int id = (int)luaL_checkinteger(L, 2), n = (int)luaL_checkinteger(L, 3);
   int rc = lpar_cluster_spawn(u->c, id, n);
-  if (rc < 0) return push_failure(L, rc, "cannot start engine");
+  if (rc < 0) return push_failure(L, rc, NULL);
   lua_pushinteger(L, lpar_cluster_pid(u->c, id));
   return 1;
 }

@@ -307,3 +307,24 @@ describe("sync_imports", function()
     _G.np, _G.timeit = nil, nil
   end)
 end)
+
+describe("Cluster options", function()
+  it("pass engine_env and blas_threads to the engines", function()
+    local rc <close> = lpar.Cluster { n = 1, engine_env = { LPAR_SPEC_VAR = "yes" }, blas_threads = 2 }
+      :start_and_connect()
+    local var, blas = rc[0]:apply_sync(function()
+      return os.getenv("LPAR_SPEC_VAR"), os.getenv("OPENBLAS_NUM_THREADS")
+    end)
+    assert.equal("yes", var)
+    assert.equal("2", blas)
+  end)
+
+  it("name a bad engine count and an engine that cannot start", function()
+    assert.has_error(function() lpar.Cluster { n = 0 } end, "Cluster: n must be a positive integer")
+    local c = lpar.Cluster { n = 1, engine = "/nonexistent/lpar-engine", timeout = 2 }
+    local ok, err = pcall(c.start_and_connect, c)
+    assert.is_false(ok)
+    assert.matches("cannot start engine 0 from /nonexistent/lpar%-engine: engine could not be started", tostring(err))
+    c:stop()
+  end)
+end)

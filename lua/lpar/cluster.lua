@@ -56,13 +56,21 @@ local function all_ids(self)
 end
 
 --- Start the engines (returns at once; they say hello shortly).
-function Cluster:start()
-  if self._hub and self._hub.core then error("Cluster:start: already started", 2) end
+local function start(self, level)
+  if self._hub and self._hub.core then error("Cluster:start: already started", level + 1) end
   self._hub = Hub.embedded { engine = self.opts.engine, env = self.opts.engine_env,
                              blas_threads = self.opts.blas_threads }
-  for _, id in ipairs(all_ids(self)) do self._hub:spawn(id, self.n) end
+  for _, id in ipairs(all_ids(self)) do
+    local ok, err = pcall(self._hub.spawn, self._hub, id, self.n)
+    if not ok then
+      self._hub:stop() -- none half-started
+      error(err, level + 1)
+    end
+  end
   return self
 end
+
+function Cluster:start() return start(self, 2) end
 
 --- Wait until every engine is ready (raises naming those that are not).
 function Cluster:wait_for_engines(timeout)
@@ -78,7 +86,7 @@ end
 
 --- Start, wait for every engine, and return a Client that owns the cluster.
 function Cluster:start_and_connect(timeout)
-  self:start()
+  start(self, 2)
   wait_engines(self, all_ids(self), timeout or self.opts.timeout or 30, 2)
   return Client.new(self._hub, self)
 end

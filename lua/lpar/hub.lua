@@ -51,13 +51,16 @@ function Hub.embedded(opts)
   }
   if not c then error(err, 3) end
   self.core = c
+  self.engine_path = opts.engine or core.engine_path
   return self
 end
 
 --- Start engine `id` of `n`. Returns its pid.
 function Hub:spawn(id, n)
   local pid, err = self.core:spawn(id, n)
-  if not pid then error(string.format("cannot start engine %d: %s", id, err), 3) end
+  if not pid then
+    error(string.format("cannot start engine %d from %s: %s", id, self.engine_path, err), 0)
+  end
   self.engines[id] = { state = "starting", pid = pid, n = n }
   self.ids_cache = nil
   return pid
