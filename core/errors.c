@@ -17,6 +17,7 @@ const char *lpar_strerror(int code) {
   case LPAR_ENOENGINE: return "no such engine";
   case LPAR_ESYS: return "system call failed";
   case LPAR_ECLOSED: return "cluster is stopped";
+  case LPAR_EAUTH: return "message failed authentication";
   default: return "unknown error";
   }
 }

@@ -31,6 +31,7 @@
 #define LPAR_ENOENGINE (-9)   /* no engine with that id */
 #define LPAR_ESYS (-10)       /* system call failed (see errno) */
 #define LPAR_ECLOSED (-11)    /* cluster stopped */
+#define LPAR_EAUTH (-12)      /* message failed authentication */
 
 const char *lpar_strerror(int code);
 
