@@ -40,10 +40,3 @@ int lparB_append(lparB_buffer *b, const void *p, size_t n) {
   b->len += n;
   return LPAR_OK;
 }
-
-char *lparB_detach(lparB_buffer *b, size_t *len) {
-  char *p = b->data;
-  if (len) *len = b->len;
-  lparB_init(b);
-  return p;
-}

@@ -18,7 +18,5 @@ void lparB_free(lparB_buffer *b);
 /* Make room for `extra` more bytes; 0 or LPAR_ENOMEM. */
 int lparB_reserve(lparB_buffer *b, size_t extra);
 int lparB_append(lparB_buffer *b, const void *p, size_t n);
-/* Hand the storage to the caller (who frees it with free) and reset b. */
-char *lparB_detach(lparB_buffer *b, size_t *len);
 
 #endif

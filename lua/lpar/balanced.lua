@@ -12,7 +12,6 @@
 -- ran), scheme ("least" by default, "lru", "random"), queue_depth.
 local core = require "lpar.core"
 local errors = require "lpar.errors"
-local targets_mod = require "lpar.targets"
 local viewflags = require "lpar.viewflags"
 local AsyncResult = require "lpar.asyncresult"
 local wait = require "lpar.wait"
@@ -238,9 +237,7 @@ function LoadBalancedView.new(client, spec)
   local self = setmetatable({ client = client, block = false, retries = 0, scheme = "least",
                               queue_depth = 2 }, LoadBalancedView)
   if spec ~= nil then
-    local ok, ids = pcall(targets_mod.resolve, spec, client.ids)
-    if not ok then error(ids, 3) end
-    self.targets = ids
+    self.targets = client._hub:resolve_targets(spec, 3)
   else
     self.targets = "all"
   end

@@ -69,9 +69,7 @@ end
 --- Interrupt the tasks running on `targets` (default all): each fails with
 -- the error "interrupted", and the engines keep their globals and go on.
 function methods:interrupt(targets)
-  local ok, ids = pcall(require("lpar.targets").resolve, targets, self._hub:ids())
-  if not ok then error(ids, 2) end
-  for _, id in ipairs(ids) do self._hub:signal(id, "INT") end
+  for _, id in ipairs(self._hub:resolve_targets(targets, 2)) do self._hub:signal(id, "INT") end
 end
 
 --- Per engine: requests in flight and state; plus messages dropped.

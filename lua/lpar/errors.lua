@@ -68,12 +68,4 @@ function errors.TaskError:__tostring()
   return string.format("TaskError (%s): %s", self.reason, self.message)
 end
 
---- True when `e` is one of lpar's error objects of class `c` (or any, without c).
-function errors.is(e, c)
-  local mt = getmetatable(e)
-  if c then return mt == c end
-  return mt == errors.RemoteError or mt == errors.EngineError or mt == errors.CompositeError
-    or mt == errors.TimeoutError or mt == errors.TaskError
-end
-
 return errors

@@ -3,6 +3,7 @@
 -- A Hub is shared by a Cluster and the Clients connected through it.
 local core = require "lpar.core"
 local errors = require "lpar.errors"
+local targets = require "lpar.targets"
 
 local Hub = {}
 Hub.__index = Hub
@@ -88,6 +89,16 @@ end
 function Hub:engine_state(id)
   local e = self.engines[id]
   return e and e.state
+end
+
+--- The ids `spec` names among the engines that are up (see lpar.targets);
+-- raises at `level` above the caller, naming a dead engine and how it died.
+function Hub:resolve_targets(spec, level)
+  local ok, ids = pcall(targets.resolve, spec, self:ids_shared(), function(id)
+    return self.engines[id] and self:unavailable(id)
+  end)
+  if not ok then error(ids, level + 1) end
+  return ids
 end
 
 --- The reason `engine` cannot take a request, or nil when it can.

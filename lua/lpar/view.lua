@@ -3,7 +3,6 @@
 -- returns a view with flags changed, and fixed-arity methods take a
 -- trailing options table for one call: `dview:execute(code, {block = true})`.
 local core = require "lpar.core"
-local targets_mod = require "lpar.targets"
 local viewflags = require "lpar.viewflags"
 local AsyncResult = require "lpar.asyncresult"
 local wait = require "lpar.wait"
@@ -20,16 +19,12 @@ function DirectView.new(client, spec)
   -- Weak: a finished result the user dropped need not be kept; a pending
   -- one is held by the hub until it settles.
   local outstanding = setmetatable({}, { __mode = "k" })
-  local self = setmetatable({ client = client, _spec = spec, block = false,
-    _outstanding = outstanding }, DirectView)
+  local self = setmetatable({ client = client, block = false, _outstanding = outstanding },
+    DirectView)
   if spec == nil then
     self.targets = "all"
   else
-    local hub = client._hub
-    local ok, ids = pcall(targets_mod.resolve, spec, client.ids, function(id)
-      return hub.engines[id] and hub:unavailable(id)
-    end)
-    if not ok then error(ids, 3) end
+    local ids = client._hub:resolve_targets(spec, 3)
     self._ids = ids
     self.targets = math.type(spec) == "integer" and ids[1] or ids
   end
