@@ -144,6 +144,17 @@ describe("a load-balanced view", function()
     assert.equal(2, got[1])
   end)
 
+  it("names bad options and queues nothing", function()
+    local sched = rc._hub.scheduler
+    local queued = sched.tail
+    assert.has_error(function() lb:with { scheme = "fastest" }:apply(print) end,
+      'unknown scheme "fastest" (least, lru, random)')
+    assert.has_error(function() lb:with { retry = 1 } end, 'unknown view flag "retry"')
+    assert.has_error(function() lb:map(print, {}, { chunksize = 0 }) end, "map: chunksize must be a positive integer")
+    assert.equal(queued, sched.tail)
+    assert.equal(7, lb:apply_sync(function() return 7 end))
+  end)
+
   it("waits interactively, silent when output is not a terminal", function()
     local ar = lb:map_async(function(x) return x end, range(20))
     local written = {}
