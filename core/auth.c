@@ -3,6 +3,7 @@
 */
 #include "auth.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include <sodium.h>
@@ -21,6 +22,18 @@ void lparA_init(lparA_channel *c, const unsigned char key[LPARA_KEY_BYTES], lpar
   c->role = role;
 }
 
+void lparA_nonce(unsigned char nonce[LPARA_NONCE_BYTES]) {
+  if (sodium_init() < 0) abort(); /* no randomness: nothing safe to do */
+  randombytes_buf(nonce, LPARA_NONCE_BYTES);
+}
+
+void lparA_set_session(lparA_channel *c, const unsigned char ours[LPARA_NONCE_BYTES],
+                       const unsigned char theirs[LPARA_NONCE_BYTES]) {
+  int controller = c->role == LPARA_CONTROLLER;
+  memcpy(c->session, controller ? ours : theirs, LPARA_NONCE_BYTES);
+  memcpy(c->session + LPARA_NONCE_BYTES, controller ? theirs : ours, LPARA_NONCE_BYTES);
+}
+
 static void put_u64(unsigned char *p, uint64_t v) {
   for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
 }
@@ -31,30 +44,41 @@ static uint64_t get_u64(const unsigned char *p) {
   return v;
 }
 
-/* MAC over role || seq || frame: the role keeps a frame from being reflected. */
+/*
+** MAC over session || role || seq || frame: the session ties it to one
+** connection, the role keeps it from being reflected back at its sender.
+*/
 static void mac(const lparA_channel *c, lparA_role sender, const unsigned char seq[8],
-                const void *frame, size_t len, unsigned char out[32]) {
+                const void *head, size_t head_len, const void *frame, size_t len,
+                unsigned char out[32]) {
   crypto_auth_hmacsha256_state st;
   unsigned char role = (unsigned char)sender;
   crypto_auth_hmacsha256_init(&st, c->key, LPARA_KEY_BYTES);
+  crypto_auth_hmacsha256_update(&st, c->session, sizeof c->session);
   crypto_auth_hmacsha256_update(&st, &role, 1);
   crypto_auth_hmacsha256_update(&st, seq, 8);
+  crypto_auth_hmacsha256_update(&st, head, head_len);
   crypto_auth_hmacsha256_update(&st, frame, len);
   crypto_auth_hmacsha256_final(&st, out);
   sodium_memzero(&st, sizeof st);
 }
 
+void lparA_sign2(lparA_channel *c, const void *head, size_t head_len, const void *payload,
+                 size_t len, unsigned char trailer[LPARA_TRAILER_BYTES]) {
+  put_u64(trailer, ++c->sent);
+  mac(c, c->role, trailer, head, head_len, payload, len, trailer + 8);
+}
+
 void lparA_sign(lparA_channel *c, const void *frame, size_t len,
                 unsigned char trailer[LPARA_TRAILER_BYTES]) {
-  put_u64(trailer, ++c->sent);
-  mac(c, c->role, trailer, frame, len, trailer + 8);
+  lparA_sign2(c, frame, len, "", 0, trailer);
 }
 
 int lparA_verify(lparA_channel *c, const void *frame, size_t len,
                  const unsigned char trailer[LPARA_TRAILER_BYTES], const char **why) {
   lparA_role peer = c->role == LPARA_CLIENT ? LPARA_CONTROLLER : LPARA_CLIENT;
   unsigned char expect[32];
-  mac(c, peer, trailer, frame, len, expect);
+  mac(c, peer, trailer, frame, len, "", 0, expect);
   if (crypto_verify_32(expect, trailer + 8) != 0) {
     c->dropped++;
     *why = "bad MAC (forged, altered, or signed with another key)";

@@ -50,6 +50,7 @@ struct lpar_cluster {
   char *engine_path;
   char **env; /* extra entries, copied */
   int blas_threads;
+  int inline_only;
   engine **slots;
   int nslots;
   int engines_open; /* engines whose handles are not closed yet */
@@ -88,6 +89,7 @@ int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out
   c->on_event = cfg->on_event;
   c->ud = cfg->ud;
   c->blas_threads = cfg->blas_threads > 0 ? cfg->blas_threads : 1;
+  c->inline_only = cfg->inline_only;
   c->engine_path = dup_string(cfg->engine_path ? cfg->engine_path
                                                : lpar_default_engine_path());
   size_t n = 0;
@@ -264,7 +266,7 @@ static char **engine_environment(lpar_cluster *c, int id, int n) {
   }
   char tmp[64];
   env[k++] = dup_string("LPAR_FD=3");
-  env[k++] = dup_string("LPAR_SIDE_FD=4");
+  env[k++] = dup_string(c->inline_only ? "LPAR_SIDE_FD=-1" : "LPAR_SIDE_FD=4");
   snprintf(tmp, sizeof tmp, "LPAR_ENGINE_ID=%d", id);
   env[k++] = dup_string(tmp);
   snprintf(tmp, sizeof tmp, "LPAR_ENGINE_N=%d", n);

@@ -47,7 +47,10 @@ enum lpar_msg_type {
   LPAR_MSG_STDOUT = 8,  /* engine -> controller: raw text */
   LPAR_MSG_STDERR = 9,  /* engine -> controller: raw text */
   LPAR_MSG_DISPLAY = 10, /* engine -> controller: (mime type, data, metadata) */
-  LPAR_MSG_MAX_ = 11
+  /* Only on a standalone controller's socket (route = the engine): */
+  LPAR_MSG_EXIT = 11,    /* controller -> client: raw "status signal", the engine ended */
+  LPAR_MSG_CONTROL = 12, /* either way: (operation, args...) and its answer, same id */
+  LPAR_MSG_MAX_ = 13
 };
 
 /*
@@ -92,6 +95,8 @@ typedef struct lpar_config {
   const char *engine_path;    /* lpar-engine executable; NULL: built-in default */
   const char *const *env;     /* extra "NAME=value" entries, NULL-terminated, or NULL */
   int blas_threads;           /* OPENBLAS_NUM_THREADS for engines; 0 means 1 */
+  int inline_only;            /* engines send matrices inline, never as memfds (a
+                                 standalone controller relays bytes, not descriptors) */
   lpar_event_cb on_event;
   void *ud;
 } lpar_config;

@@ -31,17 +31,23 @@ static uint64_t get_u64(const char *p) {
   return v;
 }
 
-void lparW_pack_header(char out[LPARW_HEADER_SIZE], int type, unsigned flags,
+void lparW_pack_routed(char out[LPARW_HEADER_SIZE], int type, unsigned flags, unsigned route,
                        uint64_t id, uint64_t len) {
   put_u32(out, LPARW_MAGIC);
   out[4] = (char)type;
   out[5] = (char)flags;
-  out[6] = out[7] = 0;
+  out[6] = (char)(route & 0xff);
+  out[7] = (char)((route >> 8) & 0xff);
   put_u64(out + 8, id);
   put_u64(out + 16, len);
 }
 
-int lparW_parse_header(const char in[LPARW_HEADER_SIZE], lparW_header *h,
+void lparW_pack_header(char out[LPARW_HEADER_SIZE], int type, unsigned flags,
+                       uint64_t id, uint64_t len) {
+  lparW_pack_routed(out, type, flags, 0, id, len);
+}
+
+int lparW_parse_routed(const char in[LPARW_HEADER_SIZE], lparW_header *h, uint64_t max_len,
                        const char **reason) {
   if (get_u32(in) != LPARW_MAGIC) {
     *reason = "bad magic (not an lpar frame)";
@@ -59,20 +65,31 @@ int lparW_parse_header(const char in[LPARW_HEADER_SIZE], lparW_header *h,
     *reason = "unknown flags";
     return LPAR_EBADMSG;
   }
-  if (in[6] != 0 || in[7] != 0) {
-    *reason = "reserved bytes not zero";
-    return LPAR_EBADMSG;
-  }
-  if (h->len > LPAR_MAX_PAYLOAD) {
-    *reason = "bad length (larger than the 1 GiB limit)";
+  h->route = (unsigned char)in[6] | ((unsigned)(unsigned char)in[7] << 8);
+  if (h->len > max_len) {
+    *reason = max_len == LPAR_MAX_PAYLOAD ? "bad length (larger than the 1 GiB limit)"
+                                          : "bad length (too large before authentication)";
     return LPAR_EBADMSG;
   }
   return LPAR_OK;
 }
 
+int lparW_parse_header(const char in[LPARW_HEADER_SIZE], lparW_header *h,
+                       const char **reason) {
+  int rc = lparW_parse_routed(in, h, LPAR_MAX_PAYLOAD, reason);
+  if (rc == LPAR_OK && h->route != 0) {
+    *reason = "reserved bytes not zero";
+    return LPAR_EBADMSG;
+  }
+  return rc;
+}
+
 void lparW_reader_init(lparW_reader *r) {
   lparB_init(&r->buf);
   r->pos = 0;
+  r->routed = 0;
+  r->trailer = 0;
+  r->max_len = LPAR_MAX_PAYLOAD;
 }
 
 void lparW_reader_free(lparW_reader *r) {
@@ -85,8 +102,8 @@ static size_t frame_missing(const lparW_reader *r) {
   size_t have = r->buf.len - r->pos;
   if (have < LPARW_HEADER_SIZE) return 0;
   uint64_t len = get_u64(r->buf.data + r->pos + 16);
-  if (len > LPAR_MAX_PAYLOAD) return 0; /* reported by _next */
-  size_t total = LPARW_HEADER_SIZE + (size_t)len;
+  if (len > r->max_len) return 0; /* reported by _next */
+  size_t total = LPARW_HEADER_SIZE + (size_t)len + r->trailer;
   return total > have ? total - have : 0;
 }
 
@@ -113,11 +130,12 @@ int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
                       const char **reason) {
   size_t have = r->buf.len - r->pos;
   if (have < LPARW_HEADER_SIZE) return 0;
-  int rc = lparW_parse_header(r->buf.data + r->pos, h, reason);
+  int rc = r->routed ? lparW_parse_routed(r->buf.data + r->pos, h, r->max_len, reason)
+                      : lparW_parse_header(r->buf.data + r->pos, h, reason);
   if (rc < 0) return rc;
-  if (have - LPARW_HEADER_SIZE < h->len) return 0;
+  if (have - LPARW_HEADER_SIZE < h->len + r->trailer) return 0;
   *payload = r->buf.data + r->pos + LPARW_HEADER_SIZE;
-  r->pos += LPARW_HEADER_SIZE + (size_t)h->len;
+  r->pos += LPARW_HEADER_SIZE + (size_t)h->len + r->trailer;
   if (r->pos == r->buf.len) r->buf.len = r->pos = 0;
   return 1;
 }

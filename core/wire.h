@@ -2,8 +2,10 @@
 ** wire.h: message framing (internal, prefix lparW_).
 **
 ** A frame is a 24-byte header followed by the payload:
-**   magic u32 "LPAR" | type u8 | flags u8 | reserved u16 (0) | id u64 | length u64
-** little-endian. A header that fails a check cannot be resynchronised, so the
+**   magic u32 "LPAR" | type u8 | flags u8 | route u16 | id u64 | length u64
+** little-endian. On an engine's socket the route is 0. On a controller's
+** socket (see link.h) it names the engine a request is for or a reply came
+** from, and every frame is followed by an authentication trailer. A header that fails a check cannot be resynchronised, so the
 ** receiver drops the connection; a payload that fails to decode only fails
 ** its own request.
 */
@@ -21,15 +23,21 @@
 typedef struct lparW_header {
   int type;
   unsigned flags;
+  unsigned route;
   uint64_t id;
   uint64_t len;
 } lparW_header;
 
 void lparW_pack_header(char out[LPARW_HEADER_SIZE], int type, unsigned flags,
                        uint64_t id, uint64_t len);
+void lparW_pack_routed(char out[LPARW_HEADER_SIZE], int type, unsigned flags, unsigned route,
+                       uint64_t id, uint64_t len);
 
-/* 0, or LPAR_EBADMSG with *reason naming the fault. */
+/* 0, or LPAR_EBADMSG with *reason naming the fault. The route must be 0. */
 int lparW_parse_header(const char in[LPARW_HEADER_SIZE], lparW_header *h,
+                       const char **reason);
+/* The same, for controller sockets: any route, and at most `max_len` bytes. */
+int lparW_parse_routed(const char in[LPARW_HEADER_SIZE], lparW_header *h, uint64_t max_len,
                        const char **reason);
 
 /*
@@ -38,7 +46,10 @@ int lparW_parse_header(const char in[LPARW_HEADER_SIZE], lparW_header *h,
 */
 typedef struct lparW_reader {
   lparB_buffer buf;
-  size_t pos; /* start of the first unconsumed byte */
+  size_t pos;       /* start of the first unconsumed byte */
+  int routed;       /* controller socket: routes allowed */
+  size_t trailer;   /* bytes after each payload (authentication), 0 on engine sockets */
+  uint64_t max_len; /* largest payload accepted */
 } lparW_reader;
 
 void lparW_reader_init(lparW_reader *r);
@@ -47,8 +58,9 @@ void lparW_reader_free(lparW_reader *r);
 int lparW_reader_space(lparW_reader *r, char **p, size_t *n);
 void lparW_reader_commit(lparW_reader *r, size_t n);
 /*
-** 1 with a frame (payload valid until the next call), 0 when more bytes are
-** needed, LPAR_EBADMSG with *reason for a malformed header.
+** 1 with a frame (payload valid until the next call, its trailer right
+** after it), 0 when more bytes are needed, LPAR_EBADMSG with *reason for a
+** malformed header.
 */
 int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
                       const char **reason);

@@ -17,6 +17,7 @@
 #include <lua.h>
 #include <luv/luv.h>
 
+#include "binding.h"
 #include "lpar.h"
 #include "matrix.h"
 #include "serialize.h"
@@ -28,11 +29,12 @@ typedef struct cluster_ud {
   lpar_cluster *c;
   lua_State *L;    /* main thread: callbacks run on it, as luv's do */
   int handler_ref; /* the Lua event handler */
+  int raw;         /* hand messages over as bytes (a controller relays them) */
   uint64_t undecodable;
   lparB_buffer enc; /* reused for every send */
 } cluster_ud;
 
-static int push_failure(lua_State *L, int code, const char *what) {
+int lparC_push_failure(lua_State *L, int code, const char *what) {
   lua_pushnil(L);
   if (what)
     lua_pushfstring(L, "%s: %s", what, lpar_strerror(code));
@@ -42,13 +44,13 @@ static int push_failure(lua_State *L, int code, const char *what) {
   return 3;
 }
 
-static int traceback(lua_State *L) {
+int lparC_traceback(lua_State *L) {
   luaL_traceback(L, L, luaL_tolstring(L, 1, NULL), 1);
   return 1;
 }
 
 /* Push the values of a RESULT/ERROR payload; returns how many, or -1. */
-static int push_reply(cluster_ud *u, lua_State *L, const lpar_event *ev, char *err,
+static int push_reply(uint64_t *undecodable, lua_State *L, const lpar_event *ev, char *err,
                       size_t errlen) {
   if (ev->flags & LPAR_FLAG_RAW) {
     lua_pushnil(L);
@@ -70,7 +72,7 @@ static int push_reply(cluster_ud *u, lua_State *L, const lpar_event *ev, char *e
   if (lparS_decode_shm(L, ev->payload + STAMPS_SIZE, ev->len - STAMPS_SIZE, LPARS_ALLOW_CODE,
                        &shm, &n, err, errlen) < 0) {
     lua_pop(L, 2);
-    u->undecodable++;
+    (*undecodable)++;
     return -1;
   }
   return n + 2;
@@ -87,8 +89,7 @@ static const char *message_kind(int type) {
   }
 }
 
-/* Push the handler's arguments for one event; returns their count or -1 to skip. */
-static int push_event(cluster_ud *u, lua_State *L, const lpar_event *ev) {
+int lparC_push_event(uint64_t *undecodable, lua_State *L, const lpar_event *ev) {
   char err[512];
   switch (ev->kind) {
   case LPAR_EV_READY:
@@ -112,7 +113,7 @@ static int push_event(cluster_ud *u, lua_State *L, const lpar_event *ev) {
   }
   const char *kind = message_kind(ev->type);
   if (kind == NULL) { /* a valid frame of a type no engine should send */
-    u->undecodable++;
+    (*undecodable)++;
     kind = "undecodable";
     snprintf(err, sizeof err, "unexpected message type %d from an engine", ev->type);
   }
@@ -126,14 +127,14 @@ static int push_event(cluster_ud *u, lua_State *L, const lpar_event *ev) {
   if (ev->type == LPAR_MSG_DISPLAY) {
     int n = 0;
     if (lparS_decode(L, ev->payload, ev->len, 0, &n, err, sizeof err) == 0) return 3 + n;
-    u->undecodable++;
+    (*undecodable)++;
     lua_pop(L, 3);
     lua_pushstring(L, "undecodable");
     lua_pushinteger(L, ev->engine);
     lua_pushinteger(L, (lua_Integer)ev->id);
   } else if (strcmp(kind, "undecodable") != 0) {
     if (!lua_checkstack(L, 8)) return -1;
-    int n = push_reply(u, L, ev, err, sizeof err);
+    int n = push_reply(undecodable, L, ev, err, sizeof err);
     if (n >= 0) return 3 + n;
     lua_pop(L, 3);
     lua_pushstring(L, "undecodable");
@@ -144,14 +145,29 @@ static int push_event(cluster_ud *u, lua_State *L, const lpar_event *ev) {
   return 4;
 }
 
+/* Raw mode: messages as ("frame", engine, type, flags, id, payload). */
+static int push_raw_event(lua_State *L, const lpar_event *ev) {
+  if (ev->kind != LPAR_EV_MESSAGE) {
+    uint64_t ignored = 0;
+    return lparC_push_event(&ignored, L, ev);
+  }
+  lua_pushstring(L, "frame");
+  lua_pushinteger(L, ev->engine);
+  lua_pushinteger(L, ev->type);
+  lua_pushinteger(L, ev->flags);
+  lua_pushinteger(L, (lua_Integer)ev->id);
+  lua_pushlstring(L, ev->payload, ev->len);
+  return 6;
+}
+
 static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
   (void)c;
   cluster_ud *u = ud;
   lua_State *L = u->L;
   int top = lua_gettop(L);
-  lua_pushcfunction(L, traceback);
+  lua_pushcfunction(L, lparC_traceback);
   lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
-  int n = push_event(u, L, ev);
+  int n = u->raw ? push_raw_event(L, ev) : lparC_push_event(&u->undecodable, L, ev);
   for (int i = 0; i < ev->nfds; i++) close(ev->fds[i]); /* matrices hold their own */
   if (n >= 0 && lua_pcall(L, n, 0, top + 1) != LUA_OK)
     fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
@@ -164,7 +180,10 @@ static cluster_ud *check_cluster(lua_State *L) {
   return u;
 }
 
-/* core.new_cluster{handler=, engine=, env={...}, blas_threads=} */
+/*
+** core.new_cluster{handler=, engine=, env={...}, blas_threads=, raw=}: with
+** raw, messages reach the handler as bytes, and engines send matrices inline.
+*/
 static int l_new_cluster(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_getfield(L, 1, "handler");
@@ -173,6 +192,9 @@ static int l_new_cluster(lua_State *L) {
   const char *engine = luaL_optstring(L, -1, NULL);
   lua_getfield(L, 1, "blas_threads");
   int blas = (int)luaL_optinteger(L, -1, 0);
+  lua_getfield(L, 1, "raw");
+  int raw = lua_toboolean(L, -1);
+  lua_pop(L, 1);
   lua_getfield(L, 1, "env");
   int nenv = lua_istable(L, -1) ? (int)luaL_len(L, -1) : 0;
   const char **env = lua_newuserdatauv(L, sizeof(char *) * (size_t)(nenv + 1), 0);
@@ -188,6 +210,7 @@ static int l_new_cluster(lua_State *L) {
   cluster_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   memset(u, 0, sizeof *u);
   lparB_init(&u->enc);
+  u->raw = raw;
   luaL_setmetatable(L, CLUSTER_MT);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   u->L = lua_tothread(L, -1);
@@ -195,9 +218,9 @@ static int l_new_cluster(lua_State *L) {
   lua_pushvalue(L, 2);
   u->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lpar_config cfg = {.engine_path = engine, .env = env, .blas_threads = blas,
-                     .on_event = on_event, .ud = u};
+                     .inline_only = raw, .on_event = on_event, .ud = u};
   int rc = lpar_cluster_new(luv_loop(L), &cfg, &u->c);
-  if (rc < 0) return push_failure(L, rc, "cannot create the cluster");
+  if (rc < 0) return lparC_push_failure(L, rc, "cannot create the cluster");
   return 1;
 }
 
@@ -205,7 +228,7 @@ static int l_spawn(lua_State *L) {
   cluster_ud *u = check_cluster(L);
   int id = (int)luaL_checkinteger(L, 2), n = (int)luaL_checkinteger(L, 3);
   int rc = lpar_cluster_spawn(u->c, id, n);
-  if (rc < 0) return push_failure(L, rc, NULL);
+  if (rc < 0) return lparC_push_failure(L, rc, NULL);
   lua_pushinteger(L, lpar_cluster_pid(u->c, id));
   return 1;
 }
@@ -231,7 +254,20 @@ static int l_send(lua_State *L) {
                              shm.fds, shm.nfds);
   lparS_shm_done(&shm);
   if (u->enc.cap > (1u << 24)) lparB_free(&u->enc);
-  if (rc < 0) return push_failure(L, rc, NULL);
+  if (rc < 0) return lparC_push_failure(L, rc, NULL);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* cluster:send_bytes(engine, type, flags, id, payload): a payload already encoded. */
+static int l_send_bytes(lua_State *L) {
+  cluster_ud *u = check_cluster(L);
+  size_t n;
+  const char *p = luaL_checklstring(L, 6, &n);
+  int rc = lpar_cluster_send(u->c, (int)luaL_checkinteger(L, 2), (int)luaL_checkinteger(L, 3),
+                             (unsigned)luaL_checkinteger(L, 4) & ~LPAR_FLAG_FDS,
+                             (uint64_t)luaL_checkinteger(L, 5), p, n);
+  if (rc < 0) return lparC_push_failure(L, rc, NULL);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -242,7 +278,7 @@ static int l_send_raw(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 3, &n);
   int rc = lpar_cluster_send_raw(u->c, engine, s, n);
-  if (rc < 0) return push_failure(L, rc, NULL);
+  if (rc < 0) return lparC_push_failure(L, rc, NULL);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -254,7 +290,7 @@ static const struct {
                {"HUP", SIGHUP}, {"USR1", SIGUSR1}, {"USR2", SIGUSR2}, {"STOP", SIGSTOP},
                {"CONT", SIGCONT}, {"ABRT", SIGABRT}, {NULL, 0}};
 
-static int check_signal(lua_State *L, int arg) {
+int lparC_check_signal(lua_State *L, int arg) {
   if (lua_type(L, arg) == LUA_TNUMBER) return (int)luaL_checkinteger(L, arg);
   const char *name = luaL_checkstring(L, arg);
   if (strncmp(name, "SIG", 3) == 0) name += 3;
@@ -265,8 +301,8 @@ static int check_signal(lua_State *L, int arg) {
 
 static int l_signal(lua_State *L) {
   cluster_ud *u = check_cluster(L);
-  int rc = lpar_cluster_signal(u->c, (int)luaL_checkinteger(L, 2), check_signal(L, 3));
-  if (rc < 0) return push_failure(L, rc, NULL);
+  int rc = lpar_cluster_signal(u->c, (int)luaL_checkinteger(L, 2), lparC_check_signal(L, 3));
+  if (rc < 0) return lparC_push_failure(L, rc, NULL);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -275,7 +311,7 @@ static int l_interrupt(lua_State *L) {
   cluster_ud *u = check_cluster(L);
   int rc = lpar_cluster_interrupt(u->c, (int)luaL_checkinteger(L, 2),
                                   (uint64_t)luaL_checkinteger(L, 3));
-  if (rc < 0) return push_failure(L, rc, NULL);
+  if (rc < 0) return lparC_push_failure(L, rc, NULL);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -283,7 +319,7 @@ static int l_interrupt(lua_State *L) {
 static int l_pid(lua_State *L) {
   cluster_ud *u = check_cluster(L);
   int rc = lpar_cluster_pid(u->c, (int)luaL_checkinteger(L, 2));
-  if (rc < 0) return push_failure(L, rc, NULL);
+  if (rc < 0) return lparC_push_failure(L, rc, NULL);
   lua_pushinteger(L, rc);
   return 1;
 }
@@ -334,7 +370,12 @@ static int l_decode(lua_State *L) {
   char err[512];
   int count = 0;
   int top = lua_gettop(L);
-  if (lparS_decode(L, s, n, LPARS_ALLOW_CODE, &count, err, sizeof err) < 0) {
+  /* core.decode(bytes, "data"): plain data only, no functions (no bytecode loaded). */
+  const char *mode = luaL_optstring(L, 2, "any");
+  unsigned flags = strcmp(mode, "data") == 0 ? 0 : LPARS_ALLOW_CODE;
+  lua_settop(L, 1);
+  top = 1;
+  if (lparS_decode(L, s, n, flags, &count, err, sizeof err) < 0) {
     lua_settop(L, top);
     lua_pushnil(L);
     lua_pushstring(L, err);
@@ -367,7 +408,7 @@ static int l_now(lua_State *L) {
 static int keep_going_pcall(lua_State *L, int nargs, int nresults, int flags) {
   (void)flags;
   int base = lua_gettop(L) - nargs;
-  lua_pushcfunction(L, traceback);
+  lua_pushcfunction(L, lparC_traceback);
   lua_insert(L, base);
   int rc = lua_pcall(L, nargs, nresults, base);
   if (rc != LUA_OK) {
@@ -381,6 +422,7 @@ static int keep_going_pcall(lua_State *L, int nargs, int nresults, int flags) {
 
 static const luaL_Reg cluster_methods[] = {
   {"spawn", l_spawn}, {"send", l_send}, {"send_raw", l_send_raw}, {"signal", l_signal},
+  {"send_bytes", l_send_bytes},
   {"pid", l_pid},     {"stats", l_stats}, {"stop", l_stop},       {"interrupt", l_interrupt},
   {NULL, NULL}};
 
@@ -417,11 +459,15 @@ int luaopen_lpar_core(lua_State *L) {
   lua_pop(L, 1);
 
   luaL_newlib(L, functions);
+  lparC_open_link(L);
   static const struct {
     const char *name;
     int value;
-  } types[] = {{"EXECUTE", LPAR_MSG_EXECUTE}, {"APPLY", LPAR_MSG_APPLY},
-               {"PUSH", LPAR_MSG_PUSH},       {"PULL", LPAR_MSG_PULL}};
+  } types[] = {{"HELLO", LPAR_MSG_HELLO},     {"EXECUTE", LPAR_MSG_EXECUTE},
+               {"APPLY", LPAR_MSG_APPLY},     {"PUSH", LPAR_MSG_PUSH},
+               {"PULL", LPAR_MSG_PULL},       {"RESULT", LPAR_MSG_RESULT},
+               {"ERROR", LPAR_MSG_ERROR},     {"EXIT", LPAR_MSG_EXIT},
+               {"CONTROL", LPAR_MSG_CONTROL}, {"FLAG_RAW", LPAR_FLAG_RAW}};
   for (size_t i = 0; i < sizeof types / sizeof *types; i++) {
     lua_pushinteger(L, types[i].value);
     lua_setfield(L, -2, types[i].name);

@@ -61,6 +61,23 @@ int main(void) {
   CHECK(lparA_verify(&controller, frame, sizeof frame, t1, &why) == LPAR_EAUTH);
   CHECK(lparA_verify(&client, frame, sizeof frame, t1, &why) == LPAR_OK);
 
+  /* A frame recorded on one connection, replayed on another: the sessions differ. */
+  unsigned char n1[LPARA_NONCE_BYTES], n2[LPARA_NONCE_BYTES], n3[LPARA_NONCE_BYTES];
+  lparA_nonce(n1);
+  lparA_nonce(n2);
+  lparA_nonce(n3);
+  lparA_channel a_client, a_controller, b_controller;
+  lparA_init(&a_client, key, LPARA_CLIENT);
+  lparA_init(&a_controller, key, LPARA_CONTROLLER);
+  lparA_init(&b_controller, key, LPARA_CONTROLLER);
+  lparA_set_session(&a_client, n2, n1);
+  lparA_set_session(&a_controller, n1, n2);
+  lparA_set_session(&b_controller, n3, n2);
+  lparA_sign(&a_client, frame, sizeof frame, t1);
+  CHECK(lparA_verify(&a_controller, frame, sizeof frame, t1, &why) == LPAR_OK);
+  CHECK(lparA_verify(&b_controller, frame, sizeof frame, t1, &why) == LPAR_EAUTH);
+  CHECK(why && strstr(why, "bad MAC"));
+
   CHECKF(controller.dropped == 6, "dropped %llu", (unsigned long long)controller.dropped);
   CHECK(strcmp(lpar_strerror(LPAR_EAUTH), "message failed authentication") == 0);
   return check_report();

@@ -47,6 +47,45 @@ static void test_bad_headers(void) {
   expect_bad(h, "bad length");
 }
 
+/* Controller sockets: a route in the header, a trailer after each payload. */
+static void test_routed(void) {
+  char h[LPARW_HEADER_SIZE];
+  lparW_pack_routed(h, LPAR_MSG_CONTROL, 0, 513, 7, 5);
+  lparW_header out;
+  const char *why = NULL;
+  CHECK(lparW_parse_routed(h, &out, LPAR_MAX_PAYLOAD, &why) == LPAR_OK);
+  CHECK(out.route == 513 && out.type == LPAR_MSG_CONTROL && out.id == 7 && out.len == 5);
+  CHECK(lparW_parse_routed(h, &out, 4, &why) == LPAR_EBADMSG);
+  CHECK(why && strstr(why, "before authentication"));
+  expect_bad(h, "reserved"); /* an engine's socket takes no route */
+
+  char stream[2 * (LPARW_HEADER_SIZE + 5 + 3)];
+  for (int i = 0; i < 2; i++) {
+    char *f = stream + i * (LPARW_HEADER_SIZE + 8);
+    lparW_pack_routed(f, LPAR_MSG_RESULT, 0, (unsigned)i + 1, (uint64_t)i, 5);
+    memcpy(f + LPARW_HEADER_SIZE, "abcde", 5);
+    memcpy(f + LPARW_HEADER_SIZE + 5, "TRL", 3);
+  }
+  lparW_reader r;
+  lparW_reader_init(&r);
+  r.routed = 1;
+  r.trailer = 3;
+  char *p;
+  size_t room;
+  CHECK(lparW_reader_space(&r, &p, &room) == LPAR_OK);
+  memcpy(p, stream, sizeof stream - 1); /* the last trailer byte is missing */
+  lparW_reader_commit(&r, sizeof stream - 1);
+  const char *payload;
+  CHECK(lparW_reader_next(&r, &out, &payload, &why) == 1);
+  CHECK(out.route == 1 && memcmp(payload, "abcde", 5) == 0 && memcmp(payload + 5, "TRL", 3) == 0);
+  CHECK(lparW_reader_next(&r, &out, &payload, &why) == 0);
+  CHECK(lparW_reader_space(&r, &p, &room) == LPAR_OK);
+  *p = 'L';
+  lparW_reader_commit(&r, 1);
+  CHECK(lparW_reader_next(&r, &out, &payload, &why) == 1 && out.route == 2);
+  lparW_reader_free(&r);
+}
+
 /* A stream of three frames fed to the reader in chunks of `step` bytes. */
 static void test_reader_splits(size_t step) {
   char stream[3 * LPARW_HEADER_SIZE + 64];
@@ -144,6 +183,7 @@ static void test_send_recv(void) {
 int main(void) {
   test_header_round_trip();
   test_bad_headers();
+  test_routed();
   size_t steps[] = {1, 2, 7, 24, 25, 1000};
   for (size_t i = 0; i < sizeof steps / sizeof *steps; i++) test_reader_splits(steps[i]);
   test_reader_large_frame();
