@@ -23,6 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "link.h"
 #include "shm.h"
 #include "wire.h"
 
@@ -85,6 +86,7 @@ int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out
   if (loop == NULL || cfg == NULL || out == NULL) return LPAR_EINVAL;
   lpar_cluster *c = calloc(1, sizeof *c);
   if (c == NULL) return LPAR_ENOMEM;
+  lparL_ignore_sigpipe(); /* an engine that dies must not take its host with it */
   c->loop = loop;
   c->on_event = cfg->on_event;
   c->ud = cfg->ud;

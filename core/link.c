@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +65,19 @@ typedef struct write_req {
 
 static void set_err(char *err, size_t errlen, const char *fmt, const char *a, const char *b) {
   if (err && errlen) snprintf(err, errlen, fmt, a, b);
+}
+
+/*
+** A write to a socket whose peer is gone raises SIGPIPE, which kills a
+** process by default: a client would die with its controller. libuv writes
+** with plain write(), so the signal is ignored instead, as Node does, when
+** the host has not chosen otherwise; the write then fails with EPIPE.
+*/
+void lparL_ignore_sigpipe(void) {
+  struct sigaction old;
+  if (sigaction(SIGPIPE, NULL, &old) == 0 && old.sa_handler == SIG_DFL &&
+      !(old.sa_flags & SA_SIGINFO))
+    signal(SIGPIPE, SIG_IGN);
 }
 
 /* ---- closing ---- */
@@ -290,6 +304,7 @@ int lparL_listen(uv_loop_t *loop, const char *path, const char *ip, int port,
                  lparL_server **out, char *err, size_t errlen) {
   lparL_server *s = calloc(1, sizeof *s);
   if (s == NULL) return LPAR_ENOMEM;
+  lparL_ignore_sigpipe();
   memcpy(s->key, key, LPARA_KEY_BYTES);
   s->on_accept = on_accept;
   s->ud = ud;
@@ -408,6 +423,7 @@ static int read_exactly(int fd, unsigned char *p, size_t n) {
 int lparL_connect(uv_loop_t *loop, const char *path, const char *host, int port,
                   const unsigned char key[LPARA_KEY_BYTES], const lparL_handlers *handlers,
                   void *ud, lparL_link **out, char *err, size_t errlen) {
+  lparL_ignore_sigpipe();
   int fd = open_socket(path, host, port, err, errlen);
   if (fd < 0) return LPAR_ESYS;
   lparL_link *l = link_new();

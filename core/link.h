@@ -87,6 +87,9 @@ int lparL_send_raw(lparL_link *l, const void *bytes, size_t len);
 /* Close the link; on_close follows from the loop with reason "closed". */
 void lparL_close(lparL_link *l);
 
+/* Ignore SIGPIPE unless the host handles it (listen and connect call this). */
+void lparL_ignore_sigpipe(void);
+
 /* Frames this link refused (0 or 1: a refusal disconnects). */
 uint64_t lparL_refused(const lparL_link *l);
 

@@ -7,6 +7,8 @@
 **
 ** Conventions, as libuv's: functions return 0 or a negative LPAR_E* code and
 ** lpar_strerror(code) names it; handles are opaque and owned by the caller.
+** SIGPIPE is set to be ignored (unless the host set its own handler), so a
+** peer that dies shows as a failed write, not as the death of the host.
 */
 #ifndef LPAR_H
 #define LPAR_H

@@ -4,6 +4,9 @@
 **   lpar FILE.lua [args...]   run a script (arg[0] = FILE, arg[1..] = args)
 **   lpar -e CODE              run a chunk
 **   lpar [-n N]               the interactive prompt, first starting N engines
+**   lpar --profile P          the prompt, connected to standalone cluster P
+**   lpar cluster ...          start, stop, list, clean standalone clusters
+**   lpar engine --profile P   an engine that joins a running cluster
 **
 ** The state is closed on the way out, so every Cluster's finalizer runs and
 ** no engine outlives the command.
@@ -44,23 +47,56 @@ static void usage(void) {
   fprintf(stderr,
           "usage: lpar FILE.lua [args...]   run a Lua 5.4 script with lpar available\n"
           "       lpar -e CODE              run a chunk\n"
-          "       lpar [-n N]               the interactive prompt, with N local engines\n");
+          "       lpar [-n N]               the interactive prompt, with N local engines\n"
+          "       lpar --profile P          the prompt, connected to standalone cluster P\n"
+          "       lpar cluster start [-n N] [--profile P] [--daemonize] [--ip ADDR] [--port PORT]\n"
+          "       lpar cluster stop [--profile P | --all] | list | clean\n"
+          "       lpar engine [--profile P | --file CONNECTION_FILE]\n");
 }
 
-/* The prompt: lpar.prompt.main{n = engines}, in Lua. */
-static int run_prompt(lua_State *L, int engines) {
+/* The prompt: lpar.prompt.main{n = engines, profile = name}, in Lua. */
+static int run_prompt(lua_State *L, int engines, const char *profile) {
   lua_getglobal(L, "require");
   lua_pushstring(L, "lpar.prompt");
   int status = lua_pcall(L, 1, 1, 0);
   if (status == LUA_OK) {
     lua_getfield(L, -1, "main");
     lua_remove(L, -2);
-    lua_createtable(L, 0, 1);
+    lua_createtable(L, 0, 2);
     lua_pushinteger(L, engines);
     lua_setfield(L, -2, "n");
+    if (profile) {
+      lua_pushstring(L, profile);
+      lua_setfield(L, -2, "profile");
+    }
     return run_chunk(L, LUA_OK, 1);
   }
   return run_chunk(L, status, 0);
+}
+
+/* `lpar cluster ...` and `lpar engine ...`: lpar.commands.main(args) -> exit status. */
+static int run_command(lua_State *L, int argc, char **argv) {
+  lua_pushcfunction(L, traceback);
+  int base = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushstring(L, "lpar.commands");
+  int status = lua_pcall(L, 1, 1, base);
+  if (status == LUA_OK) {
+    lua_getfield(L, -1, "main");
+    lua_createtable(L, argc - 1, 0);
+    for (int i = 1; i < argc; i++) {
+      lua_pushstring(L, argv[i]);
+      lua_rawseti(L, -2, i);
+    }
+    status = lua_pcall(L, 1, 1, base);
+  }
+  if (status != LUA_OK) {
+    fprintf(stderr, "lpar: %s\n", lua_tostring(L, -1));
+    return 1;
+  }
+  int code = (int)lua_tointeger(L, -1);
+  lua_settop(L, base - 1);
+  return code;
 }
 
 int main(int argc, char **argv) {
@@ -70,11 +106,15 @@ int main(int argc, char **argv) {
   }
   int engines = -1; /* the prompt: without -n, no engines */
   if (argc == 1) engines = 0;
+  const char *profile = NULL;
+  int command = argc >= 2 && (strcmp(argv[1], "cluster") == 0 || strcmp(argv[1], "engine") == 0);
   if (argc >= 2 && strcmp(argv[1], "--profile") == 0) {
-    /* Standalone clusters (lpar cluster start) are not built yet. */
-    fprintf(stderr, "lpar: --profile needs standalone clusters, which this lpar does not have "
-                    "yet; use `lpar -n N` for local engines\n");
-    return 2;
+    if (argc != 3) {
+      usage();
+      return 2;
+    }
+    profile = argv[2];
+    engines = 0;
   }
   if (argc == 3 && strcmp(argv[1], "-n") == 0) {
     char *end;
@@ -94,8 +134,13 @@ int main(int argc, char **argv) {
   lua_setfield(L, -2, "lpar.readline");
   lua_pop(L, 1);
   int status;
+  if (command) {
+    status = run_command(L, argc, argv);
+    lua_close(L);
+    return status;
+  }
   if (engines >= 0) {
-    status = run_prompt(L, engines);
+    status = run_prompt(L, engines, profile);
     lua_close(L);
     return status == LUA_OK ? 0 : 1;
   }

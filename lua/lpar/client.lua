@@ -1,14 +1,30 @@
 --- Client: the handle on a running cluster.
 -- `rc.ids` (engines up, sorted), `#rc`, `rc[i]` (a view of engine i),
 -- `rc:view(targets)`, `rc:wait(results, timeout)`, `rc:queue_status()`,
--- `rc:close()`. A Client is a to-be-closed value: closing one that started
--- its cluster (Cluster:start_and_connect) stops that cluster.
+-- `rc:shutdown()`, `rc:close()`. A Client is a to-be-closed value: closing
+-- one that started its cluster (Cluster:start_and_connect) stops that
+-- cluster; closing one connected to a standalone cluster only detaches.
+--   lpar.Client{profile = "default"}  or  lpar.Client{connection_file = path}
 local DirectView = require "lpar.view"
 local LoadBalancedView = require "lpar.balanced"
 local wait = require "lpar.wait"
 
 local Client = {}
 local methods = {}
+
+--- Connect to a running standalone cluster (lpar cluster start).
+function Client.connect(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("Client: expected a table of options {profile=} or {connection_file=}", 2) end
+  for k in pairs(opts) do
+    if k ~= "profile" and k ~= "connection_file" then
+      error(string.format("Client: unknown option '%s' (expected profile or connection_file)", tostring(k)), 2)
+    end
+  end
+  local ok, hub = pcall(require("lpar.remote").connect, opts)
+  if not ok then error(hub, 2) end
+  return Client.new(hub)
+end
 
 function Client.new(hub, owned_cluster)
   local client = setmetatable({ _hub = hub, _owned = owned_cluster }, Client)
@@ -27,6 +43,10 @@ end
 function Client:__len() return #self._hub:ids_shared() end
 
 function Client:__tostring()
+  local info = self._hub.info
+  if info then
+    return string.format("<Client: %d engines, profile %s>", #self, tostring(info.profile))
+  end
   return string.format("<Client: %d engines>", #self)
 end
 
@@ -72,9 +92,20 @@ function methods:interrupt(targets)
   for _, id in ipairs(self._hub:resolve_targets(targets, 2)) do self._hub:signal(id, "INT") end
 end
 
---- Per engine: requests in flight and state; plus messages dropped.
+--- Per engine: requests in flight and state; plus messages dropped:
+-- bad_messages (malformed frames from engines), undecodable (replies that
+-- did not decode) and, on a standalone cluster, refused (messages that
+-- failed authentication), disconnected (peers cut off for them), clients.
 function methods:queue_status()
   local hub = self._hub
+  if hub.remote and hub.core then
+    local st = hub:remote_status()
+    local status = {}
+    for id, e in pairs(st.engines) do status[id] = { queue = e.queue, state = e.state, pid = e.pid } end
+    status.bad_messages, status.undecodable = st.bad_messages, hub.undecodable_count
+    status.refused, status.disconnected, status.clients = st.refused, st.disconnected, st.clients
+    return status
+  end
   local status = {}
   for id, e in pairs(hub.engines) do status[id] = { queue = 0, state = e.state, pid = e.pid } end
   for _, rec in pairs(hub.pending) do
@@ -86,11 +117,25 @@ function methods:queue_status()
   return status
 end
 
+--- Stop the cluster on purpose: its engines and, if standalone, its controller.
+function methods:shutdown()
+  local hub = self._hub
+  if hub.remote then
+    if hub.core then hub:shutdown() end
+  elseif self._owned then
+    self:close()
+  else
+    hub:stop()
+  end
+end
+
 --- Detach; stop the cluster too when this client started it.
 function methods:close()
   if self._owned then
     self._owned:stop()
     self._owned = nil
+  elseif self._hub.remote then
+    self._hub:stop()
   end
 end
 

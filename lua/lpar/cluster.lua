@@ -7,6 +7,12 @@
 -- A Cluster is to-be-closed, and its engines are stopped when it is
 -- garbage collected or the process exits; a SIGKILLed client leaves none
 -- either, since engines exit when their socket closes.
+--
+-- With a profile, the Cluster is standalone: start() launches a controller
+-- process (as `lpar cluster start --daemonize` does) that several clients
+-- can connect to and that outlives each of them; stop() shuts it down.
+-- Cluster{profile = P} also drives a cluster started elsewhere: client(),
+-- restart_engines() and signal_engines() work on it, and stop() stops it.
 local Hub = require "lpar.hub"
 local Client = require "lpar.client"
 local wait = require "lpar.wait"
@@ -19,10 +25,42 @@ function Cluster.new(opts)
   if type(opts) ~= "table" then error("Cluster: expected a table of options", 2) end
   local n = opts.n or 4
   if math.type(n) ~= "integer" or n < 1 then error("Cluster: n must be a positive integer", 2) end
-  return setmetatable({ n = n, opts = opts, profile = opts.profile }, Cluster)
+  local self = setmetatable({ n = n, opts = opts, profile = opts.profile }, Cluster)
+  if opts.profile ~= nil then
+    local ok, err = pcall(require("lpar.profile").check_name, opts.profile)
+    if not ok then error("Cluster: " .. err, 2) end
+    self.standalone = true
+  end
+  return self
+end
+
+-- ---- standalone (with a profile) ----
+
+local function remote_hub(self, level)
+  local hub = self._hub
+  if hub and hub.core then return hub end
+  local ok, h = pcall(require("lpar.remote").connect, { profile = self.profile })
+  if not ok then error(h, level + 1) end
+  self._hub = h
+  return h
+end
+
+local function start_standalone(self, level)
+  local commands = require "lpar.commands"
+  local args = { "-n", tostring(self.n) }
+  if self.opts.ip then args[#args + 1] = "--ip"; args[#args + 1] = self.opts.ip end
+  if self.opts.port then args[#args + 1] = "--port"; args[#args + 1] = tostring(self.opts.port) end
+  local pid, err = commands.start_daemon(self.profile, args)
+  if not pid then error(string.format("Cluster: cannot start cluster %q: %s", self.profile, err), level + 1) end
+  self.started_pid = pid
+  return self
 end
 
 function Cluster:__tostring()
+  if self.standalone then
+    return string.format("<Cluster n=%d profile=%s%s>", self.n, self.profile,
+      self.started_pid and (" pid=" .. self.started_pid) or "")
+  end
   local state = self._hub and (self._hub.core and "running" or "stopped") or "not started"
   return string.format("<Cluster n=%d %s>", self.n, state)
 end
@@ -70,22 +108,31 @@ local function start(self, level)
   return self
 end
 
-function Cluster:start() return start(self, 2) end
+function Cluster:start()
+  if self.standalone then return start_standalone(self, 2) end
+  return start(self, 2)
+end
 
 --- Wait until every engine is ready (raises naming those that are not).
 function Cluster:wait_for_engines(timeout)
+  if self.standalone then remote_hub(self, 2) end
   wait_engines(self, all_ids(self), timeout or self.opts.timeout or 30, 2)
   return self
 end
 
 --- A Client of this cluster.
 function Cluster:client()
+  if self.standalone then return Client.new(remote_hub(self, 2)) end
   if not self._hub then error("Cluster:client: start the cluster first", 2) end
   return Client.new(self._hub)
 end
 
 --- Start, wait for every engine, and return a Client that owns the cluster.
 function Cluster:start_and_connect(timeout)
+  if self.standalone then
+    start_standalone(self, 2)
+    return Client.new(remote_hub(self, 2), self)
+  end
   start(self, 2)
   wait_engines(self, all_ids(self), timeout or self.opts.timeout or 30, 2)
   return Client.new(self._hub, self)
@@ -100,6 +147,10 @@ end
 --- Kill (if running) and start again the given engines (default all), and
 -- wait for them. Their globals are lost, as in ipyparallel.
 function Cluster:restart_engines(ids, timeout)
+  if self.standalone then
+    remote_hub(self, 2):restart_engines(resolve_ids(self, ids), 2)
+    return self
+  end
   local hub = self._hub
   if not (hub and hub.core) then error("Cluster:restart_engines: the cluster is not running", 2) end
   ids = resolve_ids(self, ids)
@@ -121,6 +172,11 @@ end
 
 --- Send a signal (number or name: "INT", "SIGKILL", ...) to engines.
 function Cluster:signal_engines(sig, ids)
+  if self.standalone then
+    local hub = remote_hub(self, 2)
+    for _, id in ipairs(resolve_ids(self, ids)) do hub:signal(id, sig) end
+    return
+  end
   local hub = self._hub
   if not (hub and hub.core) then error("Cluster:signal_engines: the cluster is not running", 2) end
   for _, id in ipairs(resolve_ids(self, ids)) do hub:signal(id, sig) end
@@ -128,10 +184,23 @@ end
 
 --- Stop every engine; their pending results fail with an EngineError.
 function Cluster:stop()
+  if self.standalone then
+    if self._hub then self._hub:stop("is stopped: its cluster was stopped") end
+    local ok, err = pcall(require("lpar.commands").stop_cluster, self.profile)
+    self.started_pid = nil
+    if not ok then error("Cluster:stop: " .. err, 2) end
+    return
+  end
   if self._hub then self._hub:stop() end
 end
 
-Cluster.__close = function(self) self:stop() end
-Cluster.__gc = function(self) self:stop() end
+-- A standalone cluster is stopped at scope exit or collection only when
+-- this object started it (as ipyparallel's Cluster does at exit).
+local function finalize(self)
+  if self.standalone and not self.started_pid then return end
+  pcall(self.stop, self)
+end
+Cluster.__close = finalize
+Cluster.__gc = finalize
 
 return Cluster

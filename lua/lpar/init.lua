@@ -9,6 +9,7 @@ local errors = require "lpar.errors"
 local lpar = {
   version = core.version,
   Cluster = require("lpar.cluster").new,
+  Client = require("lpar.client").connect,
   errors = errors,
   RemoteError = errors.RemoteError,
   EngineError = errors.EngineError,

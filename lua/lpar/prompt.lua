@@ -272,7 +272,15 @@ function prompt.main(opts)
   rl.read_history(history)
   rl.set_completer(completer)
   _G.lpar = lpar
-  if opts.n and opts.n > 0 then
+  if opts.profile then
+    local ok, rc = pcall(lpar.Client, { profile = opts.profile })
+    if not ok then error(rc, 0) end
+    self.rc = rc
+    _G.rc, _G.dview = rc, rc:view()
+    _G.dview.block = true
+    self:write(string.format("lpar %s: %d engines of cluster %q; rc is the Client, dview a blocking view of all.\n",
+      lpar.version, #rc, opts.profile))
+  elseif opts.n and opts.n > 0 then
     local cluster = lpar.Cluster { n = opts.n }
     local ok, rc = pcall(cluster.start_and_connect, cluster)
     if not ok then

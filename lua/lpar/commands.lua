@@ -1,0 +1,416 @@
+--- `lpar cluster ...` and `lpar engine ...`: standalone clusters from the shell.
+--   lpar cluster start [-n N] [--profile P] [--daemonize] [--ip ADDR] [--port PORT]
+--   lpar cluster stop [--profile P | --all]
+--   lpar cluster list
+--   lpar cluster clean
+--   lpar engine [--profile P | --file PATH]
+-- Each returns a process exit status; messages go to stdout, errors to stderr.
+local uv = require "luv"
+local core = require "lpar.core"
+local profile = require "lpar.profile"
+local wait = require "lpar.wait"
+
+local commands = {}
+
+local USAGE = [[
+usage: lpar cluster start [-n N] [--profile P] [--daemonize] [--ip ADDR] [--port PORT]
+       lpar cluster stop [--profile P | --all]
+       lpar cluster list
+       lpar cluster clean
+       lpar engine [--profile P | --file CONNECTION_FILE]
+]]
+
+local START_TIMEOUT = 30
+
+local function fail(fmt, ...)
+  io.stderr:write("lpar: ", string.format(fmt, ...), "\n")
+  return 1
+end
+
+--- Options: flags (no value) and valued options; raises on anything else.
+local function parse(args, first, valued, flags)
+  local opts = {}
+  local i = first
+  while i <= #args do
+    local a = args[i]
+    local name = a:match("^%-%-([%w-]+)$") or (a == "-n" and "n")
+    if name and valued[name] then
+      if args[i + 1] == nil then error(string.format("%s needs a value", a), 0) end
+      opts[name] = args[i + 1]
+      i = i + 2
+    elseif name and flags[name] then
+      opts[name] = true
+      i = i + 1
+    else
+      error(string.format("unknown argument '%s'\n%s", a, USAGE), 0)
+    end
+  end
+  return opts
+end
+
+local function port_number(text)
+  local n = math.tointeger(tonumber(text))
+  if not n or n < 0 or n > 65535 then
+    error(string.format("--port must be 0 (any free port) to 65535, not '%s'", text), 0)
+  end
+  return n
+end
+
+local function positive(text, what)
+  local n = math.tointeger(tonumber(text))
+  if not n or n < 1 then error(string.format("%s must be a positive integer, not '%s'", what, text), 0) end
+  return n
+end
+
+--- Connect to a cluster's controller for one call; nil and why when it cannot.
+local function ask(info, op, ...)
+  local answered, result
+  local link, err = core.connect { path = info.socket, key = info.key, decode = true,
+    handler = function(kind, id, ...)
+      if kind == "control" and id == 1 then answered, result = true, table.pack(...) end
+    end }
+  if not link then return nil, err end
+  link:send(core.CONTROL, 0, 1, op, op, ...)
+  wait.until_done(function() return answered or not link:is_open() end, 10, nil, 2)
+  link:close()
+  if not answered then return nil, "no answer" end
+  return table.unpack(result, 1, result.n)
+end
+
+-- ---- cluster start ----
+
+local function announce(ready_fd, text)
+  if ready_fd then
+    uv.fs_write(ready_fd, text .. "\n")
+    uv.fs_close(ready_fd)
+  end
+end
+
+--- Run the controller in this process until it is stopped.
+local function run_controller(name, n, opts, ready_fd)
+  local Controller = require "lpar.controller"
+  local dir = profile.ensure_dir(name)
+  local conn_path = dir .. "/" .. profile.CONNECTION_FILE
+  local socket = dir .. "/controller.sock"
+  os.remove(socket) -- a dead controller's; start checked that none is running
+  local key = core.keygen()
+  local signals = {}
+  local stopped_why
+  local ok, ctl = pcall(Controller.new, {
+    n = n, socket = socket, ip = opts.ip, port = opts.port and port_number(opts.port),
+    key = key, profile = name, pid = uv.os_getpid(),
+    on_stop = function(why)
+      stopped_why = why
+      os.remove(conn_path)
+      os.remove(socket)
+      for _, s in ipairs(signals) do s:stop() s:unref() end
+    end,
+  })
+  if not ok then
+    announce(ready_fd, "error " .. tostring(ctl))
+    return fail("cannot start cluster %q: %s", name, tostring(ctl))
+  end
+  -- Every engine up, or one that did not come is named.
+  local function settled()
+    for _, e in pairs(ctl.engines) do if e.state == "starting" then return false end end
+    return true
+  end
+  wait.until_done(settled, START_TIMEOUT)
+  local missing = {}
+  for id = 0, n - 1 do
+    local e = ctl.engines[id]
+    if e.state ~= "ready" then
+      missing[#missing + 1] = string.format("engine %d %s", id, e.state == "dead"
+        and string.format("exited (status %s, signal %s)", tostring(e.status), tostring(e.signal))
+        or ("did not say hello within " .. START_TIMEOUT .. " s"))
+    end
+  end
+  if #missing > 0 then
+    ctl:stop("did not come up")
+    local why = "the cluster did not come up: " .. table.concat(missing, "; ")
+    announce(ready_fd, "error " .. why)
+    return fail("%s", why)
+  end
+  profile.write(conn_path, {
+    profile = name, socket = socket, ip = ctl.port and (opts.ip or "127.0.0.1") or nil, port = ctl.port,
+    pid = uv.os_getpid(), engines = n, started = ctl.started, key = key,
+  })
+  local address = socket .. (ctl.port and string.format(" and %s:%d", opts.ip or "127.0.0.1", ctl.port) or "")
+  announce(ready_fd, string.format("ready %d %s", uv.os_getpid(), address))
+  print(string.format("lpar cluster %q: %d engines ready, controller pid %d, listening on %s\n" ..
+    "connection file: %s", name, n, uv.os_getpid(), address, conn_path))
+  io.stdout:flush()
+  for _, signame in ipairs { "sigint", "sigterm", "sighup" } do
+    local s = uv.new_signal()
+    s:start(signame, function() ctl:stop("stopped by " .. signame:upper()) end)
+    signals[#signals + 1] = s
+  end
+  while not stopped_why do uv.run("once") end
+  print(string.format("lpar cluster %q: %s", name, stopped_why))
+  return 0
+end
+
+--- The lpar command: this process when it is lpar, else the one built
+-- next to lpar-engine (a script run by lua5.4 starting a cluster).
+local function lpar_command()
+  local exe = uv.exepath()
+  if exe:match("/lpar$") then return exe end
+  return os.getenv("LPAR_COMMAND") or (core.engine_path:gsub("lpar%-engine$", "lpar"))
+end
+
+--- Start a controller as a daemon, and wait for its word on a pipe: its pid
+-- and address, or nil and what went wrong. `args`: options for `cluster start`.
+function commands.start_daemon(name, args)
+  local dir = profile.ensure_dir(name)
+  local log_path = dir .. "/controller.log"
+  local log = assert(uv.fs_open(log_path, "w", tonumber("600", 8)))
+  local null = assert(uv.fs_open("/dev/null", "r", 0))
+  local pipe = uv.new_pipe(false)
+  local child_args = { "cluster", "start", "--ready-fd", "3", "--profile", name }
+  for _, a in ipairs(args) do child_args[#child_args + 1] = a end
+  local handle, pid = uv.spawn(lpar_command(), {
+    args = child_args, stdio = { null, log, log, pipe }, detached = true,
+  }, function() end)
+  uv.fs_close(log)
+  uv.fs_close(null)
+  if not handle then return nil, "cannot start the controller: " .. tostring(pid) end
+  handle:unref()
+  local words, eof = {}, false
+  pipe:read_start(function(err, chunk)
+    if err or not chunk then eof = true else words[#words + 1] = chunk end
+  end)
+  wait.until_done(function() return eof end, START_TIMEOUT + 5)
+  pipe:read_stop()
+  -- Close both handles and let the loop finish closing them: luv 1.44
+  -- crashes at exit on a half-closed handle.
+  pipe:close()
+  handle:close()
+  uv.run("nowait")
+  local said = table.concat(words):gsub("\n$", "")
+  local rpid, address = said:match("^ready (%d+) (.*)$")
+  if rpid then return math.tointeger(tonumber(rpid)), address end
+  if said == "" then
+    return nil, string.format("the controller (pid %d) ended before its engines were ready; see %s",
+      pid, log_path)
+  end
+  return nil, (said:gsub("^error ", ""))
+end
+
+local function daemonize(name, args)
+  local options = {}
+  for i = 3, #args do
+    if args[i] ~= "--daemonize" then options[#options + 1] = args[i] end
+  end
+  local pid, address = commands.start_daemon(name, options)
+  if not pid then return fail("%s", address) end
+  print(string.format("lpar cluster %q: ready, controller pid %d, listening on %s\nconnection file: %s",
+    name, pid, address, profile.connection_file(name)))
+  return 0
+end
+
+local function cluster_start(args)
+  local opts = parse(args, 3, { n = true, profile = true, ip = true, port = true, ["ready-fd"] = true },
+    { daemonize = true })
+  local name = profile.check_name(opts.profile or "default")
+  local n = positive(opts.n or "4", "-n")
+  local conn = profile.connection_file(name)
+  local ok, info = pcall(profile.read, conn, name)
+  if ok and profile.alive(info.pid) then
+    return fail("cluster %q is already running (controller pid %d); stop it with " ..
+      "`lpar cluster stop --profile %s`", name, info.pid, name)
+  end
+  if ok then profile.remove_files(name) end -- a dead cluster's leftovers
+  if opts.daemonize then return daemonize(name, args) end
+  return run_controller(name, n, opts, opts["ready-fd"] and positive(opts["ready-fd"], "--ready-fd"))
+end
+
+-- ---- cluster stop / list / clean ----
+
+--- Stop cluster `name`: ask its controller, then insist. Returns a message
+-- saying what was done; raises when there is no such cluster.
+function commands.stop_cluster(name)
+  local info = profile.read(profile.connection_file(name), name)
+  if not profile.alive(info.pid) then
+    profile.remove_files(name)
+    return string.format("cluster %q was not running (pid %d is gone); removed its stale files", name, info.pid)
+  end
+  ask(info, "shutdown")
+  local gone = wait.until_done(function() return not profile.alive(info.pid) end, 5)
+  if not gone then
+    uv.kill(info.pid, "sigterm")
+    gone = wait.until_done(function() return not profile.alive(info.pid) end, 3)
+    if not gone then uv.kill(info.pid, "sigkill") end
+  end
+  profile.remove_files(name)
+  return string.format("stopped cluster %q (controller pid %d)", name, info.pid)
+end
+
+local function stop_one(name)
+  local ok, said = pcall(commands.stop_cluster, name)
+  if not ok then return fail("%s", said) end
+  print(said)
+  return 0
+end
+
+local function cluster_stop(args)
+  local opts = parse(args, 3, { profile = true }, { all = true })
+  if opts.all then
+    local status = 0
+    for _, name in ipairs(profile.list()) do status = math.max(status, stop_one(name)) end
+    return status
+  end
+  return stop_one(profile.check_name(opts.profile or "default"))
+end
+
+local function duration(seconds)
+  seconds = math.floor(seconds)
+  if seconds < 60 then return seconds .. "s" end
+  if seconds < 3600 then return string.format("%dm%02ds", seconds // 60, seconds % 60) end
+  return string.format("%dh%02dm", seconds // 3600, seconds % 3600 // 60)
+end
+
+local function cluster_list(args)
+  parse(args, 3, {}, {})
+  local rows = { { "PROFILE", "PID", "ENGINES", "ADDRESS", "UPTIME", "REFUSED" } }
+  for _, name in ipairs(profile.list()) do
+    local ok, info = pcall(profile.read, profile.connection_file(name), name)
+    if not ok then
+      rows[#rows + 1] = { name, "-", "-", "unreadable: " .. tostring(info), "-", "-" }
+    elseif not profile.alive(info.pid) then
+      rows[#rows + 1] = { name, tostring(info.pid), "-", "stale (run `lpar cluster clean`)", "-", "-" }
+    else
+      local st = ask(info, "status")
+      local address = info.socket .. (info.port and string.format(" %s:%d", info.ip, info.port) or "")
+      if st then
+        local ready, total = 0, 0
+        for _, e in pairs(st.engines) do
+          total = total + 1
+          if e.state == "ready" then ready = ready + 1 end
+        end
+        rows[#rows + 1] = { name, tostring(info.pid), string.format("%d/%d", ready, total), address,
+          duration(st.uptime), string.format("%d (%d cut off)", st.refused, st.disconnected) }
+      else
+        rows[#rows + 1] = { name, tostring(info.pid), "?", address .. " (not answering)", "-", "-" }
+      end
+    end
+  end
+  if #rows == 1 then
+    print("no clusters in " .. profile.base())
+    return 0
+  end
+  local widths = {}
+  for _, row in ipairs(rows) do
+    for i, cell in ipairs(row) do widths[i] = math.max(widths[i] or 0, #cell) end
+  end
+  for _, row in ipairs(rows) do
+    local cells = {}
+    for i, cell in ipairs(row) do cells[i] = cell .. string.rep(" ", widths[i] - #cell) end
+    print((table.concat(cells, "  "):gsub("%s+$", "")))
+  end
+  return 0
+end
+
+local function cluster_clean(args)
+  parse(args, 3, {}, {})
+  local removed = 0
+  for _, name in ipairs(profile.list()) do
+    local ok, info = pcall(profile.read, profile.connection_file(name), name)
+    if not ok or not profile.alive(info.pid) then
+      for _, f in ipairs(profile.remove_files(name)) do
+        print("removed " .. f)
+        removed = removed + 1
+      end
+    end
+  end
+  if removed == 0 then print("nothing to clean in " .. profile.base()) end
+  return 0
+end
+
+-- ---- engine ----
+
+--- An engine that joins a running cluster: a local lpar-engine, relayed to
+-- the controller over its authenticated socket.
+local function engine_join(args)
+  local opts = parse(args, 2, { profile = true, file = true }, {})
+  local name = opts.file == nil and profile.check_name(opts.profile or "default") or nil
+  local info = profile.read(opts.file or profile.connection_file(name), name)
+  local relay = {}
+  local link, err = core.connect { path = info.socket, host = not info.socket and info.ip or nil,
+    port = info.port, key = info.key, handler = function(kind, ...) relay[kind](...) end }
+  if not link then return fail("cannot reach the cluster in %s: %s", info.file, err) end
+  local id, cluster, done, status = nil, nil, false, 0
+  function relay.frame(mtype, flags, _, mid, payload)
+    if mtype == core.CONTROL then
+      local call = table.pack(core.decode(payload, "data"))
+      if mid == 1 and call[1] and type(call[2]) == "table" then -- the answer to "join"
+        id = call[2].id
+        cluster = core.new_cluster { raw = true, handler = function(kind, ...) relay["engine_" .. kind](...) end }
+        local pid, serr = cluster:spawn(id, call[2].n)
+        if not pid then
+          io.stderr:write("lpar engine: cannot start lpar-engine: ", tostring(serr), "\n")
+          link:send_bytes(core.EXIT, core.FLAG_RAW, 0, 0, "127 0")
+          done, status = true, 1
+        end
+      elseif call[2] == "signal" and cluster then
+        cluster:signal(id, call[3])
+      elseif call[2] == "interrupt" and cluster then
+        cluster:interrupt(id, call[3])
+      end
+    elseif cluster then
+      cluster:send_bytes(id, mtype, flags, mid, payload)
+    end
+  end
+  function relay.closed(reason)
+    if not done then io.stderr:write("lpar engine: the controller went away: ", reason, "\n") end
+    done = true
+  end
+  function relay.engine_ready(_, hello)
+    print(string.format("lpar engine: engine %d joined the cluster in %s", id, info.file))
+    io.stdout:flush()
+    link:send_bytes(core.HELLO, core.FLAG_RAW, 0, 0, hello)
+  end
+  function relay.engine_frame(_, mtype, flags, mid, payload)
+    link:send_bytes(mtype, flags, 0, mid, payload)
+  end
+  function relay.engine_exit(_, st, sig)
+    link:send_bytes(core.EXIT, core.FLAG_RAW, 0, 0, string.format("%d %d", st, sig))
+    done, status = true, st == 0 and 0 or 1
+  end
+  function relay.engine_bad() end
+  link:send(core.CONTROL, 0, 1, "join", "join")
+  local signals = {}
+  for _, signame in ipairs { "sigint", "sigterm" } do
+    local s = uv.new_signal()
+    s:start(signame, function() done = true end)
+    signals[#signals + 1] = s
+  end
+  while not done do uv.run("once") end
+  for _, s in ipairs(signals) do s:stop() s:unref() end
+  if cluster then cluster:stop() end
+  if link:is_open() then link:close() end
+  return status
+end
+
+local function run(args)
+  local cmd, sub = args[1], args[2]
+  if cmd == "engine" then return engine_join(args) end
+  if cmd ~= "cluster" or sub == nil then
+    io.stderr:write(USAGE)
+    return 2
+  end
+  local fn = ({ start = cluster_start, stop = cluster_stop, list = cluster_list, clean = cluster_clean })[sub]
+  if not fn then
+    io.stderr:write(string.format("lpar: unknown cluster command '%s'\n%s", sub, USAGE))
+    return 2
+  end
+  return fn(args)
+end
+
+--- Run one command; returns its exit status.
+function commands.main(args)
+  local ok, status = pcall(run, args)
+  if not ok then return fail("%s", tostring(status)) end
+  return status
+end
+
+return commands
