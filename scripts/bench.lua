@@ -325,6 +325,47 @@ do
   end
 end
 
+-- A standalone cluster (lpar cluster start) in a scratch LPAR_DIR: the
+-- time until `start --daemonize` returns with engines ready, and round
+-- trips through the controller's authenticated unix socket (two more hops
+-- than the embedded cluster, and an HMAC per message each way).
+do
+  local dir = os.tmpname()
+  os.remove(dir)
+  uv.os_setenv("LPAR_DIR", dir)
+  local lpar_cmd = uv.exepath()
+  local function run(cmd)
+    assert(os.execute(lpar_cmd .. " cluster " .. cmd .. " >/dev/null"), "lpar cluster " .. cmd .. " failed")
+  end
+  local times = {}
+  for i = 1, count(10) do
+    local t0 = uv.hrtime()
+    run("start -n 4 --daemonize --profile bench")
+    times[i] = (uv.hrtime() - t0) / 1e6
+    run("stop --profile bench")
+  end
+  sorted(times)
+  row("standalone_start_4", "standalone: cluster start -n 4 --daemonize", pct(times, 0.5), "ms", "<= 200 ms",
+    quartiles(times))
+  run("start -n 4 --daemonize --profile bench")
+  local sc = lpar.Client { profile = "bench" }
+  local t = round_trips(sc[0], count(20000))
+  row("standalone_apply1_p50", "standalone: apply(identity) round trip, p50", pct(t, 0.5), "us", "<= 100 us")
+  row("standalone_apply1_p99", "standalone: apply(identity) round trip, p99", pct(t, 0.99), "us")
+  local a = matrix.random(256 * 1024, 1, 1)
+  local pt = {}
+  for i = 1, count(50) do
+    local t0 = uv.hrtime()
+    sc[0]:push({ a = a }, { block = true })
+    pt[i] = uv.hrtime() - t0
+  end
+  row("standalone_push_2mib", "standalone: push 2 MiB matrix (inline)", 256 * 1024 * 8 / pct(sorted(pt), 0.5), "GB/s")
+  sc:shutdown()
+  sc:close()
+  os.execute("rm -rf '" .. dir .. "'")
+  uv.os_unsetenv("LPAR_DIR")
+end
+
 -- results.json: machine, versions, date, every figure.
 local function json(v, indent)
   indent = indent or ""

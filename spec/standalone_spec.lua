@@ -136,6 +136,21 @@ describe("connecting", function()
   end)
 end)
 
+describe("the prompt", function()
+  it("connects to a standalone cluster with --profile", function()
+    local out, code = sh("printf 'print(#rc)\\n%%px x_from_prompt = lpar.engine.id\\n' | " .. helpers.lpar ..
+      " --profile main 2>&1")
+    assert.equal(0, code, out)
+    assert.matches('2 engines of cluster "main"', out)
+    assert.matches("\n2\n", out)
+    local rc <close> = lpar.Client { profile = "main" }
+    assert.same({ 0, 1 }, rc:view():pull("x_from_prompt", { block = true }))
+    out, code = sh(helpers.lpar .. " --profile nope 2>&1")
+    assert.equal(1, code)
+    assert.matches('^lpar: no cluster with profile "nope"', out)
+  end)
+end)
+
 describe("several clients", function()
   it("each get their own results, and share the engines' globals", function()
     local a <close> = lpar.Client { profile = "main" }

@@ -29,6 +29,7 @@ function Controller.new(opts)
     restarts = {},  -- pending "restart" answers: { peer, id, ids }
     started = core.now(),
     bad_messages = 0,
+    activity = 0,   -- messages handled: the main loop polls while this moves
   }, Controller)
   local weak = setmetatable({ self }, { __mode = "v" })
   local cluster, err = core.new_cluster {
@@ -112,6 +113,7 @@ function Controller:engine_ready(id, hello)
 end
 
 function Controller:engine_frame(id, mtype, flags, gid, payload)
+  self.activity = self.activity + 1
   local task = self.tasks[gid]
   if not ENGINE_REPLIES[mtype] or not task or task.engine ~= id then
     self.bad_messages = self.bad_messages + 1 -- a reply to nothing we sent
@@ -174,6 +176,7 @@ function Controller:peer_closed(peer, reason, refused)
 end
 
 function Controller:peer_frame(peer, mtype, flags, route, id, payload)
+  self.activity = self.activity + 1
   peer.said_hello = true
   if peer.kind == "engine" then return self:joined_frame(peer, mtype, flags, id, payload) end
   if REQUESTS[mtype] then return self:request(peer, mtype, flags, route, id, payload) end

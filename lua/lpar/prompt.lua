@@ -274,7 +274,10 @@ function prompt.main(opts)
   _G.lpar = lpar
   if opts.profile then
     local ok, rc = pcall(lpar.Client, { profile = opts.profile })
-    if not ok then error(rc, 0) end
+    if not ok then
+      io.stderr:write("lpar: ", tostring(rc), "\n")
+      os.exit(1, true)
+    end
     self.rc = rc
     _G.rc, _G.dview = rc, rc:view()
     _G.dview.block = true
