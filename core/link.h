@@ -57,7 +57,8 @@ int lparL_server_port(const lparL_server *s);
 /* Frames refused and peers disconnected for it, since the server started. */
 uint64_t lparL_server_refused(const lparL_server *s);
 uint64_t lparL_server_disconnected(const lparL_server *s);
-/* Stop listening (open links stay) and free the server once closed. */
+/* Stop listening (open links stay) and free the server once closed: read its
+** counts before. */
 void lparL_server_close(lparL_server *s);
 
 /*
