@@ -31,6 +31,7 @@ struct lparL_server {
   } h;
   int is_tcp;
   int port;
+  int auth_timeout_ms;
   unsigned char key[LPARA_KEY_BYTES];
   lparL_accept_cb on_accept;
   void *ud;
@@ -45,6 +46,8 @@ struct lparL_link {
     uv_tcp_t tcp;
   } h;
   lparL_server *server; /* NULL on the connecting side */
+  uv_timer_t auth_timer; /* server side: cut off a peer that never authenticates */
+  int open_handles;      /* freed when the last one has closed */
   lparA_channel chan;
   unsigned char nonce[LPARA_NONCE_BYTES]; /* ours */
   int have_session;                       /* the peer's nonce has come */
@@ -91,6 +94,7 @@ static void server_release(lparL_server *s) {
 
 static void on_link_closed(uv_handle_t *h) {
   lparL_link *l = h->data;
+  if (--l->open_handles > 0) return;
   if (l->handlers.on_close)
     l->handlers.on_close(l, l->close_reason ? l->close_reason : "closed", l->refused_close,
                          l->ud);
@@ -110,6 +114,7 @@ static void close_link(lparL_link *l, const char *reason, int refused) {
   l->close_reason = reason;
   l->refused_close = refused;
   if (refused && l->server) l->server->disconnected++;
+  if (l->server) uv_close((uv_handle_t *)&l->auth_timer, on_link_closed);
   uv_close((uv_handle_t *)&l->h, on_link_closed);
 }
 
@@ -149,6 +154,7 @@ static void dispatch(lparL_link *l) {
     }
     if (!l->authenticated) {
       l->authenticated = 1;
+      if (l->server) uv_timer_stop(&l->auth_timer);
       r->max_len = LPAR_MAX_PAYLOAD;
     }
     if (l->handlers.on_frame) l->handlers.on_frame(l, &h, payload, l->ud);
@@ -273,6 +279,14 @@ uint64_t lparL_refused(const lparL_link *l) { return l->chan.dropped; }
 
 /* ---- the listening side ---- */
 
+static void on_auth_timeout(uv_timer_t *t) {
+  lparL_link *l = t->data;
+  snprintf(l->reason, sizeof l->reason, "no authenticated message within %d ms",
+           l->server->auth_timeout_ms);
+  l->server->refused++;
+  close_link(l, l->reason, 1);
+}
+
 static void on_connection(uv_stream_t *srv, int status) {
   lparL_server *s = srv->data;
   if (status < 0 || s->closing) return;
@@ -288,6 +302,10 @@ static void on_connection(uv_stream_t *srv, int status) {
   l->h.pipe.data = l;
   l->server = s;
   s->links++;
+  uv_timer_init(srv->loop, &l->auth_timer);
+  l->auth_timer.data = l;
+  l->open_handles = 2;
+  uv_timer_start(&l->auth_timer, on_auth_timeout, (uint64_t)s->auth_timeout_ms, 0);
   if (uv_accept(srv, (uv_stream_t *)&l->h) != 0) {
     close_link(l, "accept failed", 0);
     return;
@@ -306,6 +324,7 @@ int lparL_listen(uv_loop_t *loop, const char *path, const char *ip, int port,
   if (s == NULL) return LPAR_ENOMEM;
   lparL_ignore_sigpipe();
   memcpy(s->key, key, LPARA_KEY_BYTES);
+  s->auth_timeout_ms = LPARL_AUTH_TIMEOUT_MS;
   s->on_accept = on_accept;
   s->ud = ud;
   int rc;
@@ -348,6 +367,7 @@ int lparL_listen(uv_loop_t *loop, const char *path, const char *ip, int port,
 }
 
 int lparL_server_port(const lparL_server *s) { return s->port; }
+void lparL_server_set_auth_timeout(lparL_server *s, int ms) { s->auth_timeout_ms = ms; }
 uint64_t lparL_server_refused(const lparL_server *s) { return s->refused; }
 uint64_t lparL_server_disconnected(const lparL_server *s) { return s->disconnected; }
 
@@ -443,6 +463,7 @@ int lparL_connect(uv_loop_t *loop, const char *path, const char *host, int port,
   }
   lparA_set_session(&l->chan, l->nonce, theirs);
   l->have_session = 1;
+  l->open_handles = 1;
   int rc = path ? uv_pipe_init(loop, &l->h.pipe, 0) : uv_tcp_init(loop, &l->h.tcp);
   if (rc == 0) rc = path ? uv_pipe_open(&l->h.pipe, fd) : uv_tcp_open(&l->h.tcp, fd);
   l->h.pipe.data = l;

@@ -11,7 +11,9 @@
 ** number) is dropped and counted, and the peer is disconnected: nothing it
 ** sent after that is read. Until a peer's first frame passes, frames are
 ** limited to LPARL_UNAUTHENTICATED_MAX bytes, so a stranger cannot make the
-** controller buffer a gigabyte before it is checked.
+** controller buffer a gigabyte before it is checked; and a peer whose first
+** frame has not passed within LPARL_AUTH_TIMEOUT_MS is cut off, so strangers
+** cannot hold connections open.
 */
 #ifndef LPAR_LINK_H
 #define LPAR_LINK_H
@@ -26,6 +28,7 @@
 
 #define LPARL_UNAUTHENTICATED_MAX 65536
 #define LPARL_MAX_ROUTE 0xffff
+#define LPARL_AUTH_TIMEOUT_MS 10000 /* a peer silent this long after connecting is cut off */
 
 typedef struct lparL_link lparL_link;
 typedef struct lparL_server lparL_server;
@@ -52,6 +55,8 @@ typedef void (*lparL_accept_cb)(lparL_server *s, lparL_link *l, void *ud);
 int lparL_listen(uv_loop_t *loop, const char *path, const char *ip, int port,
                  const unsigned char key[LPARA_KEY_BYTES], lparL_accept_cb on_accept, void *ud,
                  lparL_server **out, char *err, size_t errlen);
+/* How long a new peer has to authenticate (default LPARL_AUTH_TIMEOUT_MS). */
+void lparL_server_set_auth_timeout(lparL_server *s, int ms);
 /* The TCP port listened on (0 for a unix socket). */
 int lparL_server_port(const lparL_server *s);
 /* Frames refused and peers disconnected for it, since the server started. */

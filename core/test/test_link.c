@@ -1,8 +1,9 @@
 /*
 ** test_link.c: authenticated links end to end, a forked controller echoing
 ** frames to this process. A frame signed with the key comes back intact
-** with its route and id; a stranger's frame, a replayed one and an
-** oversized unauthenticated one each end their connection and are counted.
+** with its route and id; a stranger's frame, a replayed one, an oversized
+** unauthenticated one and silence past the time to authenticate each end
+** their connection and are counted.
 */
 #include <signal.h>
 #include <stdio.h>
@@ -56,6 +57,7 @@ static int run_controller(const char *path, const unsigned char *key) {
     fprintf(stderr, "listen: %s\n", err);
     return 100;
   }
+  lparL_server_set_auth_timeout(server, 300);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
   return refused_at_stop == cut_at_stop ? refused_at_stop : 101;
@@ -164,13 +166,18 @@ int main(void) {
   run_until(&loop, &s.closed);
   CHECK(s.closed && s.frames == 0);
 
-  /* Stop the controller: it reports 3 refusals, each with its peer cut off. */
+  /* A peer that says nothing is cut off once the time to authenticate is up. */
+  l = connect_to(&loop, path, key, &s);
+  run_until(&loop, &s.closed);
+  CHECK(s.closed && s.frames == 0);
+
+  /* Stop the controller: it reports 4 refusals, each with its peer cut off. */
   l = connect_to(&loop, path, key, &s);
   lparL_send(l, LPAR_MSG_CONTROL, 0, 0, STOP_ID, "", 0);
   run_until(&loop, &s.closed);
   int status = 0;
   waitpid(child, &status, 0);
-  CHECKF(WIFEXITED(status) && WEXITSTATUS(status) == 3, "controller status %d", status);
+  CHECKF(WIFEXITED(status) && WEXITSTATUS(status) == 4, "controller status %d", status);
 
   /* Nobody listening: a clear error. */
   char err[256] = "";

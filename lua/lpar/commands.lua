@@ -66,10 +66,9 @@ end
 --- Connect to a cluster's controller for one call; nil and why when it cannot.
 local function ask(info, op, ...)
   local answered, result
-  local link, err = core.connect { path = info.socket, key = info.key, decode = true,
-    handler = function(kind, id, ...)
-      if kind == "control" and id == 1 then answered, result = true, table.pack(...) end
-    end }
+  local link, err = require("lpar.remote").open_link(info, function(kind, id, ...)
+    if kind == "control" and id == 1 then answered, result = true, table.pack(...) end
+  end, true)
   if not link then return nil, err end
   link:send(core.CONTROL, 0, 1, op, op, ...)
   wait.until_done(function() return answered or not link:is_open() end, 10, nil, 2)
@@ -344,8 +343,7 @@ local function engine_join(args)
   local name = opts.file == nil and profile.check_name(opts.profile or "default") or nil
   local info = profile.read(opts.file or profile.connection_file(name), name)
   local relay = {}
-  local link, err = core.connect { path = info.socket, host = not info.socket and info.ip or nil,
-    port = info.port, key = info.key, handler = function(kind, ...) relay[kind](...) end }
+  local link, err = require("lpar.remote").open_link(info, function(kind, ...) relay[kind](...) end, false)
   if not link then return fail("cannot reach the cluster in %s: %s", info.file, err) end
   local id, cluster, done, status = nil, nil, false, 0
   function relay.frame(mtype, flags, _, mid, payload)

@@ -36,19 +36,27 @@ function profile.connection_file(name)
   return profile.dir(name) .. "/" .. profile.CONNECTION_FILE
 end
 
-local function mkdir_private(path)
+--- Make directory `path` with mode 0700 if it is missing. An existing one
+-- is made 0700 only when `tighten` (a profile directory, which is ours); the
+-- base may be a directory the user chose and shares, such as /tmp.
+local function mkdir_private(path, tighten)
   local ok, err, code = uv.fs_mkdir(path, DIR_MODE)
   if not ok and code ~= "EEXIST" then error(string.format("cannot create %s: %s", path, err), 0) end
   local st = assert(uv.fs_stat(path))
   if st.type ~= "directory" then error(path .. " exists and is not a directory", 0) end
+  if not tighten then return end
+  if st.uid ~= uv.getuid() then
+    error(string.format("%s belongs to another user (uid %d): it cannot hold this user's cluster key",
+      path, st.uid), 0)
+  end
   if st.mode % 512 ~= DIR_MODE then assert(uv.fs_chmod(path, DIR_MODE)) end
 end
 
---- Create the profile's directory (and the base) with mode 0700; its path.
+--- Create the profile's directory (and the base if missing), mode 0700; its path.
 function profile.ensure_dir(name)
-  mkdir_private(profile.base())
+  mkdir_private(profile.base(), false)
   local dir = profile.dir(name)
-  mkdir_private(dir)
+  mkdir_private(dir, true)
   return dir
 end
 

@@ -75,16 +75,18 @@ function Link:stop()
   self.link:close()
 end
 
-local function open_link(info, handler)
+--- A link to the controller a connection file names: its unix socket when
+-- it is reachable from here, else its TCP address. nil and why otherwise.
+function RemoteHub.open_link(info, handler, decode)
   local tried = {}
   if info.socket then
-    local link, err = core.connect { path = info.socket, key = info.key, decode = true, handler = handler }
+    local link, err = core.connect { path = info.socket, key = info.key, decode = decode, handler = handler }
     if link then return link end
     tried[#tried + 1] = err
   end
   if info.port then
     local link, err = core.connect { host = info.ip or "127.0.0.1", port = info.port, key = info.key,
-                                     decode = true, handler = handler }
+                                     decode = decode, handler = handler }
     if link then return link end
     tried[#tried + 1] = err
   end
@@ -103,10 +105,10 @@ function RemoteHub.connect(opts)
     undecodable_count = 0, on_ready = {}, info = info, remote = true,
   }, RemoteHub)
   local weak = setmetatable({ self }, { __mode = "v" })
-  local link, err = open_link(info, function(kind, ...)
+  local link, err = RemoteHub.open_link(info, function(kind, ...)
     local hub = weak[1]
     if hub then hub[kind](hub, ...) end
-  end)
+  end, true)
   if not link then
     local who = name and string.format("the cluster of profile %q", name) or "the cluster in " .. path
     if info.pid and not profile.alive(info.pid) then
