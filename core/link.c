@@ -235,14 +235,23 @@ static int check_frame(const lparL_link *l, unsigned route, size_t len) {
   return LPAR_OK;
 }
 
-int lparL_send(lparL_link *l, int type, unsigned flags, unsigned route, uint64_t id,
-               const void *payload, size_t len) {
+/* The header and trailer of the next frame: signing consumes a sequence number. */
+static int seal(lparL_link *l, int type, unsigned flags, unsigned route, uint64_t id,
+                const void *payload, size_t len, char head[LPARW_HEADER_SIZE],
+                unsigned char trailer[LPARA_TRAILER_BYTES]) {
   int rc = check_frame(l, route, len);
   if (rc < 0) return rc;
+  lparW_pack_routed(head, type, flags, route, id, len);
+  lparA_sign2(&l->chan, head, LPARW_HEADER_SIZE, payload, len, trailer);
+  return LPAR_OK;
+}
+
+int lparL_send(lparL_link *l, int type, unsigned flags, unsigned route, uint64_t id,
+               const void *payload, size_t len) {
   char head[LPARW_HEADER_SIZE];
   unsigned char trailer[LPARA_TRAILER_BYTES];
-  lparW_pack_routed(head, type, flags, route, id, len);
-  lparA_sign2(&l->chan, head, sizeof head, payload, len, trailer);
+  int rc = seal(l, type, flags, route, id, payload, len, head, trailer);
+  if (rc < 0) return rc;
   uv_buf_t b[3] = {uv_buf_init(head, sizeof head), uv_buf_init((char *)payload, (unsigned)len),
                    uv_buf_init((char *)trailer, sizeof trailer)};
   return write_pieces(l, b, 3);
@@ -250,12 +259,10 @@ int lparL_send(lparL_link *l, int type, unsigned flags, unsigned route, uint64_t
 
 int lparL_sign(lparL_link *l, int type, unsigned flags, unsigned route, uint64_t id,
                const void *payload, size_t len, lparB_buffer *out) {
-  int rc = check_frame(l, route, len);
-  if (rc < 0) return rc;
   char head[LPARW_HEADER_SIZE];
   unsigned char trailer[LPARA_TRAILER_BYTES];
-  lparW_pack_routed(head, type, flags, route, id, len);
-  lparA_sign2(&l->chan, head, sizeof head, payload, len, trailer);
+  int rc = seal(l, type, flags, route, id, payload, len, head, trailer);
+  if (rc < 0) return rc;
   if (lparB_append(out, head, sizeof head) < 0 || lparB_append(out, payload, len) < 0 ||
       lparB_append(out, trailer, sizeof trailer) < 0)
     return LPAR_ENOMEM;

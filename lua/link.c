@@ -306,7 +306,14 @@ static void on_accept(lparL_server *s, lparL_link *l, void *ud) {
   lua_settop(L, top);
 }
 
-static int get_address(lua_State *L, const char **path, const char **host, int *port) {
+/*
+** The options listen and connect share: key, address (path, or ip/host and
+** port) and handler, which is left on the stack top.
+*/
+static void get_options(lua_State *L, unsigned char key[LPARA_KEY_BYTES], const char **path,
+                        const char **host, int *port) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  check_key(L, 1, key);
   lua_getfield(L, 1, "path");
   *path = lua_tostring(L, -1);
   lua_getfield(L, 1, "ip");
@@ -317,19 +324,16 @@ static int get_address(lua_State *L, const char **path, const char **host, int *
   }
   lua_getfield(L, 1, "port");
   *port = (int)luaL_optinteger(L, -1, 0);
-  if (*path == NULL && *host == NULL) return luaL_error(L, "give a socket path, or an ip and port");
-  return 0;
+  if (*path == NULL && *host == NULL) luaL_error(L, "give a socket path, or an ip and port");
+  lua_getfield(L, 1, "handler");
+  luaL_argexpected(L, lua_isfunction(L, -1), 1, "table with a handler function");
 }
 
 static int l_listen(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
   unsigned char key[LPARA_KEY_BYTES];
-  check_key(L, 1, key);
   const char *path, *ip;
   int port;
-  get_address(L, &path, &ip, &port);
-  lua_getfield(L, 1, "handler");
-  luaL_argexpected(L, lua_isfunction(L, -1), 1, "table with a handler function");
+  get_options(L, key, &path, &ip, &port);
   server_ud *su = lua_newuserdatauv(L, sizeof *su, 0);
   memset(su, 0, sizeof *su);
   su->L = main_thread(L);
@@ -380,14 +384,10 @@ static int l_server_close(lua_State *L) {
 /* ---- connecting ---- */
 
 static int l_connect(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
   unsigned char key[LPARA_KEY_BYTES];
-  check_key(L, 1, key);
   const char *path, *host;
   int port;
-  get_address(L, &path, &host, &port);
-  lua_getfield(L, 1, "handler");
-  luaL_argexpected(L, lua_isfunction(L, -1), 1, "table with a handler function");
+  get_options(L, key, &path, &host, &port);
   lua_getfield(L, 1, "decode");
   int decode = lua_toboolean(L, -1);
   lua_pop(L, 1);

@@ -254,6 +254,9 @@ function commands.stop_cluster(name)
 end
 
 local function stop_one(name)
+  if not uv.fs_stat(profile.connection_file(name)) then
+    return fail("no cluster with profile %q is running (there is no %s)", name, profile.connection_file(name))
+  end
   local ok, said = pcall(commands.stop_cluster, name)
   if not ok then return fail("%s", said) end
   print(said)
