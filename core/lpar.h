@@ -159,7 +159,9 @@ void lpar_cluster_stop(lpar_cluster *c);
 /* Stop, then release the cluster once libuv has closed its handles. */
 void lpar_cluster_free(lpar_cluster *c);
 
-/* Default engine path compiled into the library. */
+/* Default engine path compiled into the library ($LPAR_ENGINE overrides it). */
 const char *lpar_default_engine_path(void);
+/* The `lpar` command, which starts standalone controllers ($LPAR_COMMAND overrides it). */
+const char *lpar_command_path(void);
 
 #endif

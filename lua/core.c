@@ -467,7 +467,8 @@ int luaopen_lpar_core(lua_State *L) {
                {"APPLY", LPAR_MSG_APPLY},     {"PUSH", LPAR_MSG_PUSH},
                {"PULL", LPAR_MSG_PULL},       {"RESULT", LPAR_MSG_RESULT},
                {"ERROR", LPAR_MSG_ERROR},     {"EXIT", LPAR_MSG_EXIT},
-               {"CONTROL", LPAR_MSG_CONTROL}, {"FLAG_RAW", LPAR_FLAG_RAW}};
+               {"CONTROL", LPAR_MSG_CONTROL}, {"FLAG_RAW", LPAR_FLAG_RAW},
+               {"ECLOSED", LPAR_ECLOSED}};
   for (size_t i = 0; i < sizeof types / sizeof *types; i++) {
     lua_pushinteger(L, types[i].value);
     lua_setfield(L, -2, types[i].name);
@@ -476,5 +477,7 @@ int luaopen_lpar_core(lua_State *L) {
   lua_setfield(L, -2, "version");
   lua_pushstring(L, lpar_default_engine_path());
   lua_setfield(L, -2, "engine_path");
+  lua_pushstring(L, lpar_command_path());
+  lua_setfield(L, -2, "command_path");
   return 1;
 }

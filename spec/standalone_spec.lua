@@ -337,6 +337,9 @@ describe("cluster controls on a standalone cluster", function()
     rc:wait(blockers, 5)
 
     local cluster = lpar.Cluster { profile = "main" }
+    ok, err = pcall(cluster.signal_engines, cluster, "NOSUCH", 0)
+    assert.is_false(ok)
+    assert.matches("unknown signal 'NOSUCH'", tostring(err))
     local doomed = rc[1]:apply(function() while true do end end)
     cluster:signal_engines("KILL", 1)
     ok, err = pcall(doomed.get, doomed, 5)
@@ -345,6 +348,12 @@ describe("cluster controls on a standalone cluster", function()
     assert.same({ 0 }, rc.ids)
     cluster:restart_engines(1)
     assert.same({ 0, 1 }, rc.ids)
+    assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
+    rc:view():execute("before_restart = true", { block = true })
+    cluster:restart_engines() -- all of them: this cluster has 2, not Cluster's default 4
+    cluster:wait_for_engines(5)
+    assert.same({ 0, 1 }, rc.ids)
+    assert.same({}, rc:view():pull("before_restart", { block = true }))
     assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
   end)
 
@@ -448,6 +457,7 @@ describe("stopping", function()
       assert.same({ 0 }, rc.ids)
       pid = controller_pid("scoped")
       assert.is_true(helpers.alive(pid))
+      rc:shutdown() -- closing it afterwards, at scope exit, is no error
     end
     assert.is_true(helpers.poll(function() return not helpers.alive(pid) end, 5))
     assert.is_nil(read_file(conn_file("scoped")))

@@ -45,6 +45,15 @@ local function remote_hub(self, level)
   return h
 end
 
+--- The ids of a standalone cluster's engines, as its controller knows them
+-- (the cluster may have been started elsewhere, with another n).
+local function standalone_ids(hub)
+  local ids = {}
+  for id in pairs(hub.engines) do ids[#ids + 1] = id end
+  table.sort(ids)
+  return ids
+end
+
 local function start_standalone(self, level)
   local commands = require "lpar.commands"
   local args = { "-n", tostring(self.n) }
@@ -115,8 +124,8 @@ end
 
 --- Wait until every engine is ready (raises naming those that are not).
 function Cluster:wait_for_engines(timeout)
-  if self.standalone then remote_hub(self, 2) end
-  wait_engines(self, all_ids(self), timeout or self.opts.timeout or 30, 2)
+  local ids = self.standalone and standalone_ids(remote_hub(self, 2)) or all_ids(self)
+  wait_engines(self, ids, timeout or self.opts.timeout or 30, 2)
   return self
 end
 
@@ -148,7 +157,8 @@ end
 -- wait for them. Their globals are lost, as in ipyparallel.
 function Cluster:restart_engines(ids, timeout)
   if self.standalone then
-    remote_hub(self, 2):restart_engines(resolve_ids(self, ids), 2)
+    local hub = remote_hub(self, 2)
+    hub:restart_engines(ids == nil and standalone_ids(hub) or resolve_ids(self, ids), 2)
     return self
   end
   local hub = self._hub
@@ -174,7 +184,7 @@ end
 function Cluster:signal_engines(sig, ids)
   if self.standalone then
     local hub = remote_hub(self, 2)
-    for _, id in ipairs(resolve_ids(self, ids)) do hub:signal(id, sig) end
+    for _, id in ipairs(ids == nil and hub:ids() or resolve_ids(self, ids)) do hub:signal(id, sig) end
     return
   end
   local hub = self._hub
@@ -183,9 +193,15 @@ function Cluster:signal_engines(sig, ids)
 end
 
 --- Stop every engine; their pending results fail with an EngineError.
+-- A standalone cluster that is not running (any more) is left alone.
 function Cluster:stop()
   if self.standalone then
     if self._hub then self._hub:stop("is stopped: its cluster was stopped") end
+    local profile = require "lpar.profile"
+    if not require("luv").fs_stat(profile.connection_file(self.profile)) then
+      self.started_pid = nil
+      return
+    end
     local ok, err = pcall(require("lpar.commands").stop_cluster, self.profile)
     self.started_pid = nil
     if not ok then error("Cluster:stop: " .. err, 2) end

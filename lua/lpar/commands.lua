@@ -158,12 +158,12 @@ local function run_controller(name, n, opts, ready_fd)
   return 0
 end
 
---- The lpar command: this process when it is lpar, else the one built
--- next to lpar-engine (a script run by lua5.4 starting a cluster).
+--- The lpar command: this process when it is lpar, else the one this lpar
+-- was built with (a script run by lua5.4 starting a cluster).
 local function lpar_command()
   local exe = uv.exepath()
   if exe:match("/lpar$") then return exe end
-  return os.getenv("LPAR_COMMAND") or (core.engine_path:gsub("lpar%-engine$", "lpar"))
+  return core.command_path
 end
 
 --- Start a controller as a daemon, and wait for its word on a pipe: its pid

@@ -75,15 +75,6 @@ function Controller:size()
   return n
 end
 
-function Controller:ready_count()
-  local ready, total = 0, 0
-  for _, e in pairs(self.engines) do
-    total = total + 1
-    if e.state == "ready" then ready = ready + 1 end
-  end
-  return ready, total
-end
-
 -- Sending to clients.
 
 function Controller:each_client(fn)
@@ -109,7 +100,6 @@ function Controller:engine_ready(id, hello)
   e.pid = tonumber(hello:match("pid=(%d+)")) or e.pid
   self:each_client(function(link) link:send_bytes(core.HELLO, core.FLAG_RAW, id, 0, hello) end)
   self:check_restarts()
-  if self.on_engine then self.on_engine(id) end
 end
 
 function Controller:engine_frame(id, mtype, flags, gid, payload)
@@ -139,7 +129,6 @@ function Controller:engine_exit(id, status, signal)
   end
   self:each_client(function(link) link:send_bytes(core.EXIT, core.FLAG_RAW, id, 0, exit_payload(e)) end)
   self:check_restarts()
-  if self.on_engine then self.on_engine(id) end
 end
 
 function Controller:engine_bad(id, reason)
@@ -185,7 +174,9 @@ function Controller:peer_frame(peer, mtype, flags, route, id, payload)
     local op = call[1] and call[2]
     local fn = type(op) == "string" and Controller["op_" .. op]
     if not fn then return answer(peer.link, id, nil, "unknown controller operation " .. tostring(op)) end
-    return fn(self, peer, id, table.unpack(call, 3, call.n))
+    -- A bad argument (an unknown signal name, say) is the caller's error, not ours.
+    local ok, err = pcall(fn, self, peer, id, table.unpack(call, 3, call.n))
+    if not ok then answer(peer.link, id, nil, op .. ": " .. tostring(err)) end
   end
 end
 
@@ -254,14 +245,14 @@ function Controller:op_status(peer, id)
   answer(peer.link, id, self:status())
 end
 
-local function local_engine(self, peer, id, eid)
+local function known_engine(self, peer, id, eid)
   local e = self.engines[eid]
   if not e then answer(peer.link, id, nil, string.format("engine %s does not exist", tostring(eid))) end
   return e
 end
 
 function Controller:op_signal(peer, id, eid, sig)
-  local e = local_engine(self, peer, id, eid)
+  local e = known_engine(self, peer, id, eid)
   if not e then return end
   local ok, err
   if e.state == "dead" then
@@ -299,16 +290,12 @@ function Controller:op_restart(peer, id, ids)
     end
   end
   local pending = { peer = peer, id = id, ids = ids, waiting = {} }
-  for _, eid in ipairs(ids) do
-    pending.waiting[eid] = "kill"
-    if self.engines[eid].state == "dead" then
-      self:spawn(eid)
-      pending.waiting[eid] = "start"
-    else
-      self.cluster:signal(eid, "KILL")
-    end
-  end
   self.restarts[#self.restarts + 1] = pending
+  for _, eid in ipairs(ids) do
+    pending.waiting[eid] = "kill" -- check_restarts starts it again once it is dead
+    if self.engines[eid].state ~= "dead" then self.cluster:signal(eid, "KILL") end
+  end
+  self:check_restarts()
 end
 
 function Controller:check_restarts()

@@ -17,7 +17,6 @@ RemoteHub.__index = RemoteHub
 local Link = {}
 Link.__index = Link
 
-local LPAR_ECLOSED = -11
 
 function Link:lost()
   return "the connection to the controller was lost (" .. (self.hub.lost_reason or "it went away") .. ")"
@@ -26,7 +25,7 @@ end
 function Link:send(engine, mtype, id, root, ...)
   if not self.link:is_open() then return nil, self:lost() end
   local ok, err, code = self.link:send(mtype, engine, id, root, ...)
-  if not ok and code == LPAR_ECLOSED then return nil, self:lost() end
+  if not ok and code == core.ECLOSED then return nil, self:lost() end
   return ok, err
 end
 
@@ -39,7 +38,7 @@ function Link:post(on_answer, op, ...)
   self.next_call = self.next_call + 1
   if not self.link:is_open() then return nil, self:lost() end
   local ok, err, code = self.link:send(core.CONTROL, 0, self.next_call, op, op, ...)
-  if not ok then return nil, code == LPAR_ECLOSED and self:lost() or err end
+  if not ok then return nil, code == core.ECLOSED and self:lost() or err end
   self.calls[self.next_call] = on_answer or false
   return true
 end
