@@ -205,9 +205,14 @@ function commands.start_daemon(name, args)
 end
 
 local function daemonize(name, args)
-  local options = {}
-  for i = 3, #args do
-    if args[i] ~= "--daemonize" then options[#options + 1] = args[i] end
+  local options, i = {}, 3
+  while i <= #args do -- all but --daemonize, and --profile, which start_daemon adds
+    if args[i] == "--profile" then
+      i = i + 1
+    elseif args[i] ~= "--daemonize" then
+      options[#options + 1] = args[i]
+    end
+    i = i + 1
   end
   local pid, address = commands.start_daemon(name, options)
   if not pid then return fail("%s", address) end
