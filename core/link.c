@@ -10,6 +10,7 @@
 #include <netdb.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,8 +67,14 @@ typedef struct write_req {
   char data[];
 } write_req;
 
-static void set_err(char *err, size_t errlen, const char *fmt, const char *a, const char *b) {
-  if (err && errlen) snprintf(err, errlen, fmt, a, b);
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_err(char *err, size_t errlen, const char *fmt, ...) {
+  if (err == NULL || errlen == 0) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
 }
 
 /*
@@ -337,7 +344,7 @@ int lparL_listen(uv_loop_t *loop, const char *path, const char *ip, int port,
   int rc;
   if (path) {
     if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-      set_err(err, errlen, "socket path too long for a unix socket (%s)%s", path, "");
+      set_err(err, errlen, "socket path too long for a unix socket (%s)", path);
       free(s);
       return LPAR_EINVAL;
     }
@@ -396,7 +403,7 @@ static int open_socket(const char *path, const char *host, int port, char *err, 
   if (path) {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof sa.sun_path) {
-      set_err(err, errlen, "socket path too long for a unix socket (%s)%s", path, "");
+      set_err(err, errlen, "socket path too long for a unix socket (%s)", path);
       return -1;
     }
     strcpy(sa.sun_path, path);
@@ -462,7 +469,7 @@ int lparL_connect(uv_loop_t *loop, const char *path, const char *host, int port,
   unsigned char theirs[LPARA_NONCE_BYTES];
   if (lparW_write_all(fd, l->nonce, sizeof l->nonce) < 0 ||
       read_exactly(fd, theirs, sizeof theirs) < 0) {
-    set_err(err, errlen, "%s%s did not answer as an lpar controller", path ? path : host, "");
+    set_err(err, errlen, "%s did not answer as an lpar controller", path ? path : host);
     close(fd);
     lparW_reader_free(&l->reader);
     free(l);
@@ -487,7 +494,7 @@ int lparL_connect(uv_loop_t *loop, const char *path, const char *host, int port,
   if (uv_read_start((uv_stream_t *)&l->h, on_alloc, on_read) != 0) {
     lparL_set_handlers(l, NULL, NULL); /* the caller never sees this link */
     close_link(l, "connection lost", 0);
-    set_err(err, errlen, "cannot read from %s%s", path ? path : host, "");
+    set_err(err, errlen, "cannot read from %s", path ? path : host);
     return LPAR_ESYS;
   }
   *out = l;

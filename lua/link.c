@@ -207,16 +207,32 @@ static int l_link_send(lua_State *L) {
   return 1;
 }
 
+/* The arguments of send_bytes and sign: (type, flags, route, id, payload). */
+typedef struct frame_args {
+  int type;
+  unsigned flags, route;
+  uint64_t id;
+  const char *payload;
+  size_t len;
+} frame_args;
+
+static frame_args check_frame_args(lua_State *L) {
+  frame_args f;
+  f.type = (int)luaL_checkinteger(L, 2);
+  f.flags = (unsigned)luaL_checkinteger(L, 3) & ~LPAR_FLAG_FDS;
+  lua_Integer route = luaL_checkinteger(L, 4);
+  if (route < 0 || route > LPARL_MAX_ROUTE) luaL_argerror(L, 4, "route out of range");
+  f.route = (unsigned)route;
+  f.id = (uint64_t)luaL_checkinteger(L, 5);
+  f.payload = luaL_checklstring(L, 6, &f.len);
+  return f;
+}
+
 /* link:send_bytes(type, flags, route, id, payload) */
 static int l_link_send_bytes(lua_State *L) {
   link_ud *u = check_link(L);
-  size_t n;
-  const char *p = luaL_checklstring(L, 6, &n);
-  lua_Integer route = luaL_checkinteger(L, 4);
-  if (route < 0 || route > LPARL_MAX_ROUTE) return luaL_argerror(L, 4, "route out of range");
-  int rc = lparL_send(u->l, (int)luaL_checkinteger(L, 2),
-                      (unsigned)luaL_checkinteger(L, 3) & ~LPAR_FLAG_FDS, (unsigned)route,
-                      (uint64_t)luaL_checkinteger(L, 5), p, n);
+  frame_args f = check_frame_args(L);
+  int rc = lparL_send(u->l, f.type, f.flags, f.route, f.id, f.payload, f.len);
   if (rc < 0) return lparC_push_failure(L, rc, NULL);
   lua_pushboolean(L, 1);
   return 1;
@@ -225,13 +241,10 @@ static int l_link_send_bytes(lua_State *L) {
 /* link:sign(type, flags, route, id, payload) -> the bytes send_bytes would write. */
 static int l_link_sign(lua_State *L) {
   link_ud *u = check_link(L);
-  size_t n;
-  const char *p = luaL_checklstring(L, 6, &n);
+  frame_args f = check_frame_args(L);
   lparB_buffer b;
   lparB_init(&b);
-  int rc = lparL_sign(u->l, (int)luaL_checkinteger(L, 2), (unsigned)luaL_checkinteger(L, 3),
-                      (unsigned)luaL_checkinteger(L, 4), (uint64_t)luaL_checkinteger(L, 5), p, n,
-                      &b);
+  int rc = lparL_sign(u->l, f.type, f.flags, f.route, f.id, f.payload, f.len, &b);
   if (rc < 0) {
     lparB_free(&b);
     return lparC_push_failure(L, rc, NULL);

@@ -4,14 +4,7 @@ local uv = require "luv"
 local helpers = {}
 
 --- Is process `pid` alive (and not a zombie)?
-function helpers.alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local stat = f:read("a")
-  f:close()
-  local state = stat:match("^%d+ %b() (%a)")
-  return state ~= nil and state ~= "Z" and state ~= "X"
-end
+helpers.alive = require("lpar.profile").alive
 
 --- Run the loop (serving lpar events) until pred() or `timeout` seconds.
 function helpers.wait_until(pred, timeout)

@@ -8,6 +8,7 @@
 local uv = require "luv"
 local core = require "lpar.core"
 local profile = require "lpar.profile"
+local remote = require "lpar.remote"
 local wait = require "lpar.wait"
 
 local commands = {}
@@ -63,18 +64,19 @@ local function positive(text, what)
   return n
 end
 
---- Connect to a cluster's controller for one call; nil and why when it cannot.
-local function ask(info, op, ...)
-  local answered, result
-  local link, err = require("lpar.remote").open_link(info, function(kind, id, ...)
-    if kind == "control" and id == 1 then answered, result = true, table.pack(...) end
-  end, true)
-  if not link then return nil, err end
-  link:send(core.CONTROL, 0, 1, op, op, ...)
-  wait.until_done(function() return answered or not link:is_open() end, 10, nil, 2)
-  link:close()
-  if not answered then return nil, "no answer" end
-  return table.unpack(result, 1, result.n)
+--- Run `fn(name)` on each of the named signals (luv names: "sigint") until
+-- the returned function is called.
+local function on_signals(names, fn)
+  local handles = {}
+  for _, name in ipairs(names) do
+    local s = uv.new_signal()
+    s:start(name, function() fn(name) end)
+    handles[#handles + 1] = s
+  end
+  return function()
+    -- Stopped and unref'd, not closed: luv 1.44 crashes at exit on a half-closed handle.
+    for _, s in ipairs(handles) do s:stop() s:unref() end
+  end
 end
 
 -- ---- cluster start ----
@@ -94,7 +96,7 @@ local function run_controller(name, n, opts, ready_fd)
   local socket = dir .. "/controller.sock"
   os.remove(socket) -- a dead controller's; start checked that none is running
   local key = core.keygen()
-  local signals = {}
+  local stop_signals = function() end
   local stopped_why
   local ok, ctl = pcall(Controller.new, {
     n = n, socket = socket, ip = opts.ip, port = opts.port and port_number(opts.port),
@@ -103,7 +105,7 @@ local function run_controller(name, n, opts, ready_fd)
       stopped_why = why
       os.remove(conn_path)
       os.remove(socket)
-      for _, s in ipairs(signals) do s:stop() s:unref() end
+      stop_signals()
     end,
   })
   if not ok then
@@ -140,11 +142,9 @@ local function run_controller(name, n, opts, ready_fd)
   print(string.format("lpar cluster %q: %d engines ready, controller pid %d, listening on %s\n" ..
     "connection file: %s", name, n, uv.os_getpid(), address, conn_path))
   io.stdout:flush()
-  for _, signame in ipairs { "sigint", "sigterm", "sighup" } do
-    local s = uv.new_signal()
-    s:start(signame, function() ctl:stop("stopped by " .. signame:upper()) end)
-    signals[#signals + 1] = s
-  end
+  stop_signals = on_signals({ "sigint", "sigterm", "sighup" }, function(signame)
+    ctl:stop("stopped by " .. signame:upper())
+  end)
   -- Right after a message, poll instead of sleeping: the next one (a reply
   -- to relay, the client's next request) is usually microseconds away, and
   -- waking a sleeping process costs ~20 us on these machines. An idle
@@ -247,7 +247,7 @@ function commands.stop_cluster(name)
     profile.remove_files(name)
     return string.format("cluster %q was not running (pid %d is gone); removed its stale files", name, info.pid)
   end
-  ask(info, "shutdown")
+  remote.ask(info, "shutdown")
   local gone = wait.until_done(function() return not profile.alive(info.pid) end, 5)
   if not gone then
     uv.kill(info.pid, "sigterm")
@@ -295,7 +295,7 @@ local function cluster_list(args)
     elseif not profile.alive(info.pid) then
       rows[#rows + 1] = { name, tostring(info.pid), "-", "stale (run `lpar cluster clean`)", "-", "-" }
     else
-      local st = ask(info, "status")
+      local st = remote.ask(info, "status")
       local address = info.socket .. (info.port and string.format(" %s:%d", info.ip, info.port) or "")
       if st then
         local ready, total = 0, 0
@@ -351,7 +351,7 @@ local function engine_join(args)
   local name = opts.file == nil and profile.check_name(opts.profile or "default") or nil
   local info = profile.read(opts.file or profile.connection_file(name), name)
   local relay = {}
-  local link, err = require("lpar.remote").open_link(info, function(kind, ...) relay[kind](...) end, false)
+  local link, err = remote.open_link(info, function(kind, ...) relay[kind](...) end, false)
   if not link then return fail("cannot reach the cluster in %s: %s", info.file, err) end
   local id, cluster, done, status = nil, nil, false, 0
   function relay.frame(mtype, flags, _, mid, payload)
@@ -393,14 +393,9 @@ local function engine_join(args)
   end
   function relay.engine_bad() end
   link:send(core.CONTROL, 0, 1, "join", "join")
-  local signals = {}
-  for _, signame in ipairs { "sigint", "sigterm" } do
-    local s = uv.new_signal()
-    s:start(signame, function() done = true end)
-    signals[#signals + 1] = s
-  end
+  local stop_signals = on_signals({ "sigint", "sigterm" }, function() done = true end)
   while not done do uv.run("once") end
-  for _, s in ipairs(signals) do s:stop() s:unref() end
+  stop_signals()
   if cluster then cluster:stop() end
   if link:is_open() then link:close() end
   return status

@@ -21,9 +21,9 @@ local function describe_exit(status, signal)
   return string.format("exited with status %d", status)
 end
 
---- A hub over a new embedded cluster (no engine started yet).
--- opts: engine (path), env (list of "NAME=value"), blas_threads.
-function Hub.embedded(opts)
+--- The state every hub starts with, under metatable `mt` (Hub or a kind of it),
+-- plus `fields`.
+function Hub.new_state(mt, fields)
   local self = setmetatable({
     engines = {},    -- id -> { state = "starting"|"ready"|"dead", pid =, n =, how = }
     pending = {},    -- request id -> record
@@ -32,7 +32,15 @@ function Hub.embedded(opts)
     next_id = 0,
     undecodable_count = 0,
     on_ready = {},   -- callbacks waiting for engines to come up
-  }, Hub)
+  }, mt)
+  for k, v in pairs(fields or {}) do self[k] = v end
+  return self
+end
+
+--- A hub over a new embedded cluster (no engine started yet).
+-- opts: engine (path), env (list of "NAME=value"), blas_threads.
+function Hub.embedded(opts)
+  local self = Hub.new_state(Hub)
   -- The core's handler must not keep the hub alive, or a dropped Cluster
   -- would never be collected and its engines never stopped.
   local weak = setmetatable({ self }, { __mode = "v" })

@@ -139,7 +139,8 @@ end
 
 --- True when process `pid` is alive (a zombie is not).
 function profile.alive(pid)
-  if math.type(pid) ~= "integer" or pid <= 0 then return false end
+  pid = math.tointeger(pid)
+  if not pid or pid <= 0 then return false end
   local f = io.open("/proc/" .. pid .. "/stat", "r")
   if not f then return false end
   local stat = f:read("a") or ""

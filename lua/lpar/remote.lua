@@ -19,7 +19,16 @@ Link.__index = Link
 
 
 function Link:lost()
-  return "the connection to the controller was lost (" .. (self.hub.lost_reason or "it went away") .. ")"
+  local why = self.hub and self.hub.lost_reason
+  return "the connection to the controller was lost (" .. (why or "it went away") .. ")"
+end
+
+--- The controller answered call `id`: hand the answer to whoever waits.
+function Link:answered(id, ...)
+  local on_answer = self.calls[id]
+  if on_answer == nil then return end
+  self.calls[id] = nil
+  if on_answer then on_answer(...) end
 end
 
 function Link:send(engine, mtype, id, root, ...)
@@ -92,6 +101,20 @@ function RemoteHub.open_link(info, handler, decode)
   return nil, table.concat(tried, "; ")
 end
 
+--- One control operation on the controller a connection file names, over
+-- a connection of its own: the answer's values, or nil and a message.
+function RemoteHub.ask(info, op, ...)
+  local conn = setmetatable({ calls = {}, next_call = 0 }, Link)
+  local link, err = RemoteHub.open_link(info, function(kind, ...)
+    if kind == "control" then conn:answered(...) end
+  end, true)
+  if not link then return nil, err end
+  conn.link = link
+  local result = table.pack(conn:call(op, ...))
+  link:close()
+  return table.unpack(result, 1, result.n)
+end
+
 --- Connect to a running standalone cluster. opts: profile (default
 -- "default") or connection_file. Raises a message saying which file and
 -- what to do when it cannot.
@@ -99,10 +122,7 @@ function RemoteHub.connect(opts)
   local name = opts.profile or (not opts.connection_file and "default") or nil
   local path = opts.connection_file or profile.connection_file(name)
   local info = profile.read(path, not opts.connection_file and name or nil)
-  local self = setmetatable({
-    engines = {}, pending = {}, npending = 0, pending_reset = 0, next_id = 0,
-    undecodable_count = 0, on_ready = {}, info = info, remote = true,
-  }, RemoteHub)
+  local self = Hub.new_state(RemoteHub, { info = info, remote = true })
   local weak = setmetatable({ self }, { __mode = "v" })
   local link, err = RemoteHub.open_link(info, function(kind, ...)
     local hub = weak[1]
@@ -144,11 +164,7 @@ function RemoteHub:exit(engine, status, signal)
 end
 
 function RemoteHub:control(id, ...)
-  local calls = self.core and self.core.calls
-  local on_answer = calls and calls[id]
-  if on_answer == nil then return end
-  calls[id] = nil
-  if on_answer then on_answer(...) end
+  if self.core then self.core:answered(id, ...) end
 end
 
 --- Mark every engine unreachable and fail what is pending.
