@@ -468,7 +468,7 @@ int luaopen_lpar_core(lua_State *L) {
                {"PULL", LPAR_MSG_PULL},       {"RESULT", LPAR_MSG_RESULT},
                {"ERROR", LPAR_MSG_ERROR},     {"EXIT", LPAR_MSG_EXIT},
                {"CONTROL", LPAR_MSG_CONTROL}, {"FLAG_RAW", LPAR_FLAG_RAW},
-               {"ECLOSED", LPAR_ECLOSED}};
+               {"ECLOSED", LPAR_ECLOSED},     {"EDEAD", LPAR_EDEAD}};
   for (size_t i = 0; i < sizeof types / sizeof *types; i++) {
     lua_pushinteger(L, types[i].value);
     lua_setfield(L, -2, types[i].name);

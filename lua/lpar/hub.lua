@@ -4,6 +4,7 @@
 local core = require "lpar.core"
 local errors = require "lpar.errors"
 local targets = require "lpar.targets"
+local wait = require "lpar.wait"
 
 local Hub = {}
 Hub.__index = Hub
@@ -125,8 +126,17 @@ function Hub:submit(engine, mtype, root, record, ...)
   if gone then return nil, gone end
   self.next_id = self.next_id + 1
   local id = self.next_id
-  local ok, err = self.core:send(engine, mtype, id, root, ...)
-  if not ok then return nil, err end
+  local ok, err, code = self.core:send(engine, mtype, id, root, ...)
+  if not ok then
+    if code == core.EDEAD and not core.loop_running() then
+      -- Its socket closed just before its exit was seen: wait a moment for
+      -- the exit, so the error says how the engine ended.
+      wait.until_done(function() return self.engines[engine].state == "dead" end, 1)
+      gone = self:unavailable(engine)
+      if gone then return nil, gone end
+    end
+    return nil, err
+  end
   record.engine, record.id = engine, id
   self.pending[id] = record
   self.npending = self.npending + 1
