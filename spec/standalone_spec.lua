@@ -450,6 +450,26 @@ describe("stopping", function()
     assert.matches("no clusters", (sh(helpers.lpar .. " cluster list")))
   end)
 
+  it("a standalone Cluster a script started and left is stopped when the script exits", function()
+    local out, code = sh(helpers.lpar .. [[ -e '
+      local lpar = require "lpar"
+      local cluster = lpar.Cluster { n = 1, profile = "left" }
+      cluster:start()
+      local rc = lpar.Client { profile = "left" }
+      print(rc[0]:apply_sync(function() return "up" end))' 2>&1]])
+    assert.equal(0, code, out)
+    assert.equal("up\n", out)
+    assert.is_true(helpers.poll(function() return read_file(conn_file("left")) == nil end, 5))
+    -- Shut down by a client first: the exit after that is quiet too.
+    out, code = sh(helpers.lpar .. [[ -e '
+      local lpar = require "lpar"
+      lpar.Cluster { n = 1, profile = "left" }:start()
+      lpar.Client { profile = "left" }:shutdown()
+      print("done")' 2>&1]])
+    assert.equal(0, code, out)
+    assert.equal("done\n", out)
+  end)
+
   it("a standalone Cluster started by a script stops at scope exit", function()
     local pid
     do

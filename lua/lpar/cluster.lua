@@ -212,11 +212,18 @@ end
 
 -- A standalone cluster is stopped at scope exit or collection only when
 -- this object started it (as ipyparallel's Cluster does at exit).
-local function finalize(self)
+Cluster.__close = function(self)
   if self.standalone and not self.started_pid then return end
   pcall(self.stop, self)
 end
-Cluster.__close = finalize
-Cluster.__gc = finalize
+
+Cluster.__gc = function(self)
+  if not self.standalone then return self:stop() end
+  -- A finalizer must not run the loop (this may be lua_close, with luv's
+  -- handles half gone): SIGTERM makes the controller stop its engines and
+  -- remove its files by itself.
+  local pid = self.started_pid
+  if pid and require("lpar.profile").alive(pid) then require("luv").kill(pid, "sigterm") end
+end
 
 return Cluster
