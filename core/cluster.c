@@ -69,11 +69,6 @@ const char *lpar_default_engine_path(void) {
   return env && *env ? env : LPAR_ENGINE_PATH;
 }
 
-const char *lpar_command_path(void) {
-  const char *env = getenv("LPAR_COMMAND");
-  return env && *env ? env : LPAR_BUILD_DIR "/lpar";
-}
-
 static char *dup_string(const char *s) {
   size_t n = strlen(s) + 1;
   char *p = malloc(n);

@@ -161,7 +161,5 @@ void lpar_cluster_free(lpar_cluster *c);
 
 /* Default engine path compiled into the library ($LPAR_ENGINE overrides it). */
 const char *lpar_default_engine_path(void);
-/* The `lpar` command, which starts standalone controllers ($LPAR_COMMAND overrides it). */
-const char *lpar_command_path(void);
 
 #endif

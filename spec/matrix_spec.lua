@@ -1,4 +1,4 @@
--- lpar.matrix: dense row-major matrices of doubles (core/matrix.c).
+-- lpar.matrix: dense row-major matrices of doubles (lua/binding/matrix.c).
 local matrix = require "lpar.matrix"
 
 -- f() must fail with a message that contains `msg` and names this file as

@@ -7,6 +7,6 @@
 #include <lua.h>
 
 /* lua_CFunction: the lpar.readline module table. */
-int lparR_open(lua_State *L);
+int lparI_open(lua_State *L);
 
 #endif

@@ -14,4 +14,7 @@
 */
 void lparP_set_paths(lua_State *L);
 
+/* The `lpar` command, which starts standalone controllers ($LPAR_COMMAND overrides it). */
+const char *lparP_command_path(void);
+
 #endif

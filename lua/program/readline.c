@@ -101,7 +101,7 @@ static int l_set_completer(lua_State *L) {
   return 0;
 }
 
-int lparR_open(lua_State *L) {
+int lparI_open(lua_State *L) {
   static const luaL_Reg functions[] = {
     {"readline", l_readline},         {"add_history", l_add_history},
     {"read_history", l_read_history}, {"write_history", l_write_history},

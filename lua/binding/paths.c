@@ -25,3 +25,5 @@ void lparP_set_paths(lua_State *L) {
   lua_setfield(L, -3, "cpath");
   lua_pop(L, 2);
 }
+
+const char *lparP_command_path(void) { return env_or("LPAR_COMMAND", LPAR_BUILD_DIR "/lpar"); }

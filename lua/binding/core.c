@@ -20,6 +20,7 @@
 #include "binding.h"
 #include "lpar.h"
 #include "matrix.h"
+#include "paths.h"
 #include "serialize.h"
 
 #define CLUSTER_MT "lpar.cluster"
@@ -477,7 +478,7 @@ int luaopen_lpar_core(lua_State *L) {
   lua_setfield(L, -2, "version");
   lua_pushstring(L, lpar_default_engine_path());
   lua_setfield(L, -2, "engine_path");
-  lua_pushstring(L, lpar_command_path());
+  lua_pushstring(L, lparP_command_path());
   lua_setfield(L, -2, "command_path");
   return 1;
 }

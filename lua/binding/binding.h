@@ -23,7 +23,7 @@ int lparC_traceback(lua_State *L);
 int lparC_push_event(uint64_t *undecodable, lua_State *L, const lpar_event *ev);
 /* A signal given by number or name ("INT", "SIGKILL"). */
 int lparC_check_signal(lua_State *L, int arg);
-/* Adds keygen, listen and connect (lua/link.c) to the module table on top. */
+/* Adds keygen, listen and connect (link.c) to the module table on top. */
 void lparC_open_link(lua_State *L);
 
 #endif

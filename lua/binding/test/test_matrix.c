@@ -1,5 +1,5 @@
 /*
-** test_matrix.c: tests of the matrix type's C interface (core/matrix.c).
+** test_matrix.c: tests of the matrix type's C interface (lua/binding/matrix.c).
 **
 ** The Lua face is tested in spec/matrix_spec.lua; what is here is what Lua
 ** cannot reach (storage ownership, lparM_push/test/check, the metatable made

@@ -1,5 +1,5 @@
 /*
-** test_serialize.c: tests of the value encoding (core/serialize.c).
+** test_serialize.c: tests of the value encoding (lua/binding/serialize.c).
 **
 ** Values are built and encoded in one lua_State and decoded and checked in
 ** a second one, as between two processes.

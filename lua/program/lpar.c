@@ -130,7 +130,7 @@ int main(int argc, char **argv) {
   luaL_openlibs(L);
   lparP_set_paths(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
-  lua_pushcfunction(L, lparR_open);
+  lua_pushcfunction(L, lparI_open);
   lua_setfield(L, -2, "lpar.readline");
   lua_pop(L, 1);
   int status;
