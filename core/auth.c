@@ -1,5 +1,5 @@
 /*
-** auth.c: HMAC-SHA256 trailers with sequence numbers, from libsodium.
+** auth.c: per-connection AEAD channels, from libsodium (see auth.h).
 */
 #include "auth.h"
 
@@ -10,86 +10,101 @@
 
 #include "lpar.h"
 
+#define CAN_AES 0x1 /* the hello's last byte: ciphers this side can do */
+#define KDF_LABEL "lpar link keys v1"
+
+static void need_sodium(void) {
+  if (sodium_init() < 0) abort(); /* no randomness: nothing safe to do */
+}
+
 int lparA_keygen(unsigned char key[LPARA_KEY_BYTES]) {
   if (sodium_init() < 0) return LPAR_ESYS;
   randombytes_buf(key, LPARA_KEY_BYTES);
   return LPAR_OK;
 }
 
-void lparA_init(lparA_channel *c, const unsigned char key[LPARA_KEY_BYTES], lparA_role role) {
+void lparA_init(lparA_channel *c, const unsigned char key[LPARA_KEY_BYTES], lparA_role role,
+                int aes) {
+  need_sodium();
   memset(c, 0, sizeof *c);
   memcpy(c->key, key, LPARA_KEY_BYTES);
   c->role = role;
+  randombytes_buf(c->hello, LPARA_NONCE_BYTES);
+  c->hello[LPARA_NONCE_BYTES] = aes && crypto_aead_aes256gcm_is_available() ? CAN_AES : 0;
 }
 
-void lparA_nonce(unsigned char nonce[LPARA_NONCE_BYTES]) {
-  if (sodium_init() < 0) abort(); /* no randomness: nothing safe to do */
-  randombytes_buf(nonce, LPARA_NONCE_BYTES);
-}
-
-void lparA_set_session(lparA_channel *c, const unsigned char ours[LPARA_NONCE_BYTES],
-                       const unsigned char theirs[LPARA_NONCE_BYTES]) {
-  int controller = c->role == LPARA_CONTROLLER;
-  memcpy(c->session, controller ? ours : theirs, LPARA_NONCE_BYTES);
-  memcpy(c->session + LPARA_NONCE_BYTES, controller ? theirs : ours, LPARA_NONCE_BYTES);
-}
-
-static void put_u64(unsigned char *p, uint64_t v) {
-  for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint64_t get_u64(const unsigned char *p) {
-  uint64_t v = 0;
-  for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
-  return v;
-}
-
-/*
-** MAC over session || role || seq || frame: the session ties it to one
-** connection, the role keeps it from being reflected back at its sender.
-*/
-static void mac(const lparA_channel *c, lparA_role sender, const unsigned char seq[8],
-                const void *head, size_t head_len, const void *frame, size_t len,
-                unsigned char out[32]) {
-  crypto_auth_hmacsha256_state st;
-  unsigned char role = (unsigned char)sender;
-  crypto_auth_hmacsha256_init(&st, c->key, LPARA_KEY_BYTES);
-  crypto_auth_hmacsha256_update(&st, c->session, sizeof c->session);
-  crypto_auth_hmacsha256_update(&st, &role, 1);
-  crypto_auth_hmacsha256_update(&st, seq, 8);
-  crypto_auth_hmacsha256_update(&st, head, head_len);
-  crypto_auth_hmacsha256_update(&st, frame, len);
-  crypto_auth_hmacsha256_final(&st, out);
+/* BLAKE2b keyed with the cluster key over label, direction and both halves. */
+static void derive(const lparA_channel *c, lparA_role sender, const unsigned char *controller,
+                   const unsigned char *client, unsigned char out[LPARA_KEY_BYTES]) {
+  crypto_generichash_state st;
+  unsigned char dir = (unsigned char)sender;
+  crypto_generichash_init(&st, c->key, LPARA_KEY_BYTES, LPARA_KEY_BYTES);
+  crypto_generichash_update(&st, (const unsigned char *)KDF_LABEL, sizeof KDF_LABEL);
+  crypto_generichash_update(&st, &dir, 1);
+  crypto_generichash_update(&st, controller, LPARA_HELLO_BYTES);
+  crypto_generichash_update(&st, client, LPARA_HELLO_BYTES);
+  crypto_generichash_final(&st, out, LPARA_KEY_BYTES);
   sodium_memzero(&st, sizeof st);
 }
 
-void lparA_sign2(lparA_channel *c, const void *head, size_t head_len, const void *payload,
-                 size_t len, unsigned char trailer[LPARA_TRAILER_BYTES]) {
-  put_u64(trailer, ++c->sent);
-  mac(c, c->role, trailer, head, head_len, payload, len, trailer + 8);
-}
-
-void lparA_sign(lparA_channel *c, const void *frame, size_t len,
-                unsigned char trailer[LPARA_TRAILER_BYTES]) {
-  lparA_sign2(c, frame, len, "", 0, trailer);
-}
-
-int lparA_verify(lparA_channel *c, const void *frame, size_t len,
-                 const unsigned char trailer[LPARA_TRAILER_BYTES], const char **why) {
-  lparA_role peer = c->role == LPARA_CLIENT ? LPARA_CONTROLLER : LPARA_CLIENT;
-  unsigned char expect[32];
-  mac(c, peer, trailer, frame, len, "", 0, expect);
-  if (crypto_verify_32(expect, trailer + 8) != 0) {
-    c->dropped++;
-    *why = "bad MAC (forged, altered, or signed with another key)";
-    return LPAR_EAUTH;
-  }
-  uint64_t seq = get_u64(trailer);
-  if (seq <= c->received) {
-    c->dropped++;
-    *why = "replayed or out of order (sequence number did not grow)";
-    return LPAR_EAUTH;
-  }
-  c->received = seq;
+int lparA_start(lparA_channel *c, const unsigned char theirs[LPARA_HELLO_BYTES]) {
+  if (c->cipher != LPARA_NONE || (theirs[LPARA_NONCE_BYTES] & ~CAN_AES) != 0) return LPAR_EAUTH;
+  int controller = c->role == LPARA_CONTROLLER;
+  const unsigned char *ctl = controller ? c->hello : theirs, *cli = controller ? theirs : c->hello;
+  lparA_role peer = controller ? LPARA_CLIENT : LPARA_CONTROLLER;
+  derive(c, c->role, ctl, cli, c->send_key);
+  derive(c, peer, ctl, cli, c->recv_key);
+  sodium_memzero(c->key, sizeof c->key);
+  c->cipher = (c->hello[LPARA_NONCE_BYTES] & theirs[LPARA_NONCE_BYTES] & CAN_AES)
+                  ? LPARA_AES256GCM
+                  : LPARA_XCHACHA20POLY1305;
   return LPAR_OK;
+}
+
+/* The nonce of frame `seq`: its number, little-endian, then zeros. */
+static void nonce_of(uint64_t seq, unsigned char nonce[crypto_aead_xchacha20poly1305_ietf_NPUBBYTES]) {
+  memset(nonce, 0, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES);
+  for (int i = 0; i < 8; i++) nonce[i] = (unsigned char)(seq >> (8 * i));
+}
+
+void lparA_seal(lparA_channel *c, const void *head, size_t head_len, const void *payload,
+                size_t len, void *out, unsigned char tag[LPARA_TAG_BYTES]) {
+  unsigned char nonce[crypto_aead_xchacha20poly1305_ietf_NPUBBYTES];
+  nonce_of(++c->sent, nonce);
+  if (c->cipher == LPARA_AES256GCM)
+    crypto_aead_aes256gcm_encrypt_detached(out, tag, NULL, payload, len, head, head_len, NULL,
+                                           nonce, c->send_key);
+  else
+    crypto_aead_xchacha20poly1305_ietf_encrypt_detached(out, tag, NULL, payload, len, head,
+                                                        head_len, NULL, nonce, c->send_key);
+}
+
+int lparA_open(lparA_channel *c, const void *head, size_t head_len, void *payload, size_t len,
+               const unsigned char tag[LPARA_TAG_BYTES], const char **why) {
+  unsigned char nonce[crypto_aead_xchacha20poly1305_ietf_NPUBBYTES];
+  nonce_of(c->received + 1, nonce);
+  int rc;
+  if (c->cipher == LPARA_AES256GCM)
+    rc = crypto_aead_aes256gcm_decrypt_detached(payload, NULL, payload, len, tag, head, head_len,
+                                                nonce, c->recv_key);
+  else if (c->cipher == LPARA_XCHACHA20POLY1305)
+    rc = crypto_aead_xchacha20poly1305_ietf_decrypt_detached(payload, NULL, payload, len, tag,
+                                                             head, head_len, nonce, c->recv_key);
+  else
+    rc = -1;
+  if (rc != 0) {
+    c->dropped++;
+    *why = "it does not open (forged, altered, replayed, out of order, or sealed with another key)";
+    return LPAR_EAUTH;
+  }
+  c->received++;
+  return LPAR_OK;
+}
+
+const char *lparA_cipher_name(lparA_cipher cipher) {
+  switch (cipher) {
+  case LPARA_AES256GCM: return "AES-256-GCM";
+  case LPARA_XCHACHA20POLY1305: return "XChaCha20-Poly1305";
+  default: return "none";
+  }
 }

@@ -1,12 +1,17 @@
 /*
-** cluster.c: local engines, their processes and their sockets.
+** cluster.c: the engines a host drives, local children or behind a
+** standalone controller, with one send and one vocabulary of events.
 **
-** Each engine is a child process spawned with posix_spawn (glibc's vfork
-** path: cheap even from a large parent) with one end of a socketpair as fd 3.
-** The parent end is a libuv pipe on the host's loop; the child's exit is
-** watched through a pidfd, so a death is seen at once and its status is
-** exact. Engines sit in their own process group, so a Ctrl-C typed at the
-** host's terminal does not kill them.
+** Local engines: each is a child process spawned with posix_spawn (glibc's
+** vfork path: cheap even from a large parent) with one end of a socketpair
+** as fd 3 and a datagram socket for descriptors as fd 4; the parent's ends
+** are a route (route.h). The child's exit is watched through a pidfd, so a
+** death is seen at once and its status is exact. Engines sit in their own
+** process group, so a Ctrl-C typed at the host's terminal does not kill them.
+**
+** Connected: one sealed link to a controller carries every engine's
+** traffic, the route field naming the engine; the controller tells of
+** engines coming and going with HELLO and EXIT frames.
 */
 #include "lpar.h"
 
@@ -14,6 +19,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,8 +29,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cluster.h"
 #include "link.h"
-#include "shm.h"
+#include "route.h"
 #include "wire.h"
 
 extern char **environ;
@@ -34,35 +41,52 @@ typedef struct engine {
   int id;
   pid_t pid;
   int pidfd;
-  int side; /* socket for descriptors (shared memory), blocking */
-  uv_pipe_t pipe;
+  lparR_route *route; /* NULL once closed */
   uv_poll_t exit_poll;
-  int open_handles; /* freed when this reaches 0 after retire */
-  int alive;        /* process not yet reaped */
-  int connected;    /* socket open for reading and writing */
-  int retired;      /* handles closing; slot released */
-  lparW_reader reader;
+  int alive;   /* process not yet reaped */
+  int retired; /* slot released; freed once its handles have closed */
+  int open;    /* handles not yet closed: the poll, the route */
 } engine;
+
+/* What a connected cluster knows of an engine behind its controller. */
+typedef struct remote_engine {
+  int state; /* 0 unknown, 1 ready, 2 dead */
+  int pid;
+  int inline_only; /* its hello said: no descriptors (an engine joined from elsewhere) */
+} remote_engine;
 
 struct lpar_cluster {
   uv_loop_t *loop;
   lpar_event_cb on_event;
   void *ud;
+  char errmsg[256];
+  int freeing;
+  int handles_open; /* engines and links whose handles are not closed yet */
+  /* local */
   char *engine_path;
   char **env; /* extra entries, copied */
   int blas_threads;
-  int inline_only;
   engine **slots;
   int nslots;
-  int engines_open; /* engines whose handles are not closed yet */
-  int freeing;
   uint64_t bad_messages;
+  /* connected */
+  lparR_route *link;
+  remote_engine *remote;
+  int nremote;
 };
 
-typedef struct write_req {
-  uv_write_t req;
-  char data[];
-} write_req;
+static int fail(lpar_cluster *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(lpar_cluster *c, int code, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(c->errmsg, sizeof c->errmsg, fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+const char *lpar_cluster_errmsg(const lpar_cluster *c) {
+  return c->errmsg[0] ? c->errmsg : "no error";
+}
 
 const char *lpar_default_engine_path(void) {
   const char *env = getenv("LPAR_ENGINE");
@@ -82,27 +106,58 @@ static void free_env(char **env) {
   free(env);
 }
 
+static lpar_cluster *cluster_alloc(uv_loop_t *loop, lpar_event_cb on_event, void *ud) {
+  lpar_cluster *c = calloc(1, sizeof *c);
+  if (c == NULL) return NULL;
+  c->loop = loop;
+  c->on_event = on_event;
+  c->ud = ud;
+  return c;
+}
+
+static void cluster_release(lpar_cluster *c) {
+  free(c->slots);
+  free(c->remote);
+  free_env(c->env);
+  free(c->engine_path);
+  free(c);
+}
+
+/* A handle closed: the cluster goes once the last one has, if it is being freed. */
+static void handle_gone(lpar_cluster *c) {
+  if (--c->handles_open == 0 && c->freeing) cluster_release(c);
+}
+
+/* Nothing is reported once the host has freed the cluster. */
+static void emit(lpar_cluster *c, lpar_event *ev) {
+  if (c->on_event && !c->freeing) c->on_event(c, ev, c->ud);
+}
+
+/* "lpar-engine VERSION id=N pid=P ...": the pid, or -1. */
+static int hello_pid(const char *p, size_t n) {
+  char text[128];
+  if (n >= sizeof text) n = sizeof text - 1;
+  memcpy(text, p, n);
+  text[n] = 0;
+  const char *at = strstr(text, "pid=");
+  return at ? atoi(at + 4) : -1;
+}
+
+/* ---- local engines ---- */
+
 int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out) {
   if (loop == NULL || cfg == NULL || out == NULL) return LPAR_EINVAL;
-  lpar_cluster *c = calloc(1, sizeof *c);
+  lpar_cluster *c = cluster_alloc(loop, cfg->on_event, cfg->ud);
   if (c == NULL) return LPAR_ENOMEM;
-  lparL_ignore_sigpipe(); /* an engine that dies must not take its host with it */
-  c->loop = loop;
-  c->on_event = cfg->on_event;
-  c->ud = cfg->ud;
   c->blas_threads = cfg->blas_threads > 0 ? cfg->blas_threads : 1;
-  c->inline_only = cfg->inline_only;
-  c->engine_path = dup_string(cfg->engine_path ? cfg->engine_path
-                                               : lpar_default_engine_path());
+  c->engine_path = dup_string(cfg->engine_path ? cfg->engine_path : lpar_default_engine_path());
   size_t n = 0;
   while (cfg->env && cfg->env[n]) n++;
   c->env = calloc(n + 1, sizeof *c->env);
   int ok = c->engine_path && c->env;
   for (size_t i = 0; ok && i < n; i++) ok = (c->env[i] = dup_string(cfg->env[i])) != NULL;
   if (!ok) {
-    free_env(c->env);
-    free(c->engine_path);
-    free(c);
+    cluster_release(c);
     return LPAR_ENOMEM;
   }
   *out = c;
@@ -114,118 +169,57 @@ static engine *find_engine(const lpar_cluster *c, int id) {
   return c->slots[id];
 }
 
-static void emit(engine *e, lpar_event *ev) {
-  ev->engine = e->id;
-  if (e->c->on_event) e->c->on_event(e->c, ev, e->c->ud);
-}
-
-static void cluster_release(lpar_cluster *c) {
-  free(c->slots);
-  free_env(c->env);
-  free(c->engine_path);
-  free(c);
-}
-
-static void on_handle_closed(uv_handle_t *h) {
-  engine *e = h->data;
-  if (--e->open_handles > 0) return;
+static void engine_handle_closed(engine *e) {
+  if (--e->open > 0) return;
   lpar_cluster *c = e->c;
-  lparW_reader_free(&e->reader);
   free(e);
-  if (--c->engines_open == 0 && c->freeing) cluster_release(c);
+  handle_gone(c);
 }
+
+static void on_exit_poll_closed(uv_handle_t *h) { engine_handle_closed(h->data); }
 
 /* Release the slot and close the handles; memory goes in the close callbacks. */
 static void retire(engine *e) {
   if (e->retired) return;
   e->retired = 1;
-  e->connected = 0;
   if (e->c->slots[e->id] == e) e->c->slots[e->id] = NULL;
-  uv_close((uv_handle_t *)&e->pipe, on_handle_closed);
-  uv_close((uv_handle_t *)&e->exit_poll, on_handle_closed);
+  if (e->route) lparR_close(e->route, NULL);
+  uv_close((uv_handle_t *)&e->exit_poll, on_exit_poll_closed);
   if (e->pidfd >= 0) close(e->pidfd); /* uv_close does not close the fd of a poll */
   e->pidfd = -1;
-  if (e->side >= 0) close(e->side);
-  e->side = -1;
 }
 
+/* An engine without its socket is useless: make sure it goes. */
 static void disconnect(engine *e) {
-  if (!e->connected) return;
-  e->connected = 0;
-  uv_read_stop((uv_stream_t *)&e->pipe);
-  if (e->alive) kill(e->pid, SIGKILL); /* an engine without its socket is useless */
+  if (e->route) lparR_close(e->route, NULL);
+  if (e->alive) kill(e->pid, SIGKILL);
 }
 
-/* Hand every whole frame in the reader to the host. */
-static void dispatch_frames(engine *e) {
-  for (;;) {
-    lparW_header h;
-    const char *payload = NULL, *reason = NULL;
-    int rc = lparW_reader_next(&e->reader, &h, &payload, &reason);
-    if (rc == 0) return;
-    if (rc < 0) {
-      e->c->bad_messages++;
-      lpar_event ev = {.kind = LPAR_EV_BAD_MESSAGE, .reason = reason};
-      disconnect(e);
-      emit(e, &ev);
-      return;
-    }
-    lpar_event ev = {.kind = LPAR_EV_MESSAGE, .type = h.type, .flags = h.flags,
-                     .id = h.id, .payload = payload, .len = (size_t)h.len};
-    int fds[LPARH_MAX_FDS];
-    if (h.flags & LPAR_FLAG_FDS) {
-      /* The engine sent them before the frame, so they are waiting. */
-      ev.nfds = lparH_recv_fds(e->side, fds, LPARH_MAX_FDS, 0);
-      if (ev.nfds < 0) {
-        e->c->bad_messages++;
-        lpar_event bad = {.kind = LPAR_EV_BAD_MESSAGE,
-                          .reason = "frame flagged with descriptors that did not come"};
-        disconnect(e);
-        emit(e, &bad);
-        return;
-      }
-      ev.fds = fds;
-    }
-    if (h.type == LPAR_MSG_HELLO) ev.kind = LPAR_EV_READY;
-    emit(e, &ev);
-    if (!e->connected) return; /* the host stopped or retired us */
+static void engine_frame(lparR_route *r, const lparW_header *h, const char *payload, int *fds,
+                         int nfds, void *ud) {
+  (void)r;
+  engine *e = ud;
+  lpar_event ev = {.kind = h->type == LPAR_MSG_HELLO ? LPAR_EV_READY : LPAR_EV_MESSAGE,
+                   .engine = e->id, .type = h->type, .flags = h->flags, .id = h->id,
+                   .payload = payload, .len = (size_t)h->len, .fds = fds, .nfds = nfds};
+  if (ev.kind == LPAR_EV_READY) ev.pid = hello_pid(payload, (size_t)h->len);
+  emit(e->c, &ev);
+}
+
+static void engine_closed(lparR_route *r, const char *reason, int refused, void *ud) {
+  (void)r;
+  engine *e = ud;
+  e->route = NULL;
+  if (refused) {
+    e->c->bad_messages++;
+    lpar_event ev = {.kind = LPAR_EV_BAD_MESSAGE, .engine = e->id, .reason = reason};
+    emit(e->c, &ev);
   }
+  if (e->alive) kill(e->pid, SIGKILL); /* its EXIT follows from the pidfd */
+  engine_handle_closed(e);
 }
 
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  (void)suggested;
-  engine *e = h->data;
-  char *p = NULL;
-  size_t n = 0;
-  if (lparW_reader_space(&e->reader, &p, &n) < 0) n = 0; /* libuv reports ENOBUFS */
-  *buf = uv_buf_init(p, (unsigned)(n > UINT32_MAX ? UINT32_MAX : n));
-}
-
-static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
-  (void)buf;
-  engine *e = s->data;
-  if (nread > 0) {
-    lparW_reader_commit(&e->reader, (size_t)nread);
-    dispatch_frames(e);
-  } else if (nread < 0) {
-    disconnect(e); /* EOF or error: the EXIT event follows from the pidfd */
-  }
-}
-
-/* A dead engine's last words are still in the socket: read them first. */
-static void drain(engine *e) {
-  uv_os_fd_t fd;
-  if (!e->connected || uv_fileno((uv_handle_t *)&e->pipe, &fd) != 0) return;
-  while (e->connected) {
-    char *p;
-    size_t n;
-    if (lparW_reader_space(&e->reader, &p, &n) < 0) return;
-    ssize_t k = read(fd, p, n);
-    if (k <= 0) return;
-    lparW_reader_commit(&e->reader, (size_t)k);
-    dispatch_frames(e);
-  }
-}
+static const lparR_handlers engine_handlers = {engine_frame, engine_closed, NULL};
 
 static void on_exit_poll(uv_poll_t *p, int status, int events) {
   (void)status;
@@ -236,13 +230,14 @@ static void on_exit_poll(uv_poll_t *p, int status, int events) {
   if (r == 0) return; /* spurious */
   uv_poll_stop(p);
   e->alive = 0;
-  drain(e);
+  if (e->route) lparR_drain(e->route); /* a dead engine's last words are still in the socket */
   disconnect(e);
-  lpar_event ev = {.kind = LPAR_EV_EXIT, .exit_status = -1};
+  lpar_event ev = {.kind = LPAR_EV_EXIT, .engine = e->id, .exit_status = -1};
   if (r == e->pid && WIFEXITED(st)) ev.exit_status = WEXITSTATUS(st);
   if (r == e->pid && WIFSIGNALED(st)) ev.term_signal = WTERMSIG(st);
+  lpar_cluster *c = e->c;
   retire(e);
-  emit(e, &ev);
+  emit(c, &ev);
 }
 
 /* environ minus the names we set, then ours, then the host's extra entries. */
@@ -268,7 +263,7 @@ static char **engine_environment(lpar_cluster *c, int id, int n) {
   }
   char tmp[64];
   env[k++] = dup_string("LPAR_FD=3");
-  env[k++] = dup_string(c->inline_only ? "LPAR_SIDE_FD=-1" : "LPAR_SIDE_FD=4");
+  env[k++] = dup_string("LPAR_SIDE_FD=4");
   snprintf(tmp, sizeof tmp, "LPAR_ENGINE_ID=%d", id);
   env[k++] = dup_string(tmp);
   snprintf(tmp, sizeof tmp, "LPAR_ENGINE_N=%d", n);
@@ -293,6 +288,7 @@ static char **engine_environment(lpar_cluster *c, int id, int n) {
   return env;
 }
 
+/* posix_spawn's own error (errno value), or 0. */
 static int spawn_process(lpar_cluster *c, int child_fd, int child_side, char **env, pid_t *pid) {
   posix_spawn_file_actions_t fa;
   posix_spawnattr_t attr;
@@ -312,7 +308,7 @@ static int spawn_process(lpar_cluster *c, int child_fd, int child_side, char **e
   int err = posix_spawn(pid, c->engine_path, &fa, &attr, argv, env);
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
-  return err == 0 ? LPAR_OK : LPAR_ESPAWN;
+  return err;
 }
 
 /* The descriptor fd, moved to a number above `min` if it is not already. */
@@ -335,32 +331,42 @@ static int grow_slots(lpar_cluster *c, int id) {
   return LPAR_OK;
 }
 
-int lpar_cluster_spawn(lpar_cluster *c, int id, int n) {
-  if (c->freeing || id < 0 || n < 1 || id >= 1 << 20) return LPAR_EINVAL;
-  if (grow_slots(c, id) < 0) return LPAR_ENOMEM;
-  if (c->slots[id] && c->slots[id]->alive) return LPAR_EINVAL;
-  int sv[2], side[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return LPAR_ESYS;
+/* Start the process; its ends of the sockets go to sv[0], side[0]. */
+static int start_engine(lpar_cluster *c, int id, int n, int sv[2], int side[2], pid_t *pid) {
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+    return fail(c, LPAR_ESYS, "cannot start engine %d: socketpair: %s", id, strerror(errno));
   if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, side) < 0) {
+    int err = errno;
     close(sv[0]);
     close(sv[1]);
-    return LPAR_ESYS;
+    return fail(c, LPAR_ESYS, "cannot start engine %d: socketpair: %s", id, strerror(err));
   }
   /* dup2(fd, fd) would keep close-on-exec set: keep the child's ends above 4. */
   sv[1] = move_above(sv[1], 4);
   side[1] = move_above(side[1], 4);
   char **env = engine_environment(c, id, n);
-  pid_t pid = 0;
-  int rc = env && sv[1] >= 0 && side[1] >= 0 ? spawn_process(c, sv[1], side[1], env, &pid)
-                                             : LPAR_ENOMEM;
+  int err = env && sv[1] >= 0 && side[1] >= 0 ? spawn_process(c, sv[1], side[1], env, pid) : ENOMEM;
   free_env(env);
   if (sv[1] >= 0) close(sv[1]);
   if (side[1] >= 0) close(side[1]);
-  if (rc < 0) {
-    close(sv[0]);
-    close(side[0]);
-    return rc;
-  }
+  if (err == 0) return LPAR_OK;
+  close(sv[0]);
+  close(side[0]);
+  return fail(c, err == ENOMEM ? LPAR_ENOMEM : LPAR_ESPAWN, "cannot start engine %d (%s): %s", id,
+              c->engine_path, strerror(err));
+}
+
+int lpar_cluster_spawn(lpar_cluster *c, int id, int n) {
+  if (c->link) return fail(c, LPAR_EINVAL, "engines behind a controller are started by it");
+  if (c->freeing || id < 0 || n < 1 || id >= 1 << 20)
+    return fail(c, LPAR_EINVAL, "engine id %d of %d is out of range", id, n);
+  if (grow_slots(c, id) < 0) return fail(c, LPAR_ENOMEM, "out of memory");
+  if (c->slots[id] && c->slots[id]->alive)
+    return fail(c, LPAR_EINVAL, "engine %d is running already", id);
+  int sv[2], side[2];
+  pid_t pid = 0;
+  int rc = start_engine(c, id, n, sv, side, &pid);
+  if (rc < 0) return rc;
   int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
   engine *e = calloc(1, sizeof *e);
   if (pidfd < 0 || e == NULL) {
@@ -370,103 +376,148 @@ int lpar_cluster_spawn(lpar_cluster *c, int id, int n) {
     close(side[0]);
     if (pidfd >= 0) close(pidfd);
     free(e);
-    return pidfd < 0 ? LPAR_ESYS : LPAR_ENOMEM;
+    return fail(c, pidfd < 0 ? LPAR_ESYS : LPAR_ENOMEM, "cannot watch engine %d", id);
   }
-  e->c = c;
-  e->id = id;
-  e->pid = pid;
-  e->pidfd = pidfd;
-  e->side = side[0];
-  e->alive = e->connected = 1;
-  lparW_reader_init(&e->reader);
-  uv_pipe_init(c->loop, &e->pipe, 0);
-  uv_poll_init(c->loop, &e->exit_poll, pidfd);
-  e->pipe.data = e->exit_poll.data = e;
-  e->open_handles = 2;
-  c->engines_open++;
-  if (c->slots[id]) retire(c->slots[id]);
-  c->slots[id] = e;
-  if (uv_pipe_open(&e->pipe, sv[0]) != 0 ||
-      uv_read_start((uv_stream_t *)&e->pipe, on_alloc, on_read) != 0 ||
-      uv_poll_start(&e->exit_poll, UV_READABLE, on_exit_poll) != 0) {
+  *e = (engine){.c = c, .id = id, .pid = pid, .pidfd = pidfd, .alive = 1};
+  if (lparR_open(c->loop, LPARR_ENGINE, sv[0], side[0], NULL, 0, &engine_handlers, e, &e->route) < 0) {
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
-    e->alive = 0;
-    retire(e);
-    return LPAR_ESYS;
+    close(pidfd);
+    free(e);
+    return fail(c, LPAR_ESYS, "cannot watch engine %d's socket", id);
   }
+  uv_poll_init(c->loop, &e->exit_poll, pidfd);
+  e->exit_poll.data = e;
+  e->open = 2;
+  c->handles_open++;
+  if (c->slots[id]) retire(c->slots[id]);
+  c->slots[id] = e;
+  uv_poll_start(&e->exit_poll, UV_READABLE, on_exit_poll);
   return LPAR_OK;
 }
 
-static void on_write(uv_write_t *req, int status) {
-  (void)status; /* a failed write shows as the engine's EXIT */
-  free(req);
+/* ---- connected to a controller ---- */
+
+static remote_engine *remote_slot(lpar_cluster *c, int id) {
+  if (id < 0 || id > LPARR_MAX_ROUTE) return NULL;
+  if (id >= c->nremote) {
+    int n = c->nremote ? c->nremote : 8;
+    while (n <= id) n *= 2;
+    remote_engine *r = realloc(c->remote, (size_t)n * sizeof *r);
+    if (r == NULL) return NULL;
+    memset(r + c->nremote, 0, (size_t)(n - c->nremote) * sizeof *r);
+    c->remote = r;
+    c->nremote = n;
+  }
+  return &c->remote[id];
 }
 
-int lpar_cluster_send_raw(lpar_cluster *c, int id, const void *bytes, size_t len) {
-  engine *e = find_engine(c, id);
-  if (e == NULL) return LPAR_ENOENGINE;
-  if (!e->connected) return LPAR_EDEAD;
-  uv_buf_t b = uv_buf_init((char *)bytes, (unsigned)len);
-  int n = uv_try_write((uv_stream_t *)&e->pipe, &b, 1);
-  if (n < 0 && n != UV_EAGAIN) return LPAR_EDEAD;
-  size_t done = n > 0 ? (size_t)n : 0;
-  if (done == len) return LPAR_OK;
-  write_req *w = malloc(sizeof *w + (len - done));
-  if (w == NULL) return LPAR_ENOMEM;
-  memcpy(w->data, (const char *)bytes + done, len - done);
-  b = uv_buf_init(w->data, (unsigned)(len - done));
-  if (uv_write(&w->req, (uv_stream_t *)&e->pipe, &b, 1, on_write) != 0) {
-    free(w);
-    return LPAR_EDEAD;
+static void link_frame(lparR_route *r, const lparW_header *h, const char *payload, int *fds,
+                       int nfds, void *ud) {
+  (void)r;
+  lpar_cluster *c = ud;
+  lpar_event ev = {.kind = LPAR_EV_MESSAGE, .engine = (int)h->route, .type = h->type,
+                   .flags = h->flags, .id = h->id, .payload = payload, .len = (size_t)h->len,
+                   .fds = fds, .nfds = nfds};
+  remote_engine *e = remote_slot(c, (int)h->route);
+  if (h->type == LPAR_MSG_HELLO) {
+    ev.kind = LPAR_EV_READY;
+    ev.pid = hello_pid(payload, (size_t)h->len);
+    if (e) *e = (remote_engine){1, ev.pid, (h->flags & LPAR_FLAG_INLINE) != 0};
+  } else if (h->type == LPAR_MSG_EXIT) {
+    char text[64];
+    size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;
+    memcpy(text, payload, n);
+    text[n] = 0;
+    ev.kind = LPAR_EV_EXIT;
+    ev.exit_status = -1;
+    if (sscanf(text, "%d %d", &ev.exit_status, &ev.term_signal) != 2) ev.exit_status = -1;
+    if (e) e->state = 2;
   }
+  emit(c, &ev);
+}
+
+static void link_closed(lparR_route *r, const char *reason, int refused, void *ud) {
+  (void)r;
+  lpar_cluster *c = ud;
+  c->link = NULL;
+  if (!c->freeing) {
+    lpar_event ev = {.kind = LPAR_EV_CLOSED, .engine = -1, .reason = reason, .exit_status = refused};
+    emit(c, &ev);
+  }
+  handle_gone(c);
+}
+
+static const lparR_handlers link_handlers = {link_frame, link_closed, NULL};
+
+int lpar_cluster_connect(uv_loop_t *loop, const lpar_connect_config *cfg, lpar_cluster **out) {
+  if (loop == NULL || cfg == NULL || out == NULL || (cfg->path == NULL && cfg->host == NULL))
+    return LPAR_EINVAL;
+  lpar_cluster *c = cluster_alloc(loop, cfg->on_event, cfg->ud);
+  if (c == NULL) return LPAR_ENOMEM;
+  int rc = lparL_connect(loop, cfg->path, cfg->host, cfg->port, cfg->key, &link_handlers, c,
+                         &c->link, c->errmsg, sizeof c->errmsg);
+  if (rc < 0) {
+    *out = c; /* for lpar_cluster_errmsg; lpar_cluster_free releases it */
+    return rc;
+  }
+  c->handles_open = 1;
+  *out = c;
   return LPAR_OK;
 }
 
-int lpar_cluster_send(lpar_cluster *c, int id, int type, unsigned flags, uint64_t mid,
+/* ---- the same calls for both ---- */
+
+int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
                       const void *payload, size_t len) {
+  return lpar_cluster_send_fds(c, engine, type, flags, id, payload, len, NULL, 0);
+}
+
+/* The route a message to `engine` takes, or a negative code. */
+static int route_to(lpar_cluster *c, int id, lparR_route **r, unsigned *field) {
+  if (c->freeing) return LPAR_ECLOSED;
+  if (c->link) {
+    if (id < 0 || id > LPARR_MAX_ROUTE) return LPAR_ENOENGINE;
+    *r = c->link;
+    *field = (unsigned)id;
+    return LPAR_OK;
+  }
+  if (c->engine_path == NULL) return LPAR_EDEAD; /* a connected cluster whose link is gone */
   engine *e = find_engine(c, id);
   if (e == NULL) return LPAR_ENOENGINE;
-  if (!e->connected) return LPAR_EDEAD;
-  if (len > LPAR_MAX_PAYLOAD || len > UINT32_MAX) return LPAR_ETOOBIG;
-  char head[LPARW_HEADER_SIZE];
-  lparW_pack_header(head, type, flags, mid, len);
-  uv_buf_t b[2] = {uv_buf_init(head, sizeof head),
-                   uv_buf_init((char *)payload, (unsigned)len)};
-  int n = uv_try_write((uv_stream_t *)&e->pipe, b, len ? 2 : 1);
-  if (n < 0 && n != UV_EAGAIN) return LPAR_EDEAD;
-  size_t done = n > 0 ? (size_t)n : 0, total = sizeof head + len;
-  if (done == total) return LPAR_OK;
-  /* The socket is full: queue a copy of what is left, in order. */
-  write_req *w = malloc(sizeof *w + (total - done));
-  if (w == NULL) return LPAR_ENOMEM;
-  size_t k = 0;
-  if (done < sizeof head) {
-    memcpy(w->data, head + done, sizeof head - done);
-    k = sizeof head - done;
-    done = sizeof head;
-  }
-  memcpy(w->data + k, (const char *)payload + (done - sizeof head), total - done);
-  uv_buf_t rest = uv_buf_init(w->data, (unsigned)(k + total - done));
-  if (uv_write(&w->req, (uv_stream_t *)&e->pipe, &rest, 1, on_write) != 0) {
-    free(w);
-    return LPAR_EDEAD;
-  }
+  if (e->route == NULL) return LPAR_EDEAD;
+  *r = e->route;
+  *field = 0;
   return LPAR_OK;
 }
 
-int lpar_cluster_send_fds(lpar_cluster *c, int id, int type, unsigned flags, uint64_t mid,
+int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
                           const void *payload, size_t len, const int *fds, int nfds) {
-  if (nfds == 0) return lpar_cluster_send(c, id, type, flags, mid, payload, len);
-  engine *e = find_engine(c, id);
-  if (e == NULL) return LPAR_ENOENGINE;
-  if (!e->connected) return LPAR_EDEAD;
-  int rc = lparH_send_fds(e->side, fds, nfds);
-  if (rc < 0) return LPAR_EDEAD;
-  return lpar_cluster_send(c, id, type, flags | LPAR_FLAG_FDS, mid, payload, len);
+  lparR_route *r = NULL;
+  unsigned field = 0;
+  int rc = route_to(c, engine, &r, &field);
+  if (rc < 0) return rc;
+  rc = lparR_send(r, type, flags, field, id, payload, len, fds, nfds);
+  return rc == LPAR_EINVAL && nfds > 0 ? LPAR_EUNSENDABLE : rc;
+}
+
+int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code, size_t len) {
+  return lpar_cluster_send(c, engine, LPAR_MSG_EXECUTE, LPAR_FLAG_TEXT | LPAR_FLAG_RAW, id, code,
+                           len);
+}
+
+int lpar_cluster_passes_fds(const lpar_cluster *c, int engine) {
+  if (c->link == NULL) return c->engine_path != NULL;
+  if (!lparR_passes_fds(c->link)) return 0;
+  return !(engine >= 0 && engine < c->nremote && c->remote[engine].inline_only);
 }
 
 int lpar_cluster_signal(lpar_cluster *c, int id, int sig) {
+  if (c->link) {
+    char text[16];
+    int n = snprintf(text, sizeof text, "%d", sig);
+    return lpar_cluster_send(c, id, LPAR_MSG_SIGNAL, LPAR_FLAG_RAW, 0, text, (size_t)n);
+  }
   engine *e = find_engine(c, id);
   if (e == NULL) return LPAR_ENOENGINE;
   if (!e->alive) return LPAR_EDEAD;
@@ -474,6 +525,7 @@ int lpar_cluster_signal(lpar_cluster *c, int id, int sig) {
 }
 
 int lpar_cluster_interrupt(lpar_cluster *c, int id, uint64_t mid) {
+  if (c->link) return lpar_cluster_send(c, id, LPAR_MSG_INTERRUPT, LPAR_FLAG_RAW, mid, "", 0);
   engine *e = find_engine(c, id);
   if (e == NULL) return LPAR_ENOENGINE;
   if (!e->alive) return LPAR_EDEAD;
@@ -482,12 +534,30 @@ int lpar_cluster_interrupt(lpar_cluster *c, int id, uint64_t mid) {
 }
 
 int lpar_cluster_pid(lpar_cluster *c, int id) {
+  if (c->link || c->remote) {
+    if (id < 0 || id >= c->nremote || c->remote[id].state == 0) return LPAR_ENOENGINE;
+    return c->remote[id].state == 1 && c->link ? c->remote[id].pid : LPAR_EDEAD;
+  }
   engine *e = find_engine(c, id);
   if (e == NULL) return LPAR_ENOENGINE;
   return e->alive ? (int)e->pid : LPAR_EDEAD;
 }
 
 uint64_t lpar_cluster_bad_messages(const lpar_cluster *c) { return c->bad_messages; }
+
+const char *lpar_cluster_cipher(const lpar_cluster *c) {
+  return c->link ? lparR_cipher(c->link) : "none";
+}
+
+int lparK_send_raw(lpar_cluster *c, int engine, const void *bytes, size_t len) {
+  lparR_route *r = NULL;
+  unsigned field = 0;
+  int rc = route_to(c, engine, &r, &field);
+  return rc < 0 ? rc : lparR_send_raw(r, bytes, len);
+}
+
+lparR_route *lparK_link(lpar_cluster *c) { return c->link; }
+int lparK_connected(const lpar_cluster *c) { return c->engine_path == NULL; }
 
 static double now_ms(void) {
   struct timespec ts;
@@ -496,16 +566,13 @@ static double now_ms(void) {
 }
 
 void lpar_cluster_stop(lpar_cluster *c) {
-  /* Close every socket first, so all engines see EOF and exit in parallel. */
-  for (int i = 0; i < c->nslots; i++) {
-    engine *e = c->slots[i];
-    if (e && e->connected) {
-      e->connected = 0;
-      uv_read_stop((uv_stream_t *)&e->pipe);
-      uv_os_fd_t fd;
-      if (uv_fileno((uv_handle_t *)&e->pipe, &fd) == 0) shutdown(fd, SHUT_RDWR);
-    }
+  if (c->link) {
+    lparR_close(c->link, "closed by this client");
+    return; /* link_closed follows from the loop */
   }
+  /* Close every socket first, so all engines see EOF and exit in parallel. */
+  for (int i = 0; i < c->nslots; i++)
+    if (c->slots[i] && c->slots[i]->route) lparR_close(c->slots[i]->route, NULL);
   double deadline = now_ms() + 200;
   for (int i = 0; i < c->nslots; i++) {
     engine *e = c->slots[i];
@@ -530,11 +597,5 @@ void lpar_cluster_free(lpar_cluster *c) {
   if (c == NULL || c->freeing) return;
   lpar_cluster_stop(c);
   c->freeing = 1;
-  if (c->engines_open == 0) cluster_release(c);
-}
-
-int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code,
-                         size_t len) {
-  return lpar_cluster_send(c, engine, LPAR_MSG_EXECUTE, LPAR_FLAG_TEXT | LPAR_FLAG_RAW, id,
-                           code, len);
+  if (c->handles_open == 0) cluster_release(c);
 }

@@ -1,14 +1,30 @@
 /*
 ** lpar.h: the public C API of liblpar.
 **
-** liblpar starts Lua engines in their own processes and talks to them over
-** unix sockets, on a libuv loop that the host owns (the Lua binding passes
-** luv's loop, so lpar, luv timers and luv sockets share one loop).
+** liblpar drives Lua engines, each a Lua 5.4 state in its own process. A
+** host reaches them through one kind of handle, an lpar_cluster, whether
+** the engines are its own children (lpar_cluster_new) or run behind a
+** standalone controller, on this host or another (lpar_cluster_connect):
+** the same calls send to engine i, and the same events come back.
 **
-** Conventions, as libuv's: functions return 0 or a negative LPAR_E* code and
-** lpar_strerror(code) names it; handles are opaque and owned by the caller.
-** SIGPIPE is set to be ignored (unless the host set its own handler), so a
-** peer that dies shows as a failed write, not as the death of the host.
+** Threading and the loop. Everything runs on a libuv loop that the host owns
+** and runs; liblpar starts no thread. Every call must be made on the thread
+** that runs that loop, and events are delivered from inside uv_run. No call
+** blocks on the network: a connection is made in the background, and what
+** is sent before it is up waits in order. (lpar_cluster_stop is the one
+** call that waits, at most 200 ms, for local engines to exit.)
+**
+** Errors. Functions return 0 (LPAR_OK) or a negative LPAR_E* code;
+** lpar_strerror(code) names the code and lpar_cluster_errmsg(c) says what
+** the last failed call on c was about, as sqlite3_errmsg does.
+**
+** Ownership. A handle is the host's from its constructor until
+** lpar_cluster_free. Payloads passed to a send are copied or written before
+** the call returns; descriptors passed to a send stay the caller's. Event
+** payloads are valid during the callback only.
+**
+** Signals. liblpar never raises SIGPIPE on its sockets (it writes with
+** MSG_NOSIGNAL) and changes no signal disposition.
 */
 #ifndef LPAR_H
 #define LPAR_H
@@ -27,32 +43,35 @@
 #define LPAR_EBADMSG (-3)     /* malformed message or encoding */
 #define LPAR_ETOOBIG (-4)     /* message larger than LPAR_MAX_PAYLOAD */
 #define LPAR_EDEPTH (-5)      /* value nested too deeply */
-#define LPAR_EUNSENDABLE (-6) /* value that cannot be sent */
+#define LPAR_EUNSENDABLE (-6) /* value that cannot be sent (descriptors over TCP) */
 #define LPAR_ESPAWN (-7)      /* engine process could not be started */
-#define LPAR_EDEAD (-8)       /* engine is not running */
+#define LPAR_EDEAD (-8)       /* engine is not running, or its link is gone */
 #define LPAR_ENOENGINE (-9)   /* no engine with that id */
-#define LPAR_ESYS (-10)       /* system call failed (see errno) */
+#define LPAR_ESYS (-10)       /* system call failed (lpar_cluster_errmsg says which) */
 #define LPAR_ECLOSED (-11)    /* cluster stopped */
 #define LPAR_EAUTH (-12)      /* message failed authentication */
 
+/* The name of an error code: "engine is not running". Never NULL. */
 const char *lpar_strerror(int code);
 
 /* Message types on the wire. */
 enum lpar_msg_type {
-  LPAR_MSG_HELLO = 1,   /* engine -> controller: (id, pid), the engine is ready */
-  LPAR_MSG_EXECUTE = 2, /* controller -> engine: (code) */
-  LPAR_MSG_APPLY = 3,   /* controller -> engine: (f, args...) */
-  LPAR_MSG_PUSH = 4,    /* controller -> engine: (table of globals) */
-  LPAR_MSG_PULL = 5,    /* controller -> engine: (names...) */
-  LPAR_MSG_RESULT = 6,  /* engine -> controller: (started, completed, values...) */
-  LPAR_MSG_ERROR = 7,   /* engine -> controller: (started, completed, error) */
-  LPAR_MSG_STDOUT = 8,  /* engine -> controller: raw text */
-  LPAR_MSG_STDERR = 9,  /* engine -> controller: raw text */
-  LPAR_MSG_DISPLAY = 10, /* engine -> controller: (mime type, data, metadata) */
-  /* Only on a standalone controller's socket (route = the engine): */
-  LPAR_MSG_EXIT = 11,    /* controller -> client: raw "status signal", the engine ended */
-  LPAR_MSG_CONTROL = 12, /* either way: (operation, args...) and its answer, same id */
-  LPAR_MSG_MAX_ = 13
+  LPAR_MSG_HELLO = 1,    /* engine -> host: raw "lpar-engine VERSION id=N pid=P" */
+  LPAR_MSG_EXECUTE = 2,  /* host -> engine: (code) */
+  LPAR_MSG_APPLY = 3,    /* host -> engine: (f, args...) */
+  LPAR_MSG_PUSH = 4,     /* host -> engine: (table of globals) */
+  LPAR_MSG_PULL = 5,     /* host -> engine: (names...) */
+  LPAR_MSG_RESULT = 6,   /* engine -> host: (started, completed, values...) */
+  LPAR_MSG_ERROR = 7,    /* engine -> host: (started, completed, error) */
+  LPAR_MSG_STDOUT = 8,   /* engine -> host: raw text */
+  LPAR_MSG_STDERR = 9,   /* engine -> host: raw text */
+  LPAR_MSG_DISPLAY = 10, /* engine -> host: (mime type, data, metadata) */
+  /* Only on a controller's link (the route names the engine): */
+  LPAR_MSG_EXIT = 11,      /* controller -> client: raw "status signal", the engine ended */
+  LPAR_MSG_CONTROL = 12,   /* either way: (operation, args...) and its answer, same id */
+  LPAR_MSG_SIGNAL = 13,    /* client -> controller: raw signal number, for the engine */
+  LPAR_MSG_INTERRUPT = 14, /* client -> controller: interrupt request `id` on the engine */
+  LPAR_MSG_MAX_ = 15
 };
 
 /*
@@ -61,81 +80,110 @@ enum lpar_msg_type {
 ** message and traceback. It is how a C host with no Lua reads results.
 */
 #define LPAR_FLAG_TEXT 0x1u
-#define LPAR_FLAG_RAW 0x2u /* payload is raw bytes, not an encoded tuple */
-#define LPAR_FLAG_FDS 0x4u /* descriptors (shared memory) came before it on the side socket */
+#define LPAR_FLAG_RAW 0x2u    /* payload is raw bytes, not an encoded tuple */
+#define LPAR_FLAG_FDS 0x4u    /* descriptors (shared memory) came with it; set by lpar */
+#define LPAR_FLAG_INLINE 0x8u /* answer with matrices inline, no descriptors */
 
 #define LPAR_MAX_PAYLOAD ((uint64_t)1 << 30)
 
-/* A cluster of local engines driven from one libuv loop. */
+/* Engines reachable from here, local or behind a controller. */
 typedef struct lpar_cluster lpar_cluster;
 
 typedef enum lpar_event_kind {
-  LPAR_EV_READY = 1,   /* engine said hello */
-  LPAR_EV_MESSAGE = 2, /* engine sent a message */
-  LPAR_EV_EXIT = 3,    /* engine process ended */
-  LPAR_EV_BAD_MESSAGE = 4 /* engine sent a malformed frame; connection closed */
+  LPAR_EV_READY = 1,       /* an engine said hello (again, after a restart) */
+  LPAR_EV_MESSAGE = 2,     /* an engine (or the controller: CONTROL) sent a message */
+  LPAR_EV_EXIT = 3,        /* an engine's process ended */
+  LPAR_EV_BAD_MESSAGE = 4, /* a local engine sent a malformed frame; it is cut off */
+  LPAR_EV_CLOSED = 5       /* the link to the controller closed; no engine is reachable */
 } lpar_event_kind;
 
 typedef struct lpar_event {
   lpar_event_kind kind;
-  int engine;           /* engine id */
-  int type;             /* LPAR_MSG_* (MESSAGE) */
-  unsigned flags;       /* LPAR_FLAG_* (MESSAGE) */
-  uint64_t id;          /* request id the message answers (MESSAGE) */
-  const char *payload;  /* valid during the callback only (MESSAGE) */
+  int engine;          /* engine id (-1 for CLOSED) */
+  int type;            /* LPAR_MSG_* (MESSAGE, READY) */
+  unsigned flags;      /* LPAR_FLAG_* (MESSAGE) */
+  uint64_t id;         /* request id the message answers (MESSAGE) */
+  const char *payload; /* valid during the callback only (MESSAGE, READY: the hello) */
   size_t len;
-  int exit_status;      /* EXIT: exit code, or -1 when killed by a signal */
-  int term_signal;      /* EXIT: signal number, or 0 */
-  const char *reason;   /* BAD_MESSAGE: what was wrong */
-  int *fds;             /* MESSAGE with LPAR_FLAG_FDS: descriptors, now the callback's to close */
-  int nfds;
+  int pid;             /* READY: the engine's process id */
+  int exit_status;     /* EXIT: exit code, or -1 when killed by a signal; CLOSED: 1 if refused */
+  int term_signal;     /* EXIT: signal number, or 0 */
+  const char *reason;  /* BAD_MESSAGE, CLOSED: what happened */
+  int *fds;            /* MESSAGE with LPAR_FLAG_FDS: descriptors; keep one by setting */
+  int nfds;            /* its slot to -1, the rest are closed after the callback */
 } lpar_event;
 
 typedef void (*lpar_event_cb)(lpar_cluster *c, const lpar_event *ev, void *ud);
 
 typedef struct lpar_config {
-  const char *engine_path;    /* lpar-engine executable; NULL: built-in default */
-  const char *const *env;     /* extra "NAME=value" entries, NULL-terminated, or NULL */
-  int blas_threads;           /* OPENBLAS_NUM_THREADS for engines; 0 means 1 */
-  int inline_only;            /* engines send matrices inline, never as memfds (a
-                                 standalone controller relays bytes, not descriptors) */
+  const char *engine_path; /* lpar-engine executable; NULL: lpar_default_engine_path() */
+  const char *const *env;  /* extra "NAME=value" entries, NULL-terminated, or NULL */
+  int blas_threads;        /* OPENBLAS_NUM_THREADS for engines; 0 means 1 */
   lpar_event_cb on_event;
   void *ud;
 } lpar_config;
 
-/* Create a cluster on `loop` (no engine yet). */
+/*
+** Create a cluster of local engines on `loop` (none started yet). The
+** config is copied. 0, or LPAR_EINVAL / LPAR_ENOMEM (*out untouched).
+*/
 int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out);
 
 /*
-** Spawn engine `id` (0-based) of a cluster of `n`; READY follows once the
-** engine has said hello. A dead engine's id may be spawned again.
+** Start local engine `id` (0-based) of a cluster of `n`: it sees
+** lpar.engine.id and lpar.engine.n. READY follows once it has said hello,
+** or EXIT if it dies first. A dead engine's id may be started again.
+** LPAR_ESPAWN keeps the system's reason: lpar_cluster_errmsg gives
+** "cannot start engine 0 (/path/lpar-engine): No such file or directory".
 */
 int lpar_cluster_spawn(lpar_cluster *c, int id, int n);
 
-/* Send one message to an engine. The payload is copied (or written at once). */
-int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags,
-                      uint64_t id, const void *payload, size_t len);
+typedef struct lpar_connect_config {
+  const char *path; /* the controller's unix socket, or NULL for TCP */
+  const char *host; /* TCP: a numeric IPv4/IPv6 address or "localhost" */
+  int port;
+  unsigned char key[32]; /* the cluster's key, from its connection file */
+  lpar_event_cb on_event;
+  void *ud;
+} lpar_connect_config;
+
+/*
+** Connect to a standalone controller. Returns at once; the controller then
+** reports each engine it has (READY, or EXIT for one that is dead), and
+** later engines as they come and go. Every frame on the link is encrypted
+** and authenticated with keys derived from `key` (AES-256-GCM or
+** XChaCha20-Poly1305). If the controller cannot be reached, or goes, CLOSED
+** says why. On failure *out is still set, for lpar_cluster_errmsg, and must
+** be freed.
+*/
+int lpar_cluster_connect(uv_loop_t *loop, const lpar_connect_config *cfg, lpar_cluster **out);
+
+/* Send one message to an engine. The payload is written or copied at once. */
+int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
+                      const void *payload, size_t len);
+
+/*
+** The same, with descriptors (memfds of shared matrices) alongside; they
+** are duplicated if they must wait. Over TCP no descriptor can go:
+** LPAR_EUNSENDABLE (see lpar_cluster_passes_fds).
+*/
+int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
+                          const void *payload, size_t len, const int *fds, int nfds);
+
+/*
+** 1 when messages to `engine` can carry descriptors: not over TCP, nor to
+** an engine that joined a controller from elsewhere.
+*/
+int lpar_cluster_passes_fds(const lpar_cluster *c, int engine);
 
 /*
 ** Run `code` on an engine and get the answer as text: a MESSAGE of type
 ** RESULT (the chunk's return values, tostring'd, joined by tabs) or ERROR
 ** (message and traceback), with flag LPAR_FLAG_TEXT and the same id.
 */
-int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code,
-                         size_t len);
+int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code, size_t len);
 
-/*
-** Send a message with descriptors (memfds of shared matrices) alongside:
-** they travel first on the engine's side socket, then the frame, flagged
-** LPAR_FLAG_FDS. The caller keeps its own descriptors.
-*/
-int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
-                          const void *payload, size_t len, const int *fds, int nfds);
-
-/* Send raw bytes on an engine's socket, framing and all: for tests of bad input. */
-int lpar_cluster_send_raw(lpar_cluster *c, int engine, const void *bytes, size_t len);
-
-/* Send a signal to an engine's process. */
+/* Send a signal to an engine's process (through its controller if connected). */
 int lpar_cluster_signal(lpar_cluster *c, int engine, int sig);
 
 /*
@@ -144,22 +192,29 @@ int lpar_cluster_signal(lpar_cluster *c, int engine, int sig);
 */
 int lpar_cluster_interrupt(lpar_cluster *c, int engine, uint64_t id);
 
-/* Process id of engine `id`, or a negative code. */
+/* Process id of engine `id` (as its hello said), or a negative code. */
 int lpar_cluster_pid(lpar_cluster *c, int engine);
 
-/* Messages dropped as malformed since the cluster started. */
+/* Frames dropped as malformed from local engines since the cluster started. */
 uint64_t lpar_cluster_bad_messages(const lpar_cluster *c);
 
+/* The link's cipher ("AES-256-GCM", "XChaCha20-Poly1305"), or "none". */
+const char *lpar_cluster_cipher(const lpar_cluster *c);
+
+/* What the last failed call on c was about. Never NULL. */
+const char *lpar_cluster_errmsg(const lpar_cluster *c);
+
 /*
-** Stop every engine: close its socket (an idle engine exits on EOF), give it
-** a moment, then SIGKILL and reap. Synchronous; safe from a finalizer.
+** Stop: close every socket (an idle engine exits on EOF), wait up to 200 ms,
+** then SIGKILL and reap local engines; close the link of a connected one.
+** No event is reported after lpar_cluster_free.
 */
 void lpar_cluster_stop(lpar_cluster *c);
 
-/* Stop, then release the cluster once libuv has closed its handles. */
+/* Stop, then release the cluster once libuv has closed its handles (run the loop). */
 void lpar_cluster_free(lpar_cluster *c);
 
-/* Default engine path compiled into the library ($LPAR_ENGINE overrides it). */
+/* The engine executable used when lpar_config names none ($LPAR_ENGINE overrides it). */
 const char *lpar_default_engine_path(void);
 
 #endif

@@ -95,7 +95,7 @@ static void reply_values(lua_State *L, lparE_state *st, int type, double started
                          int first, int count, lparB_buffer *enc) {
   char err[512];
   double stamps[2] = {started, lparE_now()};
-  lparS_shm shm = {.min_bytes = st->side >= 0 ? LPARM_SHM_MIN_BYTES : 0};
+  lparS_shm shm = {.min_bytes = st->side >= 0 && !st->inline_reply ? LPARM_SHM_MIN_BYTES : 0};
   enc->len = 0;
   lparB_append(enc, stamps, sizeof stamps);
   if (lparS_encode_shm(L, first, count, type == LPAR_MSG_RESULT ? "result" : "error", enc,
@@ -337,6 +337,7 @@ int main(void) {
       break;
     }
     st.task = h.id;
+    st.inline_reply = (h.flags & LPAR_FLAG_INLINE) != 0;
     serve(L, &st, &h, in.data, &enc);
     if (st.gone) break;
     if (in.cap > (1u << 24)) lparB_free(&in); /* do not hold a huge buffer while idle */

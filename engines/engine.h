@@ -15,6 +15,7 @@ typedef struct lparE_state {
   int side;         /* socket for descriptors of shared matrices, or -1 */
   int id, n;        /* engine id, engines in the cluster */
   uint64_t task;    /* id of the request being served */
+  int inline_reply; /* its answer carries matrices inline (LPAR_FLAG_INLINE) */
   lparB_buffer out; /* captured stdout not yet sent */
   lparB_buffer err; /* captured stderr not yet sent */
   double last_flush;

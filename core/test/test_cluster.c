@@ -10,6 +10,7 @@
 #include <uv.h>
 
 #include "check.h"
+#include "cluster.h"
 #include "lpar.h"
 
 typedef struct seen {
@@ -86,7 +87,7 @@ int main(void) {
   CHECK(strcmp(s.last_result, "still here") == 0);
 
   /* A bad frame makes engine 2 drop its connection and exit with status 3. */
-  CHECK(lpar_cluster_send_raw(c, 2, "garbage garbage garbage garbage!", 32) == LPAR_OK);
+  CHECK(lparK_send_raw(c, 2, "garbage garbage garbage garbage!", 32) == LPAR_OK);
   CHECK(run_until(&loop, &s.exits, 2));
   CHECK(s.exit_engine == 2 && s.exit_status == 3);
 
@@ -98,6 +99,15 @@ int main(void) {
   CHECK(strcmp(s.last_result, "back") == 0);
 
   CHECK(lpar_cluster_spawn(c, -1, 3) == LPAR_EINVAL);
+  /* A missing engine executable: the system's reason is kept. */
+  lpar_cluster *nowhere = NULL;
+  lpar_config bad_cfg = {.engine_path = "/nonexistent/lpar-engine"};
+  CHECK(lpar_cluster_new(&loop, &bad_cfg, &nowhere) == LPAR_OK);
+  CHECK(lpar_cluster_spawn(nowhere, 0, 1) == LPAR_ESPAWN);
+  CHECKF(strcmp(lpar_cluster_errmsg(nowhere),
+                "cannot start engine 0 (/nonexistent/lpar-engine): No such file or directory") == 0,
+         "errmsg '%s'", lpar_cluster_errmsg(nowhere));
+  lpar_cluster_free(nowhere);
   CHECK(lpar_cluster_send(c, 99, LPAR_MSG_EXECUTE, 0, 1, "", 0) == LPAR_ENOENGINE);
   lpar_cluster_free(c);
   uv_run(&loop, UV_RUN_DEFAULT);

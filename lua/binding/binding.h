@@ -15,15 +15,13 @@
 int lparC_push_failure(lua_State *L, int code, const char *what);
 /* Message handler adding a traceback. */
 int lparC_traceback(lua_State *L);
-/*
-** Push a Lua handler's arguments for one engine event ("ready", "result",
-** "stdout", ...); returns their count, or -1 to skip. A reply that does not
-** decode becomes "undecodable" and is counted in *undecodable.
-*/
-int lparC_push_event(uint64_t *undecodable, lua_State *L, const lpar_event *ev);
 /* A signal given by number or name ("INT", "SIGKILL"). */
 int lparC_check_signal(lua_State *L, int arg);
-/* Adds keygen, listen and connect (link.c) to the module table on top. */
-void lparC_open_link(lua_State *L);
+/* The key field of the options table at t: 32 bytes. */
+int lparC_check_key(lua_State *L, int t, unsigned char key[32]);
+/* Add the lpar.cluster type, new_cluster and connect (cluster.c) to the module on top. */
+void lparC_open_cluster(lua_State *L);
+/* Add the lpar.relay type and relay (relay.c) to the module on top. */
+void lparC_open_relay(lua_State *L);
 
 #endif

@@ -17,23 +17,12 @@
 #include <lua.h>
 #include <luv/luv.h>
 
+#include "auth.h"
 #include "binding.h"
 #include "lpar.h"
-#include "matrix.h"
 #include "paths.h"
+#include "route.h"
 #include "serialize.h"
-
-#define CLUSTER_MT "lpar.cluster"
-#define STAMPS_SIZE (2 * sizeof(double))
-
-typedef struct cluster_ud {
-  lpar_cluster *c;
-  lua_State *L;    /* main thread: callbacks run on it, as luv's do */
-  int handler_ref; /* the Lua event handler */
-  int raw;         /* hand messages over as bytes (a controller relays them) */
-  uint64_t undecodable;
-  lparB_buffer enc; /* reused for every send */
-} cluster_ud;
 
 int lparC_push_failure(lua_State *L, int code, const char *what) {
   lua_pushnil(L);
@@ -50,302 +39,11 @@ int lparC_traceback(lua_State *L) {
   return 1;
 }
 
-/* Push the values of a RESULT/ERROR payload; returns how many, or -1. */
-static int push_reply(uint64_t *undecodable, lua_State *L, const lpar_event *ev, char *err,
-                      size_t errlen) {
-  if (ev->flags & LPAR_FLAG_RAW) {
-    lua_pushnil(L);
-    lua_pushnil(L);
-    lua_pushlstring(L, ev->payload, ev->len);
-    return 3;
-  }
-  double stamps[2];
-  if (ev->len < STAMPS_SIZE) {
-    snprintf(err, errlen, "reply shorter than its timestamps");
-    return -1;
-  }
-  memcpy(stamps, ev->payload, STAMPS_SIZE);
-  lua_pushnumber(L, stamps[0]);
-  lua_pushnumber(L, stamps[1]);
-  int n = 0;
-  lparS_shm shm = {.nfds = ev->nfds};
-  for (int i = 0; i < ev->nfds; i++) shm.fds[i] = ev->fds[i];
-  if (lparS_decode_shm(L, ev->payload + STAMPS_SIZE, ev->len - STAMPS_SIZE, LPARS_ALLOW_CODE,
-                       &shm, &n, err, errlen) < 0) {
-    lua_pop(L, 2);
-    (*undecodable)++;
-    return -1;
-  }
-  return n + 2;
-}
-
-static const char *message_kind(int type) {
-  switch (type) {
-  case LPAR_MSG_RESULT: return "result";
-  case LPAR_MSG_ERROR: return "error";
-  case LPAR_MSG_STDOUT: return "stdout";
-  case LPAR_MSG_STDERR: return "stderr";
-  case LPAR_MSG_DISPLAY: return "display";
-  default: return NULL;
-  }
-}
-
-int lparC_push_event(uint64_t *undecodable, lua_State *L, const lpar_event *ev) {
-  char err[512];
-  switch (ev->kind) {
-  case LPAR_EV_READY:
-    lua_pushstring(L, "ready");
-    lua_pushinteger(L, ev->engine);
-    lua_pushlstring(L, ev->payload, ev->len);
-    return 3;
-  case LPAR_EV_EXIT:
-    lua_pushstring(L, "exit");
-    lua_pushinteger(L, ev->engine);
-    lua_pushinteger(L, ev->exit_status);
-    lua_pushinteger(L, ev->term_signal);
-    return 4;
-  case LPAR_EV_BAD_MESSAGE:
-    lua_pushstring(L, "bad");
-    lua_pushinteger(L, ev->engine);
-    lua_pushstring(L, ev->reason);
-    return 3;
-  case LPAR_EV_MESSAGE:
-    break;
-  }
-  const char *kind = message_kind(ev->type);
-  if (kind == NULL) { /* a valid frame of a type no engine should send */
-    (*undecodable)++;
-    kind = "undecodable";
-    snprintf(err, sizeof err, "unexpected message type %d from an engine", ev->type);
-  }
-  lua_pushstring(L, kind);
-  lua_pushinteger(L, ev->engine);
-  lua_pushinteger(L, (lua_Integer)ev->id);
-  if (ev->type == LPAR_MSG_STDOUT || ev->type == LPAR_MSG_STDERR) {
-    lua_pushlstring(L, ev->payload, ev->len);
-    return 4;
-  }
-  if (ev->type == LPAR_MSG_DISPLAY) {
-    int n = 0;
-    if (lparS_decode(L, ev->payload, ev->len, 0, &n, err, sizeof err) == 0) return 3 + n;
-    (*undecodable)++;
-    lua_pop(L, 3);
-    lua_pushstring(L, "undecodable");
-    lua_pushinteger(L, ev->engine);
-    lua_pushinteger(L, (lua_Integer)ev->id);
-  } else if (strcmp(kind, "undecodable") != 0) {
-    if (!lua_checkstack(L, 8)) return -1;
-    int n = push_reply(undecodable, L, ev, err, sizeof err);
-    if (n >= 0) return 3 + n;
-    lua_pop(L, 3);
-    lua_pushstring(L, "undecodable");
-    lua_pushinteger(L, ev->engine);
-    lua_pushinteger(L, (lua_Integer)ev->id);
-  }
-  lua_pushstring(L, err);
-  return 4;
-}
-
-/* Raw mode: messages as ("frame", engine, type, flags, id, payload). */
-static int push_raw_event(lua_State *L, const lpar_event *ev) {
-  if (ev->kind != LPAR_EV_MESSAGE) {
-    uint64_t ignored = 0;
-    return lparC_push_event(&ignored, L, ev);
-  }
-  lua_pushstring(L, "frame");
-  lua_pushinteger(L, ev->engine);
-  lua_pushinteger(L, ev->type);
-  lua_pushinteger(L, ev->flags);
-  lua_pushinteger(L, (lua_Integer)ev->id);
-  lua_pushlstring(L, ev->payload, ev->len);
-  return 6;
-}
-
-static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
-  (void)c;
-  cluster_ud *u = ud;
-  lua_State *L = u->L;
-  int top = lua_gettop(L);
-  lua_pushcfunction(L, lparC_traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
-  int n = u->raw ? push_raw_event(L, ev) : lparC_push_event(&u->undecodable, L, ev);
-  for (int i = 0; i < ev->nfds; i++) close(ev->fds[i]); /* matrices hold their own */
-  if (n >= 0 && lua_pcall(L, n, 0, top + 1) != LUA_OK)
-    fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
-  lua_settop(L, top);
-}
-
-static cluster_ud *check_cluster(lua_State *L) {
-  cluster_ud *u = luaL_checkudata(L, 1, CLUSTER_MT);
-  if (u->c == NULL) luaL_error(L, "the cluster is stopped");
-  return u;
-}
-
-/*
-** core.new_cluster{handler=, engine=, env={...}, blas_threads=, raw=}: with
-** raw, messages reach the handler as bytes, and engines send matrices inline.
-*/
-static int l_new_cluster(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  lua_getfield(L, 1, "handler");
-  luaL_argexpected(L, lua_isfunction(L, -1), 1, "table with a handler function");
-  lua_getfield(L, 1, "engine");
-  const char *engine = luaL_optstring(L, -1, NULL);
-  lua_getfield(L, 1, "blas_threads");
-  int blas = (int)luaL_optinteger(L, -1, 0);
-  lua_getfield(L, 1, "raw");
-  int raw = lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  lua_getfield(L, 1, "env");
-  int nenv = lua_istable(L, -1) ? (int)luaL_len(L, -1) : 0;
-  const char **env = lua_newuserdatauv(L, sizeof(char *) * (size_t)(nenv + 1), 0);
-  for (int i = 0; i < nenv; i++) {
-    lua_geti(L, -2, i + 1);
-    env[i] = lua_tostring(L, -1);
-    if (env[i] == NULL || strchr(env[i], '=') == NULL)
-      return luaL_error(L, "env[%d] must be a \"NAME=value\" string", i + 1);
-    lua_pop(L, 1); /* the string stays alive in the env table */
-  }
-  env[nenv] = NULL;
-
-  cluster_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
-  memset(u, 0, sizeof *u);
-  lparB_init(&u->enc);
-  u->raw = raw;
-  luaL_setmetatable(L, CLUSTER_MT);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
-  u->L = lua_tothread(L, -1);
-  lua_pop(L, 1);
-  lua_pushvalue(L, 2);
-  u->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lpar_config cfg = {.engine_path = engine, .env = env, .blas_threads = blas,
-                     .inline_only = raw, .on_event = on_event, .ud = u};
-  int rc = lpar_cluster_new(luv_loop(L), &cfg, &u->c);
-  if (rc < 0) return lparC_push_failure(L, rc, "cannot create the cluster");
+static int l_keygen(lua_State *L) {
+  unsigned char key[LPARA_KEY_BYTES];
+  if (lparA_keygen(key) < 0) return lparC_push_failure(L, LPAR_ESYS, "no randomness");
+  lua_pushlstring(L, (const char *)key, sizeof key);
   return 1;
-}
-
-static int l_spawn(lua_State *L) {
-  cluster_ud *u = check_cluster(L);
-  int id = (int)luaL_checkinteger(L, 2), n = (int)luaL_checkinteger(L, 3);
-  int rc = lpar_cluster_spawn(u->c, id, n);
-  if (rc < 0) return lparC_push_failure(L, rc, NULL);
-  lua_pushinteger(L, lpar_cluster_pid(u->c, id));
-  return 1;
-}
-
-/* cluster:send(engine, type, id, root, values...) */
-static int l_send(lua_State *L) {
-  cluster_ud *u = check_cluster(L);
-  int engine = (int)luaL_checkinteger(L, 2);
-  int type = (int)luaL_checkinteger(L, 3);
-  lua_Integer id = luaL_checkinteger(L, 4);
-  const char *root = luaL_checkstring(L, 5);
-  char err[512];
-  u->enc.len = 0;
-  lparS_shm shm = {.min_bytes = LPARM_SHM_MIN_BYTES};
-  int rc = lparS_encode_shm(L, 6, lua_gettop(L) - 5, root, &u->enc, &shm, err, sizeof err);
-  if (rc < 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    lua_pushinteger(L, rc);
-    return 3;
-  }
-  rc = lpar_cluster_send_fds(u->c, engine, type, 0, (uint64_t)id, u->enc.data, u->enc.len,
-                             shm.fds, shm.nfds);
-  lparS_shm_done(&shm);
-  if (u->enc.cap > (1u << 24)) lparB_free(&u->enc);
-  if (rc < 0) return lparC_push_failure(L, rc, NULL);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-/* cluster:send_bytes(engine, type, flags, id, payload): a payload already encoded. */
-static int l_send_bytes(lua_State *L) {
-  cluster_ud *u = check_cluster(L);
-  size_t n;
-  const char *p = luaL_checklstring(L, 6, &n);
-  int rc = lpar_cluster_send(u->c, (int)luaL_checkinteger(L, 2), (int)luaL_checkinteger(L, 3),
-                             (unsigned)luaL_checkinteger(L, 4) & ~LPAR_FLAG_FDS,
-                             (uint64_t)luaL_checkinteger(L, 5), p, n);
-  if (rc < 0) return lparC_push_failure(L, rc, NULL);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-static int l_send_raw(lua_State *L) {
-  cluster_ud *u = check_cluster(L);
-  int engine = (int)luaL_checkinteger(L, 2);
-  size_t n;
-  const char *s = luaL_checklstring(L, 3, &n);
-  int rc = lpar_cluster_send_raw(u->c, engine, s, n);
-  if (rc < 0) return lparC_push_failure(L, rc, NULL);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-static const struct {
-  const char *name;
-  int sig;
-} signals[] = {{"INT", SIGINT}, {"TERM", SIGTERM}, {"KILL", SIGKILL}, {"SEGV", SIGSEGV},
-               {"HUP", SIGHUP}, {"USR1", SIGUSR1}, {"USR2", SIGUSR2}, {"STOP", SIGSTOP},
-               {"CONT", SIGCONT}, {"ABRT", SIGABRT}, {NULL, 0}};
-
-int lparC_check_signal(lua_State *L, int arg) {
-  if (lua_type(L, arg) == LUA_TNUMBER) return (int)luaL_checkinteger(L, arg);
-  const char *name = luaL_checkstring(L, arg);
-  if (strncmp(name, "SIG", 3) == 0) name += 3;
-  for (int i = 0; signals[i].name; i++)
-    if (strcmp(signals[i].name, name) == 0) return signals[i].sig;
-  return luaL_argerror(L, arg, lua_pushfstring(L, "unknown signal '%s'", name));
-}
-
-static int l_signal(lua_State *L) {
-  cluster_ud *u = check_cluster(L);
-  int rc = lpar_cluster_signal(u->c, (int)luaL_checkinteger(L, 2), lparC_check_signal(L, 3));
-  if (rc < 0) return lparC_push_failure(L, rc, NULL);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-static int l_interrupt(lua_State *L) {
-  cluster_ud *u = check_cluster(L);
-  int rc = lpar_cluster_interrupt(u->c, (int)luaL_checkinteger(L, 2),
-                                  (uint64_t)luaL_checkinteger(L, 3));
-  if (rc < 0) return lparC_push_failure(L, rc, NULL);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-static int l_pid(lua_State *L) {
-  cluster_ud *u = check_cluster(L);
-  int rc = lpar_cluster_pid(u->c, (int)luaL_checkinteger(L, 2));
-  if (rc < 0) return lparC_push_failure(L, rc, NULL);
-  lua_pushinteger(L, rc);
-  return 1;
-}
-
-static int l_stats(lua_State *L) {
-  cluster_ud *u = check_cluster(L);
-  lua_createtable(L, 0, 2);
-  lua_pushinteger(L, (lua_Integer)lpar_cluster_bad_messages(u->c));
-  lua_setfield(L, -2, "bad_messages");
-  lua_pushinteger(L, (lua_Integer)u->undecodable);
-  lua_setfield(L, -2, "undecodable");
-  return 1;
-}
-
-/* stop/__gc/__close: idempotent, so they may run in any order. */
-static int l_stop(lua_State *L) {
-  cluster_ud *u = luaL_checkudata(L, 1, CLUSTER_MT);
-  if (u->c) {
-    lpar_cluster_free(u->c);
-    u->c = NULL;
-    luaL_unref(L, LUA_REGISTRYINDEX, u->handler_ref);
-    u->handler_ref = LUA_NOREF;
-    lparB_free(&u->enc);
-  }
-  return 0;
 }
 
 static int l_encode(lua_State *L) {
@@ -421,17 +119,11 @@ static int keep_going_pcall(lua_State *L, int nargs, int nresults, int flags) {
   return nresults == LUA_MULTRET ? lua_gettop(L) - base + 1 : nresults;
 }
 
-static const luaL_Reg cluster_methods[] = {
-  {"spawn", l_spawn}, {"send", l_send}, {"send_raw", l_send_raw}, {"signal", l_signal},
-  {"send_bytes", l_send_bytes},
-  {"pid", l_pid},     {"stats", l_stats}, {"stop", l_stop},       {"interrupt", l_interrupt},
-  {NULL, NULL}};
-
 static const luaL_Reg functions[] = {
-  {"new_cluster", l_new_cluster},
   {"encode", l_encode},
   {"decode", l_decode},
   {"register_metatable", lparS_register_metatable},
+  {"keygen", l_keygen},
   {"loop_running", l_loop_running},
   {"now", l_now},
   {NULL, NULL}};
@@ -450,17 +142,10 @@ int luaopen_lpar_core(lua_State *L) {
   luv_ctx_t *ctx = luv_context(L);
   if (ctx->cb_pcall == luv_cfpcall || ctx->cb_pcall == NULL) luv_set_callback(L, keep_going_pcall);
 
-  luaL_newmetatable(L, CLUSTER_MT);
-  luaL_newlib(L, cluster_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_stop);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_stop);
-  lua_setfield(L, -2, "__close");
-  lua_pop(L, 1);
-
+  lparR_ignore_sigpipe(); /* luv's own writes (pipes, sockets) must not kill the host either */
   luaL_newlib(L, functions);
-  lparC_open_link(L);
+  lparC_open_cluster(L);
+  lparC_open_relay(L);
   static const struct {
     const char *name;
     int value;
@@ -469,6 +154,9 @@ int luaopen_lpar_core(lua_State *L) {
                {"PULL", LPAR_MSG_PULL},       {"RESULT", LPAR_MSG_RESULT},
                {"ERROR", LPAR_MSG_ERROR},     {"EXIT", LPAR_MSG_EXIT},
                {"CONTROL", LPAR_MSG_CONTROL}, {"FLAG_RAW", LPAR_FLAG_RAW},
+               {"SIGNAL", LPAR_MSG_SIGNAL},   {"INTERRUPT", LPAR_MSG_INTERRUPT},
+               {"STDOUT", LPAR_MSG_STDOUT},   {"STDERR", LPAR_MSG_STDERR},
+               {"DISPLAY", LPAR_MSG_DISPLAY}, {"FLAG_INLINE", LPAR_FLAG_INLINE},
                {"ECLOSED", LPAR_ECLOSED},     {"EDEAD", LPAR_EDEAD}};
   for (size_t i = 0; i < sizeof types / sizeof *types; i++) {
     lua_pushinteger(L, types[i].value);

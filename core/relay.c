@@ -1,0 +1,452 @@
+/*
+** relay.c: a standalone controller's data plane (see relay.h).
+*/
+#include "relay.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sodium.h>
+
+#include "link.h"
+#include "route.h"
+#include "wire.h"
+
+#define CID_BITS 40
+#define CID_MASK ((UINT64_C(1) << CID_BITS) - 1)
+#define SERIAL_MAX 0xffffffu /* serials fill the id's top 24 bits */
+
+typedef enum peer_kind { PEER_CLIENT = 1, PEER_ENGINE = 2 } peer_kind;
+
+typedef struct peer {
+  lparY_relay *y;
+  lparR_route *route; /* NULL once closed */
+  uint32_t serial;
+  peer_kind kind;
+  int engine;         /* PEER_ENGINE: the engine it relays */
+  int passes_fds;
+  int status, signal; /* PEER_ENGINE: how its engine ended, as its EXIT said */
+} peer;
+
+typedef struct yengine {
+  lparY_engine_state state;
+  int joined;
+  peer *via; /* joined: the peer relaying it */
+  int pid;
+  int status, signal;
+  uint64_t in_flight;
+  char hello[128];
+  size_t hello_len;
+} yengine;
+
+struct lparY_relay {
+  uv_loop_t *loop;
+  lpar_cluster *local;
+  lparL_server *servers[2];
+  int nservers;
+  yengine *engines;
+  int nengines;
+  peer **peers;
+  int npeers, cap_peers;
+  uint32_t next_serial;
+  uint64_t bad_messages;
+  int stopping;
+  lparY_event_cb on_event;
+  void *ud;
+};
+
+static void emit(lparY_relay *y, lparY_event *ev) {
+  if (y->on_event && !y->stopping) y->on_event(y, ev, y->ud);
+}
+
+static peer *find_peer(const lparY_relay *y, uint32_t serial) {
+  for (int i = 0; i < y->npeers; i++)
+    if (y->peers[i]->serial == serial) return y->peers[i];
+  return NULL;
+}
+
+static yengine *engine_slot(lparY_relay *y, int id) {
+  if (id < 0 || id >= LPARY_MAX_ENGINES) return NULL;
+  if (id >= y->nengines) {
+    int n = y->nengines ? y->nengines : 16;
+    while (n <= id) n *= 2;
+    yengine *e = realloc(y->engines, (size_t)n * sizeof *e);
+    if (e == NULL) return NULL;
+    memset(e + y->nengines, 0, (size_t)(n - y->nengines) * sizeof *e);
+    y->engines = e;
+    y->nengines = n;
+  }
+  return &y->engines[id];
+}
+
+static yengine *known_engine(const lparY_relay *y, int id) {
+  return id >= 0 && id < y->nengines && y->engines[id].state != LPARY_NONE ? &y->engines[id] : NULL;
+}
+
+/* ---- telling clients of engines ---- */
+
+static void send_state(peer *p, int id, const yengine *e) {
+  if (p->route == NULL || p->kind != PEER_CLIENT) return;
+  if (e->state == LPARY_READY) {
+    unsigned flags = LPAR_FLAG_RAW | (e->joined ? LPAR_FLAG_INLINE : 0);
+    lparR_send(p->route, LPAR_MSG_HELLO, flags, (unsigned)id, 0, e->hello, e->hello_len, NULL, 0);
+  } else if (e->state == LPARY_DEAD) {
+    char text[32];
+    int n = snprintf(text, sizeof text, "%d %d", e->status, e->signal);
+    lparR_send(p->route, LPAR_MSG_EXIT, LPAR_FLAG_RAW, (unsigned)id, 0, text, (size_t)n, NULL, 0);
+  }
+}
+
+static void tell_clients(lparY_relay *y, int id) {
+  for (int i = 0; i < y->npeers; i++) send_state(y->peers[i], id, &y->engines[id]);
+}
+
+static void engine_ready(lparY_relay *y, int id, const char *hello, size_t len, int pid) {
+  yengine *e = engine_slot(y, id);
+  if (e == NULL) return;
+  e->state = LPARY_READY;
+  e->pid = pid;
+  e->hello_len = len < sizeof e->hello ? len : sizeof e->hello;
+  memcpy(e->hello, hello, e->hello_len);
+  tell_clients(y, id);
+  lparY_event ev = {.kind = LPARY_ENGINE_READY, .engine = id};
+  emit(y, &ev);
+}
+
+static void engine_exit(lparY_relay *y, int id, int status, int signal) {
+  yengine *e = known_engine(y, id);
+  if (e == NULL || e->state == LPARY_DEAD) return;
+  e->state = LPARY_DEAD;
+  e->status = status;
+  e->signal = signal;
+  e->in_flight = 0;
+  e->via = NULL;
+  tell_clients(y, id);
+  lparY_event ev = {.kind = LPARY_ENGINE_EXIT, .engine = id, .status = status, .signal = signal};
+  emit(y, &ev);
+}
+
+/* ---- replies: engine -> client ---- */
+
+static int is_reply(int type) { return type >= LPAR_MSG_RESULT && type <= LPAR_MSG_DISPLAY; }
+
+static void reply(lparY_relay *y, int id, const lparW_header *h, const char *payload, int *fds,
+                  int nfds) {
+  yengine *e = known_engine(y, id);
+  if (e == NULL) return;
+  if (h->type == LPAR_MSG_RESULT || h->type == LPAR_MSG_ERROR) {
+    if (e->in_flight > 0) e->in_flight--;
+  }
+  peer *p = find_peer(y, (uint32_t)(h->id >> CID_BITS));
+  if (p == NULL || p->route == NULL) return; /* its client left: the task ran all the same */
+  lparR_send(p->route, h->type, h->flags, (unsigned)id, h->id & CID_MASK, payload, (size_t)h->len,
+             fds, p->passes_fds ? nfds : 0);
+}
+
+static void on_local_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
+  (void)c;
+  lparY_relay *y = ud;
+  switch (ev->kind) {
+  case LPAR_EV_READY: engine_ready(y, ev->engine, ev->payload, ev->len, ev->pid); break;
+  case LPAR_EV_EXIT: engine_exit(y, ev->engine, ev->exit_status, ev->term_signal); break;
+  case LPAR_EV_BAD_MESSAGE: y->bad_messages++; break;
+  case LPAR_EV_MESSAGE: {
+    if (!is_reply(ev->type)) {
+      y->bad_messages++;
+      return;
+    }
+    lparW_header h = {.type = ev->type, .flags = ev->flags, .id = ev->id, .len = ev->len};
+    reply(y, ev->engine, &h, ev->payload, ev->fds, ev->nfds);
+    break;
+  }
+  default: break;
+  }
+}
+
+/* ---- requests: client -> engine ---- */
+
+static void refuse_request(peer *p, int id, const yengine *e) {
+  yengine gone = {.state = LPARY_DEAD, .status = -1};
+  send_state(p, id, e && e->state == LPARY_DEAD ? e : &gone);
+}
+
+static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *payload, int *fds,
+                    int nfds) {
+  int id = (int)h->route;
+  yengine *e = known_engine(y, id);
+  if (e == NULL || e->state != LPARY_READY || h->id > CID_MASK) {
+    if (h->id > CID_MASK) y->bad_messages++;
+    refuse_request(p, id, e); /* the client thought it was up: tell it how it ended */
+    return;
+  }
+  uint64_t gid = (uint64_t)p->serial << CID_BITS | h->id;
+  unsigned flags = h->flags & ~LPAR_FLAG_FDS;
+  if (!p->passes_fds) flags |= LPAR_FLAG_INLINE;
+  int rc;
+  if (e->joined) {
+    /* Its link is read by a relay that sends matrices inline. */
+    rc = e->via && e->via->route
+             ? lparR_send(e->via->route, h->type, flags | LPAR_FLAG_INLINE, 0, gid, payload,
+                          (size_t)h->len, NULL, 0)
+             : LPAR_EDEAD;
+  } else {
+    rc = lpar_cluster_send_fds(y->local, id, h->type, flags, gid, payload, (size_t)h->len, fds,
+                               nfds);
+  }
+  if (rc < 0) {
+    refuse_request(p, id, e);
+    return;
+  }
+  e->in_flight++;
+}
+
+static void interrupt(lparY_relay *y, peer *p, const lparW_header *h) {
+  yengine *e = known_engine(y, (int)h->route);
+  if (e == NULL || e->state != LPARY_READY || h->id > CID_MASK) return;
+  uint64_t gid = (uint64_t)p->serial << CID_BITS | h->id;
+  if (e->joined) {
+    if (e->via && e->via->route)
+      lparR_send(e->via->route, LPAR_MSG_INTERRUPT, LPAR_FLAG_RAW, 0, gid, "", 0, NULL, 0);
+  } else {
+    lpar_cluster_interrupt(y->local, (int)h->route, gid);
+  }
+}
+
+static void client_frame(lparY_relay *y, peer *p, const lparW_header *h, const char *payload,
+                         int *fds, int nfds) {
+  switch (h->type) {
+  case LPAR_MSG_EXECUTE:
+  case LPAR_MSG_APPLY:
+  case LPAR_MSG_PUSH:
+  case LPAR_MSG_PULL: request(y, p, h, payload, fds, nfds); break;
+  case LPAR_MSG_INTERRUPT: interrupt(y, p, h); break;
+  case LPAR_MSG_SIGNAL: {
+    char text[16];
+    size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;
+    memcpy(text, payload, n);
+    text[n] = 0;
+    if (lparY_signal(y, (int)h->route, atoi(text)) < 0) refuse_request(p, (int)h->route,
+                                                                       known_engine(y, (int)h->route));
+    break;
+  }
+  case LPAR_MSG_CONTROL: {
+    lparY_event ev = {.kind = LPARY_CONTROL, .peer = p->serial, .id = h->id, .payload = payload,
+                      .len = (size_t)h->len};
+    emit(y, &ev);
+    break;
+  }
+  default: y->bad_messages++; /* an engine's message from a client */
+  }
+}
+
+/* A joined engine's relay: its hello, its replies, its end. */
+static void engine_peer_frame(lparY_relay *y, peer *p, const lparW_header *h, const char *payload,
+                              int *fds, int nfds) {
+  if (h->type == LPAR_MSG_HELLO) {
+    char text[128];
+    size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;
+    memcpy(text, payload, n);
+    text[n] = 0;
+    const char *at = strstr(text, "pid=");
+    engine_ready(y, p->engine, payload, (size_t)h->len, at ? atoi(at + 4) : -1);
+  } else if (h->type == LPAR_MSG_EXIT) {
+    char text[32];
+    size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;
+    memcpy(text, payload, n);
+    text[n] = 0;
+    if (sscanf(text, "%d %d", &p->status, &p->signal) != 2) p->status = -1, p->signal = 0;
+    engine_exit(y, p->engine, p->status, p->signal);
+  } else if (is_reply(h->type)) {
+    reply(y, p->engine, h, payload, fds, nfds);
+  } else if (h->type == LPAR_MSG_CONTROL) {
+    lparY_event ev = {.kind = LPARY_CONTROL, .peer = p->serial, .id = h->id, .payload = payload,
+                      .len = (size_t)h->len};
+    emit(y, &ev);
+  } else {
+    y->bad_messages++;
+  }
+}
+
+/* ---- peers ---- */
+
+static void peer_frame(lparR_route *r, const lparW_header *h, const char *payload, int *fds,
+                       int nfds, void *ud) {
+  (void)r;
+  peer *p = ud;
+  if (p->kind == PEER_ENGINE)
+    engine_peer_frame(p->y, p, h, payload, fds, nfds);
+  else
+    client_frame(p->y, p, h, payload, fds, nfds);
+}
+
+static void peer_closed(lparR_route *r, const char *reason, int refused, void *ud) {
+  (void)r;
+  peer *p = ud;
+  lparY_relay *y = p->y;
+  p->route = NULL;
+  for (int i = 0; i < y->npeers; i++) {
+    if (y->peers[i] == p) {
+      y->peers[i] = y->peers[--y->npeers];
+      break;
+    }
+  }
+  if (p->kind == PEER_ENGINE) {
+    yengine *e = known_engine(y, p->engine);
+    if (e && e->via == p) engine_exit(y, p->engine, p->status ? p->status : -1, p->signal);
+  }
+  lparY_event ev = {.kind = LPARY_PEER_CLOSED, .peer = p->serial, .reason = reason,
+                    .refused = refused, .engine = p->kind == PEER_ENGINE ? p->engine : -1};
+  emit(y, &ev);
+  free(p);
+}
+
+static const lparR_handlers peer_handlers = {peer_frame, peer_closed, NULL};
+
+static void on_accept(lparL_server *s, lparR_route *r, void *ud) {
+  (void)s;
+  lparY_relay *y = ud;
+  peer *p = calloc(1, sizeof *p);
+  if (p == NULL || y->stopping || (y->npeers == y->cap_peers && y->cap_peers >= 1 << 16)) {
+    free(p);
+    lparR_close(r, "no room for another peer");
+    return;
+  }
+  if (y->npeers == y->cap_peers) {
+    int n = y->cap_peers ? 2 * y->cap_peers : 16;
+    peer **ps = realloc(y->peers, (size_t)n * sizeof *ps);
+    if (ps == NULL) {
+      free(p);
+      lparR_close(r, "out of memory");
+      return;
+    }
+    y->peers = ps;
+    y->cap_peers = n;
+  }
+  if (++y->next_serial > SERIAL_MAX) y->next_serial = 1;
+  *p = (peer){.y = y, .route = r, .serial = y->next_serial, .kind = PEER_CLIENT,
+              .engine = -1, .passes_fds = lparR_passes_fds(r)};
+  y->peers[y->npeers++] = p;
+  lparR_set_handlers(r, &peer_handlers, p);
+  /* What it needs to know first, sealed once its hello is in. */
+  for (int id = 0; id < y->nengines; id++) send_state(p, id, &y->engines[id]);
+}
+
+/* ---- the relay ---- */
+
+int lparY_new(uv_loop_t *loop, const lparY_config *cfg, lparY_relay **out, char *err,
+              size_t errlen) {
+  lparY_relay *y = calloc(1, sizeof *y);
+  if (y == NULL) return LPAR_ENOMEM;
+  y->loop = loop;
+  y->on_event = cfg->on_event;
+  y->ud = cfg->ud;
+  lpar_config ec = cfg->engines;
+  ec.on_event = on_local_event;
+  ec.ud = y;
+  int rc = lpar_cluster_new(loop, &ec, &y->local);
+  if (rc < 0) {
+    snprintf(err, errlen, "cannot create the engines: %s", lpar_strerror(rc));
+    free(y);
+    return rc;
+  }
+  rc = lparL_listen(loop, cfg->socket, NULL, 0, cfg->key, on_accept, y, &y->servers[0], err, errlen);
+  if (rc == LPAR_OK) y->nservers = 1;
+  if (rc == LPAR_OK && cfg->ip) {
+    rc = lparL_listen(loop, NULL, cfg->ip, cfg->port, cfg->key, on_accept, y, &y->servers[1], err,
+                      errlen);
+    if (rc == LPAR_OK) y->nservers = 2;
+  }
+  if (rc < 0) {
+    lparY_free(y);
+    return rc;
+  }
+  *out = y;
+  return LPAR_OK;
+}
+
+int lparY_spawn(lparY_relay *y, int id, int n, char *err, size_t errlen) {
+  yengine *e = engine_slot(y, id);
+  if (e == NULL) {
+    snprintf(err, errlen, "engine id %d is out of range", id);
+    return LPAR_EINVAL;
+  }
+  int rc = lpar_cluster_spawn(y->local, id, n);
+  if (rc < 0) {
+    snprintf(err, errlen, "%s", lpar_cluster_errmsg(y->local));
+    return rc;
+  }
+  *e = (yengine){.state = LPARY_STARTING, .pid = lpar_cluster_pid(y->local, id)};
+  return LPAR_OK;
+}
+
+int lparY_signal(lparY_relay *y, int id, int sig) {
+  yengine *e = known_engine(y, id);
+  if (e == NULL) return LPAR_ENOENGINE;
+  if (e->state == LPARY_DEAD) return LPAR_EDEAD;
+  if (!e->joined) return lpar_cluster_signal(y->local, id, sig);
+  if (e->via == NULL || e->via->route == NULL) return LPAR_EDEAD;
+  char text[16];
+  int n = snprintf(text, sizeof text, "%d", sig);
+  return lparR_send(e->via->route, LPAR_MSG_SIGNAL, LPAR_FLAG_RAW, 0, 0, text, (size_t)n, NULL, 0);
+}
+
+int lparY_join(lparY_relay *y, uint32_t serial, int id) {
+  peer *p = find_peer(y, serial);
+  yengine *e = engine_slot(y, id);
+  if (p == NULL || e == NULL || p->kind != PEER_CLIENT) return LPAR_EINVAL;
+  if (e->state != LPARY_NONE && e->state != LPARY_DEAD) return LPAR_EINVAL;
+  p->kind = PEER_ENGINE;
+  p->engine = id;
+  *e = (yengine){.state = LPARY_STARTING, .joined = 1, .via = p, .pid = -1};
+  return LPAR_OK;
+}
+
+int lparY_answer(lparY_relay *y, uint32_t serial, uint64_t id, const void *payload, size_t len) {
+  peer *p = find_peer(y, serial);
+  if (p == NULL || p->route == NULL) return LPAR_EDEAD;
+  return lparR_send(p->route, LPAR_MSG_CONTROL, 0, 0, id, payload, len, NULL, 0);
+}
+
+int lparY_engine(const lparY_relay *y, int id, lparY_engine_info *out) {
+  const yengine *e = known_engine(y, id);
+  if (e == NULL) return LPAR_ENOENGINE;
+  *out = (lparY_engine_info){.state = e->state, .joined = e->joined, .pid = e->pid,
+                             .status = e->status, .signal = e->signal, .in_flight = e->in_flight};
+  return LPAR_OK;
+}
+
+void lparY_get_stats(const lparY_relay *y, lparY_stats *out) {
+  memset(out, 0, sizeof *out);
+  for (int i = 0; i < y->nservers; i++) {
+    out->refused += lparL_server_refused(y->servers[i]);
+    out->disconnected += lparL_server_disconnected(y->servers[i]);
+  }
+  out->bad_messages = y->bad_messages + lpar_cluster_bad_messages(y->local);
+  for (int i = 0; i < y->npeers; i++) out->clients += y->peers[i]->kind == PEER_CLIENT;
+  for (int i = 0; i < y->nengines; i++)
+    if (y->engines[i].state != LPARY_NONE) out->engines = i + 1;
+}
+
+int lparY_port(const lparY_relay *y) {
+  return y->nservers > 1 ? lparL_server_port(y->servers[1]) : 0;
+}
+
+void lparY_free(lparY_relay *y) {
+  if (y == NULL) return;
+  y->stopping = 1;
+  for (int i = 0; i < y->nservers; i++) lparL_server_close(y->servers[i]);
+  /* Peers free themselves as their routes close; none may call back into y after this. */
+  for (int i = 0; i < y->npeers; i++) {
+    peer *p = y->peers[i];
+    if (p->route) {
+      lparR_set_handlers(p->route, NULL, NULL);
+      lparR_close(p->route, "the controller stopped");
+    }
+    free(p);
+  }
+  free(y->peers);
+  lpar_cluster_free(y->local);
+  free(y->engines);
+  free(y);
+}

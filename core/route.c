@@ -1,0 +1,600 @@
+/*
+** route.c: one connection that carries frames (see route.h).
+**
+** The socket is ours, non-blocking, watched with a uv_poll: lpar reads and
+** writes it itself (recvmsg, sendmsg) rather than through a uv_stream,
+** because descriptors must travel with the frame they belong to, and
+** libuv's streams drop ancillary data. Writes use MSG_NOSIGNAL, so a peer
+** that is gone is a failed write, never a SIGPIPE.
+*/
+#include "route.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <sodium.h>
+
+#include "lpar.h"
+#include "shm.h"
+
+#define FD_BATCHES 32       /* descriptor batches received ahead of their frames */
+#define SMALL_FRAME 4096    /* frames up to this are written from the stack when they can */
+
+/* A frame (or raw bytes) waiting for the socket. */
+typedef struct chunk {
+  struct chunk *next;
+  size_t len, off;  /* bytes in data; bytes written */
+  int unsealed;     /* a frame to seal once the session starts */
+  int nfds;         /* descriptors that go with the first byte (duplicates, ours) */
+  int fds[LPARH_MAX_FDS];
+  char data[];
+} chunk;
+
+typedef struct fd_batch {
+  int n;
+  int fds[LPARH_MAX_FDS];
+} fd_batch;
+
+struct lparR_route {
+  lparR_kind kind;
+  int fd, side;
+  uv_poll_t poll;
+  uv_timer_t auth_timer;
+  int timer_inited;
+  int open_handles;
+  int events; /* what the poll watches now */
+  int closing, refused_close;
+  char reason[200];
+  int sealed, session, authenticated;
+  lparA_channel chan;
+  lparW_reader reader;
+  chunk *head, *tail;
+  fd_batch *batches; /* LPARR_UNIX: a ring of FD_BATCHES */
+  int batch_first, batch_count;
+  lparR_owner *owner;
+  lparR_handlers handlers;
+  void *ud;
+};
+
+void lparR_ignore_sigpipe(void) {
+  struct sigaction old;
+  if (sigaction(SIGPIPE, NULL, &old) == 0 && old.sa_handler == SIG_DFL &&
+      !(old.sa_flags & SA_SIGINFO))
+    signal(SIGPIPE, SIG_IGN);
+}
+
+static void close_fds(int *fds, int n) {
+  for (int i = 0; i < n; i++)
+    if (fds[i] >= 0) close(fds[i]);
+}
+
+/* ---- closing ---- */
+
+static void free_chunks(lparR_route *r) {
+  for (chunk *c = r->head, *next; c; c = next) {
+    next = c->next;
+    close_fds(c->fds, c->nfds);
+    free(c);
+  }
+  r->head = r->tail = NULL;
+}
+
+static void on_handle_closed(uv_handle_t *h) {
+  lparR_route *r = h->data;
+  if (--r->open_handles > 0) return;
+  if (r->handlers.on_close)
+    r->handlers.on_close(r, r->reason[0] ? r->reason : "closed", r->refused_close, r->ud);
+  lparR_owner *o = r->owner;
+  if (o) {
+    if (r->sealed && !r->authenticated) o->strangers--;
+    if (--o->routes == 0 && o->release) o->release(o);
+  }
+  for (int i = 0; r->batches && i < r->batch_count; i++) {
+    fd_batch *b = &r->batches[(r->batch_first + i) % FD_BATCHES];
+    close_fds(b->fds, b->n);
+  }
+  free(r->batches);
+  lparW_reader_free(&r->reader);
+  sodium_memzero(&r->chan, sizeof r->chan);
+  free(r);
+}
+
+/* Stop reading and writing now; the peer sees EOF at once. */
+static void close_route(lparR_route *r, const char *reason, int refused) {
+  if (r->closing) return;
+  r->closing = 1;
+  r->refused_close = refused;
+  if (reason) snprintf(r->reason, sizeof r->reason, "%s", reason);
+  if (refused && r->owner) r->owner->disconnected++;
+  free_chunks(r);
+  uv_close((uv_handle_t *)&r->poll, on_handle_closed);
+  if (r->timer_inited) uv_close((uv_handle_t *)&r->auth_timer, on_handle_closed);
+  close(r->fd);
+  r->fd = -1;
+  if (r->side >= 0) close(r->side);
+  r->side = -1;
+}
+
+void lparR_close(lparR_route *r, const char *reason) { close_route(r, reason, 0); }
+
+static void refuse(lparR_route *r, const char *what, const char *why) {
+  if (r->owner) r->owner->refused++;
+  char reason[sizeof r->reason];
+  snprintf(reason, sizeof reason, "%s: %s", what, why);
+  close_route(r, reason, 1);
+}
+
+/* ---- writing ---- */
+
+static void update_poll(lparR_route *r);
+
+/* sendmsg with the descriptors (if any) on the first byte. Bytes written, or -errno. */
+static ssize_t send_pieces(lparR_route *r, struct iovec *iov, int niov, const int *fds, int nfds) {
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * LPARH_MAX_FDS)];
+    struct cmsghdr align;
+  } ctl;
+  struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)niov};
+  if (nfds > 0) {
+    m.msg_control = ctl.buf;
+    m.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+  }
+  for (;;) {
+    ssize_t k = sendmsg(r->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (k >= 0) return k;
+    if (errno == EINTR) continue;
+    return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -errno;
+  }
+}
+
+static chunk *chunk_new(size_t len) {
+  chunk *c = malloc(sizeof *c + len);
+  if (c == NULL) return NULL;
+  c->next = NULL;
+  c->len = len;
+  c->off = 0;
+  c->unsealed = 0;
+  c->nfds = 0;
+  return c;
+}
+
+/* Keep duplicates of the caller's descriptors in c (they must wait). */
+static int chunk_keep_fds(chunk *c, const int *fds, int nfds) {
+  for (int i = 0; i < nfds; i++) {
+    c->fds[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 0);
+    if (c->fds[i] < 0) {
+      close_fds(c->fds, i);
+      return LPAR_ESYS;
+    }
+    c->nfds = i + 1;
+  }
+  return LPAR_OK;
+}
+
+static void enqueue(lparR_route *r, chunk *c) {
+  if (r->tail)
+    r->tail->next = c;
+  else
+    r->head = c;
+  r->tail = c;
+  update_poll(r);
+}
+
+/* Write queued chunks until the socket is full or one waits for the session. */
+static void flush(lparR_route *r) {
+  while (r->head && !r->head->unsealed && !r->closing) {
+    chunk *c = r->head;
+    struct iovec iov = {c->data + c->off, c->len - c->off};
+    ssize_t k = send_pieces(r, &iov, 1, c->fds, c->off == 0 ? c->nfds : 0);
+    if (k < 0) {
+      char why[160];
+      snprintf(why, sizeof why, "connection lost (%s)", strerror((int)-k));
+      close_route(r, why, 0);
+      return;
+    }
+    if (k > 0 && c->off == 0) { /* the descriptors went with the first byte */
+      close_fds(c->fds, c->nfds);
+      c->nfds = 0;
+    }
+    c->off += (size_t)k;
+    if (c->off < c->len) break;
+    r->head = c->next;
+    if (r->head == NULL) r->tail = NULL;
+    free(c);
+  }
+  update_poll(r);
+}
+
+/*
+** Write the pieces now if nothing waits before them, then queue what is
+** left as one chunk (the descriptors with it if none of it went).
+*/
+static int write_or_queue(lparR_route *r, struct iovec *iov, int niov, const int *fds, int nfds) {
+  size_t total = 0, done = 0;
+  for (int i = 0; i < niov; i++) total += iov[i].iov_len;
+  if (r->head == NULL) {
+    ssize_t k = send_pieces(r, iov, niov, fds, nfds);
+    if (k < 0) {
+      char why[160];
+      snprintf(why, sizeof why, "connection lost (%s)", strerror((int)-k));
+      close_route(r, why, 0);
+      return LPAR_EDEAD;
+    }
+    done = (size_t)k;
+    if (done == total) return LPAR_OK;
+  }
+  chunk *c = chunk_new(total - done);
+  if (c == NULL) return LPAR_ENOMEM;
+  if (done == 0 && nfds > 0 && chunk_keep_fds(c, fds, nfds) < 0) {
+    free(c);
+    return LPAR_ESYS;
+  }
+  size_t k = 0, skip = done;
+  for (int i = 0; i < niov; i++) {
+    size_t take = iov[i].iov_len;
+    if (skip >= take) {
+      skip -= take;
+      continue;
+    }
+    memcpy(c->data + k, (char *)iov[i].iov_base + skip, take - skip);
+    k += take - skip;
+    skip = 0;
+  }
+  enqueue(r, c);
+  return LPAR_OK;
+}
+
+static int check_send(const lparR_route *r, unsigned route, size_t len, int nfds) {
+  if (r->closing) return LPAR_EDEAD;
+  if (len > LPAR_MAX_PAYLOAD) return LPAR_ETOOBIG;
+  if (nfds < 0 || nfds > LPARH_MAX_FDS) return LPAR_EINVAL;
+  if (r->kind == LPARR_TCP && nfds > 0) return LPAR_EINVAL;
+  if (r->kind == LPARR_ENGINE && route != 0) return LPAR_EINVAL;
+  if (route > LPARR_MAX_ROUTE) return LPAR_EINVAL;
+  return LPAR_OK;
+}
+
+/* A sealed frame in a chunk of its own: header, ciphertext, tag. */
+static chunk *sealed_chunk(lparR_route *r, const char head[LPARW_HEADER_SIZE], const void *payload,
+                           size_t len) {
+  chunk *c = chunk_new(LPARW_HEADER_SIZE + len + LPARA_TAG_BYTES);
+  if (c == NULL) return NULL;
+  memcpy(c->data, head, LPARW_HEADER_SIZE);
+  char *body = c->data + LPARW_HEADER_SIZE;
+  if (r->session) {
+    lparA_seal(&r->chan, c->data, LPARW_HEADER_SIZE, payload, len, body,
+               (unsigned char *)body + len);
+  } else {
+    if (len) memcpy(body, payload, len);
+    c->unsealed = 1; /* sealed in order when the peer's hello comes */
+  }
+  return c;
+}
+
+int lparR_send(lparR_route *r, int type, unsigned flags, unsigned route, uint64_t id,
+               const void *payload, size_t len, const int *fds, int nfds) {
+  int rc = check_send(r, route, len, nfds);
+  if (rc < 0) return rc;
+  flags = nfds > 0 ? (flags | LPAR_FLAG_FDS) : (flags & ~LPAR_FLAG_FDS);
+  char head[LPARW_HEADER_SIZE];
+  lparW_pack_routed(head, type, flags, route, id, len);
+  if (r->kind == LPARR_ENGINE) {
+    /* Descriptors first, on the side socket: the engine reads them after the frame. */
+    if (nfds > 0 && (r->side < 0 || lparH_send_fds(r->side, fds, nfds) < 0)) return LPAR_EDEAD;
+    struct iovec iov[2] = {{head, sizeof head}, {(void *)payload, len}};
+    return write_or_queue(r, iov, len ? 2 : 1, NULL, 0);
+  }
+  if (r->session && r->head == NULL && len <= SMALL_FRAME) {
+    char body[SMALL_FRAME + LPARA_TAG_BYTES];
+    lparA_seal(&r->chan, head, sizeof head, payload, len, body, (unsigned char *)body + len);
+    struct iovec iov[2] = {{head, sizeof head}, {body, len + LPARA_TAG_BYTES}};
+    return write_or_queue(r, iov, 2, fds, nfds);
+  }
+  chunk *c = sealed_chunk(r, head, payload, len);
+  if (c == NULL) return LPAR_ENOMEM;
+  if (nfds > 0 && chunk_keep_fds(c, fds, nfds) < 0) {
+    free(c);
+    return LPAR_ESYS;
+  }
+  enqueue(r, c);
+  if (r->head == c) flush(r);
+  return r->closing ? LPAR_EDEAD : LPAR_OK;
+}
+
+int lparR_send_raw(lparR_route *r, const void *bytes, size_t len) {
+  if (r->closing) return LPAR_EDEAD;
+  chunk *c = chunk_new(len);
+  if (c == NULL) return LPAR_ENOMEM;
+  memcpy(c->data, bytes, len);
+  enqueue(r, c);
+  if (r->head == c) flush(r);
+  return LPAR_OK;
+}
+
+int lparR_seal_copy(lparR_route *r, int type, unsigned flags, unsigned route, uint64_t id,
+                    const void *payload, size_t len, lparB_buffer *out) {
+  int rc = check_send(r, route, len, 0);
+  if (rc < 0) return rc;
+  if (!r->sealed || !r->session) return LPAR_EINVAL;
+  size_t at = out->len;
+  if (lparB_reserve(out, LPARW_HEADER_SIZE + len + LPARA_TAG_BYTES) < 0) return LPAR_ENOMEM;
+  char *p = out->data + at;
+  lparW_pack_routed(p, type, flags & ~LPAR_FLAG_FDS, route, id, len);
+  lparA_seal(&r->chan, p, LPARW_HEADER_SIZE, payload, len, p + LPARW_HEADER_SIZE,
+             (unsigned char *)p + LPARW_HEADER_SIZE + len);
+  out->len += LPARW_HEADER_SIZE + len + LPARA_TAG_BYTES;
+  return LPAR_OK;
+}
+
+/* The peer's hello came: seal what waited for it, in order. */
+static void seal_waiting(lparR_route *r) {
+  for (chunk *c = r->head; c; c = c->next) {
+    if (!c->unsealed) continue;
+    size_t len = c->len - LPARW_HEADER_SIZE - LPARA_TAG_BYTES;
+    char *body = c->data + LPARW_HEADER_SIZE;
+    lparA_seal(&r->chan, c->data, LPARW_HEADER_SIZE, body, len, body, (unsigned char *)body + len);
+    c->unsealed = 0;
+  }
+}
+
+/* ---- reading ---- */
+
+static int take_fds(lparR_route *r, int *fds) {
+  switch (r->kind) {
+  case LPARR_ENGINE:
+    return r->side < 0 ? LPAR_EBADMSG : lparH_recv_fds(r->side, fds, LPARH_MAX_FDS, 0);
+  case LPARR_UNIX: {
+    if (r->batch_count == 0) return LPAR_EBADMSG;
+    fd_batch *b = &r->batches[r->batch_first];
+    int n = b->n;
+    memcpy(fds, b->fds, sizeof(int) * (size_t)n);
+    r->batch_first = (r->batch_first + 1) % FD_BATCHES;
+    r->batch_count--;
+    return n;
+  }
+  default:
+    return LPAR_EBADMSG;
+  }
+}
+
+static void authenticated(lparR_route *r) {
+  r->authenticated = 1;
+  r->reader.max_len = LPAR_MAX_PAYLOAD;
+  if (r->timer_inited) uv_timer_stop(&r->auth_timer);
+  if (r->owner) r->owner->strangers--;
+  if (r->handlers.on_authenticated) r->handlers.on_authenticated(r, r->ud);
+}
+
+/* Hand every whole frame in the reader to the handler. */
+static void dispatch(lparR_route *r) {
+  lparW_reader *rd = &r->reader;
+  if (r->sealed && !r->session) {
+    if (rd->buf.len - rd->pos < LPARA_HELLO_BYTES) return;
+    if (lparA_start(&r->chan, (unsigned char *)rd->buf.data + rd->pos) < 0) {
+      refuse(r, "malformed hello", "unknown cipher bits");
+      return;
+    }
+    rd->pos += LPARA_HELLO_BYTES;
+    r->session = 1;
+    seal_waiting(r);
+    flush(r);
+  }
+  while (!r->closing) {
+    lparW_header h;
+    const char *payload = NULL, *reason = NULL;
+    int rc = lparW_reader_next(rd, &h, &payload, &reason);
+    if (rc == 0) return;
+    if (rc < 0) {
+      if (r->sealed) r->chan.dropped++;
+      refuse(r, "malformed frame", reason);
+      return;
+    }
+    if (r->sealed) {
+      char *body = (char *)payload;
+      if (lparA_open(&r->chan, body - LPARW_HEADER_SIZE, LPARW_HEADER_SIZE, body, (size_t)h.len,
+                     (unsigned char *)body + h.len, &reason) < 0) {
+        refuse(r, "message failed authentication", reason);
+        return;
+      }
+      if (!r->authenticated) authenticated(r);
+      if (r->closing) return;
+    }
+    int fds[LPARH_MAX_FDS], nfds = 0;
+    if (h.flags & LPAR_FLAG_FDS) {
+      nfds = take_fds(r, fds);
+      if (nfds < 0) {
+        refuse(r, "malformed frame", "flagged with descriptors that did not come");
+        return;
+      }
+    }
+    if (r->handlers.on_frame) r->handlers.on_frame(r, &h, payload, fds, nfds, r->ud);
+    close_fds(fds, nfds);
+  }
+}
+
+/* Descriptors that came with the bytes just read: one batch, in order. */
+static int keep_batch(lparR_route *r, struct msghdr *m) {
+  for (struct cmsghdr *cm = CMSG_FIRSTHDR(m); cm; cm = CMSG_NXTHDR(m, cm)) {
+    if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+    int n = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+    int *got = (int *)CMSG_DATA(cm);
+    if (r->kind != LPARR_UNIX || r->batch_count == FD_BATCHES) {
+      close_fds(got, n);
+      return -1;
+    }
+    fd_batch *b = &r->batches[(r->batch_first + r->batch_count) % FD_BATCHES];
+    b->n = n;
+    memcpy(b->fds, got, sizeof(int) * (size_t)n);
+    r->batch_count++;
+  }
+  return (m->msg_flags & MSG_CTRUNC) ? -1 : 0;
+}
+
+/* One read: 1 when bytes came, 0 when there are none now, -1 when closed. */
+static int read_some(lparR_route *r) {
+  char *p = NULL;
+  size_t n = 0;
+  if (lparW_reader_space(&r->reader, &p, &n) < 0) {
+    close_route(r, "out of memory for an incoming frame", 0);
+    return -1;
+  }
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * LPARH_MAX_FDS)];
+    struct cmsghdr align;
+  } ctl;
+  struct iovec iov = {p, n};
+  struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+                     .msg_controllen = sizeof ctl.buf};
+  ssize_t k;
+  do k = recvmsg(r->fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  while (k < 0 && errno == EINTR);
+  if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+  if (k < 0) {
+    char why[160];
+    snprintf(why, sizeof why, "connection lost (%s)", strerror(errno));
+    close_route(r, why, 0);
+    return -1;
+  }
+  if (m.msg_controllen > 0 && keep_batch(r, &m) < 0) {
+    refuse(r, "malformed frame", "descriptors where none may come, or too many");
+    return -1;
+  }
+  if (k == 0) {
+    close_route(r, "the peer closed the connection", 0);
+    return -1;
+  }
+  lparW_reader_commit(&r->reader, (size_t)k);
+  dispatch(r);
+  return r->closing ? -1 : 1;
+}
+
+void lparR_drain(lparR_route *r) {
+  while (!r->closing && read_some(r) > 0) {
+  }
+}
+
+static void on_poll(uv_poll_t *p, int status, int events) {
+  lparR_route *r = p->data;
+  if (r->closing) return;
+  if (status < 0) {
+    char why[160];
+    snprintf(why, sizeof why, "connection lost (%s)", uv_strerror(status));
+    close_route(r, why, 0);
+    return;
+  }
+  if (events & UV_WRITABLE) flush(r);
+  if (!r->closing && (events & (UV_READABLE | UV_DISCONNECT))) read_some(r);
+}
+
+static void update_poll(lparR_route *r) {
+  if (r->closing) return;
+  int want = UV_READABLE | UV_DISCONNECT;
+  if (r->head && !r->head->unsealed) want |= UV_WRITABLE;
+  if (want == r->events) return;
+  r->events = want;
+  uv_poll_start(&r->poll, want, on_poll);
+}
+
+/* ---- opening ---- */
+
+static void on_auth_timeout(uv_timer_t *t) {
+  lparR_route *r = t->data;
+  char why[64];
+  snprintf(why, sizeof why, "nothing that opened within %llu ms",
+           (unsigned long long)uv_timer_get_repeat(t));
+  refuse(r, "did not authenticate", why);
+}
+
+void lparR_set_auth_timeout(lparR_route *r, uint64_t ms) {
+  if (r->closing || r->authenticated || !r->sealed) return;
+  if (!r->timer_inited) {
+    uv_timer_init(r->poll.loop, &r->auth_timer);
+    r->auth_timer.data = r;
+    r->timer_inited = 1;
+    r->open_handles++;
+  }
+  uv_timer_set_repeat(&r->auth_timer, ms); /* remembered for the message */
+  uv_timer_start(&r->auth_timer, on_auth_timeout, ms, 0);
+}
+
+int lparR_open(uv_loop_t *loop, lparR_kind kind, int fd, int side, const unsigned char *key,
+               lparA_role role, const lparR_handlers *handlers, void *ud, lparR_route **out) {
+  lparR_route *r = calloc(1, sizeof *r);
+  int sealed = kind != LPARR_ENGINE;
+  if (r && kind == LPARR_UNIX) r->batches = calloc(FD_BATCHES, sizeof *r->batches);
+  if (r == NULL || (kind == LPARR_UNIX && r->batches == NULL) || (sealed && key == NULL)) {
+    if (r) free(r->batches);
+    free(r);
+    close(fd);
+    if (side >= 0) close(side);
+    return key == NULL && sealed ? LPAR_EINVAL : LPAR_ENOMEM;
+  }
+  r->kind = kind;
+  r->fd = fd;
+  r->side = side;
+  r->sealed = sealed;
+  lparW_reader_init(&r->reader);
+  r->reader.routed = sealed;
+  r->reader.trailer = sealed ? LPARA_TAG_BYTES : 0;
+  r->reader.max_len = sealed ? LPARR_STRANGER_MAX : LPAR_MAX_PAYLOAD;
+  lparR_set_handlers(r, handlers, ud);
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  if (uv_poll_init(loop, &r->poll, fd) != 0) {
+    lparW_reader_free(&r->reader);
+    free(r->batches);
+    free(r);
+    close(fd);
+    if (side >= 0) close(side);
+    return LPAR_ESYS;
+  }
+  r->poll.data = r;
+  r->open_handles = 1;
+  update_poll(r);
+  if (sealed) {
+    lparA_init(&r->chan, key, role, getenv("LPAR_NO_AES") == NULL);
+    chunk *c = chunk_new(LPARA_HELLO_BYTES);
+    if (c == NULL) {
+      lparR_set_handlers(r, NULL, NULL); /* the caller never sees this route */
+      close_route(r, "out of memory", 0);
+      return LPAR_ENOMEM; /* freed from the loop */
+    }
+    memcpy(c->data, r->chan.hello, LPARA_HELLO_BYTES);
+    enqueue(r, c);
+    flush(r);
+  }
+  *out = r;
+  return LPAR_OK;
+}
+
+void lparR_set_handlers(lparR_route *r, const lparR_handlers *handlers, void *ud) {
+  if (handlers)
+    r->handlers = *handlers;
+  else
+    memset(&r->handlers, 0, sizeof r->handlers);
+  r->ud = ud;
+}
+
+void lparR_set_owner(lparR_route *r, lparR_owner *o) {
+  r->owner = o;
+  o->routes++;
+  if (r->sealed && !r->authenticated) o->strangers++;
+}
+
+int lparR_is_open(const lparR_route *r) { return !r->closing; }
+int lparR_session_started(const lparR_route *r) { return r->session; }
+int lparR_passes_fds(const lparR_route *r) { return r->kind != LPARR_TCP; }
+lparR_kind lparR_kind_of(const lparR_route *r) { return r->kind; }
+uint64_t lparR_refused(const lparR_route *r) { return r->chan.dropped; }
+const char *lparR_cipher(const lparR_route *r) { return lparA_cipher_name(r->chan.cipher); }
