@@ -127,7 +127,10 @@ void lparR_close(lparR_route *r, const char *reason) { close_route(r, reason, 0)
 static void refuse(lparR_route *r, const char *what, const char *why) {
   if (r->owner) r->owner->refused++;
   char reason[sizeof r->reason];
-  snprintf(reason, sizeof reason, "%s: %s", what, why);
+  if (r->sealed)
+    snprintf(reason, sizeof reason, "%s: %s", what, why);
+  else /* an engine's socket: only malformed frames can be refused */
+    snprintf(reason, sizeof reason, "%s", why);
   close_route(r, reason, 1);
 }
 

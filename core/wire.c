@@ -61,7 +61,7 @@ int lparW_parse_routed(const char in[LPARW_HEADER_SIZE], lparW_header *h, uint64
     *reason = "unknown message type";
     return LPAR_EBADMSG;
   }
-  if (h->flags & ~(unsigned)(LPAR_FLAG_TEXT | LPAR_FLAG_RAW | LPAR_FLAG_FDS)) {
+  if (h->flags & ~(unsigned)(LPAR_FLAG_TEXT | LPAR_FLAG_RAW | LPAR_FLAG_FDS | LPAR_FLAG_INLINE)) {
     *reason = "unknown flags";
     return LPAR_EBADMSG;
   }

@@ -324,7 +324,7 @@ describe("Cluster options", function()
     local c = lpar.Cluster { n = 1, engine = "/nonexistent/lpar-engine", timeout = 2 }
     local ok, err = pcall(c.start_and_connect, c)
     assert.is_false(ok)
-    assert.matches("cannot start engine 0 from /nonexistent/lpar%-engine: engine could not be started", tostring(err))
+    assert.matches("cannot start engine 0 %(/nonexistent/lpar%-engine%): No such file or directory", tostring(err))
     c:stop()
   end)
 end)

@@ -97,33 +97,16 @@ end
 -- did not decode) and, on a standalone cluster, refused (messages that
 -- failed authentication), disconnected (peers cut off for them), clients.
 function methods:queue_status()
-  local hub = self._hub
-  if hub.remote and hub.core then
-    local st = hub:remote_status()
-    local status = {}
-    for id, e in pairs(st.engines) do status[id] = { queue = e.queue, state = e.state, pid = e.pid } end
-    status.bad_messages, status.undecodable = st.bad_messages, hub.undecodable_count
-    status.refused, status.disconnected, status.clients = st.refused, st.disconnected, st.clients
-    return status
-  end
-  local status = {}
-  for id, e in pairs(hub.engines) do status[id] = { queue = 0, state = e.state, pid = e.pid } end
-  for _, rec in pairs(hub.pending) do
-    local s = status[rec.engine]
-    if s then s.queue = s.queue + 1 end
-  end
-  local stats = hub:stats()
-  status.bad_messages, status.undecodable = stats.bad_messages, stats.undecodable
-  return status
+  return self._hub:queue_status()
 end
 
 --- Stop the cluster on purpose: its engines and, if standalone, its controller.
 function methods:shutdown()
   local hub = self._hub
-  if hub.remote then
-    if hub.core then hub:shutdown() end
-  elseif self._owned then
+  if self._owned then
     self:close()
+  elseif hub.controller then
+    if hub.core then hub:shutdown() end
   else
     hub:stop()
   end
@@ -134,7 +117,7 @@ function methods:close()
   if self._owned then
     self._owned:stop()
     self._owned = nil
-  elseif self._hub.remote then
+  elseif self._hub.controller then
     self._hub:stop()
   end
 end

@@ -1,4 +1,4 @@
---- Cluster: local engines started and owned by this process.
+--- Cluster: engines started and owned by this process.
 --   local rc <close> = lpar.Cluster{n = 4}:start_and_connect()
 -- Options: n (engines, default 4), engine_env (table of NAME = value, or a
 -- list of "NAME=value"), blas_threads (OPENBLAS_NUM_THREADS on the engines,
@@ -13,30 +13,67 @@
 -- can connect to and that outlives each of them; stop() shuts it down.
 -- Cluster{profile = P} also drives a cluster started elsewhere: client(),
 -- restart_engines() and signal_engines() work on it, and stop() stops it.
+-- Either way the engines are reached through one Hub; only starting and
+-- stopping differ, and live in the two launchers below.
 local Hub = require "lpar.hub"
 local Client = require "lpar.client"
-local wait = require "lpar.wait"
 
 local Cluster = {}
 Cluster.__index = Cluster
 
-function Cluster.new(opts)
-  opts = opts or {}
-  if type(opts) ~= "table" then error("Cluster: expected a table of options", 2) end
-  local n = opts.n or 4
-  if math.type(n) ~= "integer" or n < 1 then error("Cluster: n must be a positive integer", 2) end
-  local self = setmetatable({ n = n, opts = opts, profile = opts.profile }, Cluster)
-  if opts.profile ~= nil then
-    local ok, err = pcall(require("lpar.profile").check_name, opts.profile)
-    if not ok then error("Cluster: " .. err, 2) end
-    self.standalone = true
+-- ---- how a cluster starts and stops ----
+
+--- Engines that are children of this process.
+local Local = {}
+
+function Local.start(self, level)
+  if self._hub and self._hub.core then error("Cluster:start: already started", level + 1) end
+  self._hub = Hub.embedded { engine = self.opts.engine, env = self.opts.engine_env,
+                             blas_threads = self.opts.blas_threads }
+  for id = 0, self.n - 1 do
+    local ok, err = pcall(self._hub.spawn, self._hub, id, self.n)
+    if not ok then
+      self._hub:stop() -- none half-started
+      error(err, level + 1)
+    end
   end
-  return self
 end
 
--- ---- standalone (with a profile) ----
+function Local.hub(self, level, what)
+  if not (self._hub and self._hub.core) then
+    error(string.format("Cluster:%s: the cluster is not running", what), level + 1)
+  end
+  return self._hub
+end
 
-local function remote_hub(self, level)
+--- The ids this cluster was asked for.
+function Local.ids(self)
+  local ids = {}
+  for i = 0, self.n - 1 do ids[#ids + 1] = i end
+  return ids
+end
+
+function Local.stop(self)
+  if self._hub then self._hub:stop() end
+end
+
+function Local.finalize(self)
+  self:stop()
+end
+
+--- A standalone controller process, found by its profile.
+local Standalone = {}
+
+function Standalone.start(self, level)
+  local args = { "-n", tostring(self.n) }
+  if self.opts.ip then args[#args + 1] = "--ip"; args[#args + 1] = self.opts.ip end
+  if self.opts.port then args[#args + 1] = "--port"; args[#args + 1] = tostring(self.opts.port) end
+  local pid, err = require("lpar.commands").start_daemon(self.profile, args)
+  if not pid then error(string.format("Cluster: cannot start cluster %q: %s", self.profile, err), level + 1) end
+  self.started_pid = pid
+end
+
+function Standalone.hub(self, level)
   local hub = self._hub
   if hub and hub.core then return hub end
   local ok, h = pcall(require("lpar.remote").connect, { profile = self.profile })
@@ -45,28 +82,50 @@ local function remote_hub(self, level)
   return h
 end
 
---- The ids of a standalone cluster's engines, as its controller knows them
--- (the cluster may have been started elsewhere, with another n).
-local function standalone_ids(hub)
-  local ids = {}
-  for id in pairs(hub.engines) do ids[#ids + 1] = id end
-  table.sort(ids)
-  return ids
+--- The ids its controller knows (it may have been started elsewhere, with another n).
+function Standalone.ids(self)
+  return Standalone.hub(self, 2):all_ids()
 end
 
-local function start_standalone(self, level)
-  local commands = require "lpar.commands"
-  local args = { "-n", tostring(self.n) }
-  if self.opts.ip then args[#args + 1] = "--ip"; args[#args + 1] = self.opts.ip end
-  if self.opts.port then args[#args + 1] = "--port"; args[#args + 1] = tostring(self.opts.port) end
-  local pid, err = commands.start_daemon(self.profile, args)
-  if not pid then error(string.format("Cluster: cannot start cluster %q: %s", self.profile, err), level + 1) end
-  self.started_pid = pid
+--- Stop the controller, if it is still there.
+function Standalone.stop(self)
+  if self._hub then self._hub:stop("is stopped: its cluster was stopped") end
+  local profile = require "lpar.profile"
+  if not require("luv").fs_stat(profile.connection_file(self.profile)) then
+    self.started_pid = nil
+    return
+  end
+  local ok, err = pcall(require("lpar.commands").stop_cluster, self.profile)
+  self.started_pid = nil
+  if not ok then error("Cluster:stop: " .. err, 3) end
+end
+
+--- A finalizer must not run the loop (this may be lua_close, with luv's
+-- handles half gone): SIGTERM makes the controller stop its engines and
+-- remove its files by itself.
+function Standalone.finalize(self)
+  local pid = self.started_pid
+  if pid and require("lpar.profile").alive(pid) then require("luv").kill(pid, "sigterm") end
+end
+
+-- ---- the Cluster ----
+
+function Cluster.new(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("Cluster: expected a table of options", 2) end
+  local n = opts.n or 4
+  if math.type(n) ~= "integer" or n < 1 then error("Cluster: n must be a positive integer", 2) end
+  local self = setmetatable({ n = n, opts = opts, profile = opts.profile, launcher = Local }, Cluster)
+  if opts.profile ~= nil then
+    local ok, err = pcall(require("lpar.profile").check_name, opts.profile)
+    if not ok then error("Cluster: " .. err, 2) end
+    self.launcher = Standalone
+  end
   return self
 end
 
 function Cluster:__tostring()
-  if self.standalone then
+  if self.launcher == Standalone then
     return string.format("<Cluster n=%d profile=%s%s>", self.n, self.profile,
       self.started_pid and (" pid=" .. self.started_pid) or "")
   end
@@ -74,81 +133,39 @@ function Cluster:__tostring()
   return string.format("<Cluster n=%d %s>", self.n, state)
 end
 
-local function wait_engines(self, ids, timeout, level)
-  local hub = self._hub
-  local function settled()
-    for _, id in ipairs(ids) do
-      if hub:engine_state(id) == "starting" then return false end
-    end
-    return true
-  end
-  wait.until_done(settled, timeout, nil, level + 1)
-  local missing = {}
-  for _, id in ipairs(ids) do
-    local e = hub.engines[id]
-    if e.state ~= "ready" then
-      missing[#missing + 1] = string.format("engine %d %s", id,
-        e.state == "dead" and e.how or ("did not say hello within " .. timeout .. " s"))
-    end
-  end
-  if #missing > 0 then
-    error("cluster did not come up: " .. table.concat(missing, "; "), level + 1)
-  end
-end
-
-local function all_ids(self)
-  local ids = {}
-  for i = 0, self.n - 1 do ids[#ids + 1] = i end
-  return ids
+local function timeout_of(self, timeout)
+  return timeout or self.opts.timeout or 30
 end
 
 --- Start the engines (returns at once; they say hello shortly).
-local function start(self, level)
-  if self._hub and self._hub.core then error("Cluster:start: already started", level + 1) end
-  self._hub = Hub.embedded { engine = self.opts.engine, env = self.opts.engine_env,
-                             blas_threads = self.opts.blas_threads }
-  for _, id in ipairs(all_ids(self)) do
-    local ok, err = pcall(self._hub.spawn, self._hub, id, self.n)
-    if not ok then
-      self._hub:stop() -- none half-started
-      error(err, level + 1)
-    end
-  end
-  return self
-end
-
 function Cluster:start()
-  if self.standalone then return start_standalone(self, 2) end
-  return start(self, 2)
+  self.launcher.start(self, 2)
+  return self
 end
 
 --- Wait until every engine is ready (raises naming those that are not).
 function Cluster:wait_for_engines(timeout)
-  local ids = self.standalone and standalone_ids(remote_hub(self, 2)) or all_ids(self)
-  wait_engines(self, ids, timeout or self.opts.timeout or 30, 2)
+  local hub = self.launcher.hub(self, 2, "wait_for_engines")
+  hub:wait_ready(self.launcher.ids(self), timeout_of(self, timeout), 2)
   return self
 end
 
 --- A Client of this cluster.
 function Cluster:client()
-  if self.standalone then return Client.new(remote_hub(self, 2)) end
-  if not self._hub then error("Cluster:client: start the cluster first", 2) end
-  return Client.new(self._hub)
+  if self.launcher == Local and not self._hub then error("Cluster:client: start the cluster first", 2) end
+  return Client.new(self.launcher.hub(self, 2, "client"))
 end
 
 --- Start, wait for every engine, and return a Client that owns the cluster.
 function Cluster:start_and_connect(timeout)
-  if self.standalone then
-    start_standalone(self, 2)
-    return Client.new(remote_hub(self, 2), self)
-  end
-  start(self, 2)
-  wait_engines(self, all_ids(self), timeout or self.opts.timeout or 30, 2)
-  return Client.new(self._hub, self)
+  self.launcher.start(self, 2)
+  local hub = self.launcher.hub(self, 2, "start_and_connect")
+  hub:wait_ready(self.launcher.ids(self), timeout_of(self, timeout), 2)
+  return Client.new(hub, self)
 end
 
 local function resolve_ids(self, ids)
-  if ids == nil then return all_ids(self) end
+  if ids == nil then return self.launcher.ids(self) end
   if math.type(ids) == "integer" then return { ids } end
   return ids
 end
@@ -156,74 +173,32 @@ end
 --- Kill (if running) and start again the given engines (default all), and
 -- wait for them. Their globals are lost, as in ipyparallel.
 function Cluster:restart_engines(ids, timeout)
-  if self.standalone then
-    local hub = remote_hub(self, 2)
-    hub:restart_engines(ids == nil and standalone_ids(hub) or resolve_ids(self, ids), 2)
-    return self
-  end
-  local hub = self._hub
-  if not (hub and hub.core) then error("Cluster:restart_engines: the cluster is not running", 2) end
-  ids = resolve_ids(self, ids)
-  for _, id in ipairs(ids) do
-    if hub:engine_state(id) ~= "dead" then
-      hub:signal(id, "KILL")
-    end
-  end
-  wait.until_done(function()
-    for _, id in ipairs(ids) do
-      if hub:engine_state(id) ~= "dead" then return false end
-    end
-    return true
-  end, 5, nil, 2)
-  for _, id in ipairs(ids) do hub:spawn(id, self.n) end
-  wait_engines(self, ids, timeout or self.opts.timeout or 30, 2)
+  local hub = self.launcher.hub(self, 2, "restart_engines")
+  hub:restart(resolve_ids(self, ids), self.n, timeout_of(self, timeout), 2)
   return self
 end
 
 --- Send a signal (number or name: "INT", "SIGKILL", ...) to engines.
 function Cluster:signal_engines(sig, ids)
-  if self.standalone then
-    local hub = remote_hub(self, 2)
-    for _, id in ipairs(ids == nil and hub:ids() or resolve_ids(self, ids)) do hub:signal(id, sig) end
-    return
-  end
-  local hub = self._hub
-  if not (hub and hub.core) then error("Cluster:signal_engines: the cluster is not running", 2) end
-  for _, id in ipairs(resolve_ids(self, ids)) do hub:signal(id, sig) end
+  local hub = self.launcher.hub(self, 2, "signal_engines")
+  for _, id in ipairs(ids == nil and hub:ids() or resolve_ids(self, ids)) do hub:signal(id, sig) end
 end
 
 --- Stop every engine; their pending results fail with an EngineError.
 -- A standalone cluster that is not running (any more) is left alone.
 function Cluster:stop()
-  if self.standalone then
-    if self._hub then self._hub:stop("is stopped: its cluster was stopped") end
-    local profile = require "lpar.profile"
-    if not require("luv").fs_stat(profile.connection_file(self.profile)) then
-      self.started_pid = nil
-      return
-    end
-    local ok, err = pcall(require("lpar.commands").stop_cluster, self.profile)
-    self.started_pid = nil
-    if not ok then error("Cluster:stop: " .. err, 2) end
-    return
-  end
-  if self._hub then self._hub:stop() end
+  self.launcher.stop(self)
 end
 
 -- A standalone cluster is stopped at scope exit or collection only when
 -- this object started it (as ipyparallel's Cluster does at exit).
 Cluster.__close = function(self)
-  if self.standalone and not self.started_pid then return end
+  if self.launcher == Standalone and not self.started_pid then return end
   pcall(self.stop, self)
 end
 
 Cluster.__gc = function(self)
-  if not self.standalone then return self:stop() end
-  -- A finalizer must not run the loop (this may be lua_close, with luv's
-  -- handles half gone): SIGTERM makes the controller stop its engines and
-  -- remove its files by itself.
-  local pid = self.started_pid
-  if pid and require("lpar.profile").alive(pid) then require("luv").kill(pid, "sigterm") end
+  self.launcher.finalize(self)
 end
 
 return Cluster

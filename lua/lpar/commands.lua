@@ -22,7 +22,6 @@ usage: lpar cluster start [-n N] [--profile P] [--daemonize] [--ip ADDR] [--port
 ]]
 
 local START_TIMEOUT = 30
-local SPIN_NS = 200e3 -- how long the controller polls after a message before sleeping
 
 local function fail(fmt, ...)
   io.stderr:write("lpar: ", string.format(fmt, ...), "\n")
@@ -114,13 +113,13 @@ local function run_controller(name, n, opts, ready_fd)
   end
   -- Every engine up, or one that did not come is named.
   local function settled()
-    for _, e in pairs(ctl.engines) do if e.state == "starting" then return false end end
+    for id = 0, n - 1 do if ctl:engine(id).state == "starting" then return false end end
     return true
   end
   wait.until_done(settled, START_TIMEOUT)
   local missing = {}
   for id = 0, n - 1 do
-    local e = ctl.engines[id]
+    local e = ctl:engine(id)
     if e.state ~= "ready" then
       missing[#missing + 1] = string.format("engine %d %s", id, e.state == "dead"
         and string.format("exited (status %s, signal %s)", tostring(e.status), tostring(e.signal))
@@ -128,7 +127,7 @@ local function run_controller(name, n, opts, ready_fd)
     end
   end
   if #missing > 0 then
-    ctl:stop("did not come up")
+    ctl:close()
     local why = "the cluster did not come up: " .. table.concat(missing, "; ")
     announce(ready_fd, "error " .. why)
     return fail("%s", why)
@@ -145,15 +144,10 @@ local function run_controller(name, n, opts, ready_fd)
   stop_signals = on_signals({ "sigint", "sigterm", "sighup" }, function(signame)
     ctl:stop("stopped by " .. signame:upper())
   end)
-  -- Right after a message, poll instead of sleeping: the next one (a reply
-  -- to relay, the client's next request) is usually microseconds away, and
-  -- waking a sleeping process costs ~20 us on these machines. An idle
-  -- controller sleeps in epoll as usual.
-  local last_seen, last_busy = ctl.activity, 0
-  while not stopped_why do
-    uv.run(uv.hrtime() - last_busy < SPIN_NS and "nowait" or "once")
-    if ctl.activity ~= last_seen then last_seen, last_busy = ctl.activity, uv.hrtime() end
-  end
+  -- The relay moves messages in C; this loop only wakes for them and sleeps in epoll otherwise.
+  while not stopped_why do uv.run("once") end
+  ctl:close()
+  uv.run("nowait") -- let the closed connections go
   print(string.format("lpar cluster %q: %s", name, stopped_why))
   return 0
 end
@@ -345,33 +339,36 @@ end
 -- ---- engine ----
 
 --- An engine that joins a running cluster: a local lpar-engine, relayed to
--- the controller over its authenticated socket.
+-- the controller over its authenticated link (frames pass through as bytes;
+-- the controller asks this engine for matrices inline).
 local function engine_join(args)
   local opts = parse(args, 2, { profile = true, file = true }, {})
   local name = opts.file == nil and profile.check_name(opts.profile or "default") or nil
   local info = profile.read(opts.file or profile.connection_file(name), name)
-  local relay = {}
-  local link, err = remote.open_link(info, function(kind, ...) relay[kind](...) end, false)
+  -- What the controller tells of its other engines is not this relay's business.
+  local relay = { ready = function() end, exit = function() end }
+  local joined, cluster, done, status = nil, nil, false, 0
+  local link, err = remote.first_reachable(info, function(address)
+    local answered, closed = false, nil
+    relay.control = function(_, answer, why) answered, joined = true, answer or why end
+    relay.closed = function(reason) closed = reason end
+    local l, cerr = core.connect { path = address.path, host = address.host, port = address.port,
+                                   key = info.key, raw = true, handler = function(kind, ...) relay[kind](...) end }
+    if not l then return nil, cerr end
+    l:send(0, core.CONTROL, 1, "join", "join")
+    wait.until_done(function() return answered or closed end, 10)
+    if type(joined) == "table" then return l end
+    l:stop()
+    return nil, closed or tostring(joined or "the controller did not answer 'join'")
+  end)
   if not link then return fail("cannot reach the cluster in %s: %s", info.file, err) end
-  local id, cluster, done, status = nil, nil, false, 0
-  function relay.frame(mtype, flags, _, mid, payload)
-    if mtype == core.CONTROL then
-      local call = table.pack(core.decode(payload, "data"))
-      if mid == 1 and call[1] and type(call[2]) == "table" then -- the answer to "join"
-        id = call[2].id
-        cluster = core.new_cluster { raw = true, handler = function(kind, ...) relay["engine_" .. kind](...) end }
-        local pid, serr = cluster:spawn(id, call[2].n)
-        if not pid then
-          io.stderr:write("lpar engine: cannot start lpar-engine: ", tostring(serr), "\n")
-          link:send_bytes(core.EXIT, core.FLAG_RAW, 0, 0, "127 0")
-          done, status = true, 1
-        end
-      elseif call[2] == "signal" and cluster then
-        cluster:signal(id, call[3])
-      elseif call[2] == "interrupt" and cluster then
-        cluster:interrupt(id, call[3])
-      end
-    elseif cluster then
+  local id = joined.id
+  function relay.frame(_, mtype, flags, mid, payload)
+    if mtype == core.SIGNAL then
+      cluster:signal(id, tonumber(payload))
+    elseif mtype == core.INTERRUPT then
+      cluster:interrupt(id, mid)
+    elseif mtype ~= core.HELLO and mtype ~= core.EXIT then
       cluster:send_bytes(id, mtype, flags, mid, payload)
     end
   end
@@ -379,25 +376,33 @@ local function engine_join(args)
     if not done then io.stderr:write("lpar engine: the controller went away: ", reason, "\n") end
     done = true
   end
-  function relay.engine_ready(_, hello)
+  local engine = {}
+  function engine.ready(_, hello)
     print(string.format("lpar engine: engine %d joined the cluster in %s", id, info.file))
     io.stdout:flush()
-    link:send_bytes(core.HELLO, core.FLAG_RAW, 0, 0, hello)
+    link:send_bytes(0, core.HELLO, core.FLAG_RAW, 0, hello)
   end
-  function relay.engine_frame(_, mtype, flags, mid, payload)
-    link:send_bytes(mtype, flags, 0, mid, payload)
+  function engine.frame(_, mtype, flags, mid, payload)
+    link:send_bytes(0, mtype, flags, mid, payload)
   end
-  function relay.engine_exit(_, st, sig)
-    link:send_bytes(core.EXIT, core.FLAG_RAW, 0, 0, string.format("%d %d", st, sig))
+  function engine.exit(_, st, sig)
+    link:send_bytes(0, core.EXIT, core.FLAG_RAW, 0, string.format("%d %d", st, sig))
     done, status = true, st == 0 and 0 or 1
   end
-  function relay.engine_bad() end
-  link:send(core.CONTROL, 0, 1, "join", "join")
+  function engine.bad() end
+  cluster = core.new_cluster { raw = true, handler = function(kind, ...) engine[kind](...) end }
+  local pid, serr = cluster:spawn(id, joined.n)
+  if not pid then
+    io.stderr:write("lpar engine: cannot start lpar-engine: ", tostring(serr), "\n")
+    link:send_bytes(0, core.EXIT, core.FLAG_RAW, 0, "127 0")
+    done, status = true, 1
+  end
   local stop_signals = on_signals({ "sigint", "sigterm" }, function() done = true end)
   while not done do uv.run("once") end
   stop_signals()
-  if cluster then cluster:stop() end
-  if link:is_open() then link:close() end
+  cluster:stop()
+  link:stop()
+  uv.run("nowait")
   return status
 end
 

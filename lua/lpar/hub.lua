@@ -1,6 +1,10 @@
---- The client side of one cluster connection: engines, pending requests
--- and the handling of every event the C core reports.
--- A Hub is shared by a Cluster and the Clients connected through it.
+--- The client side of one cluster: its engines, the requests pending on
+-- them, and every event the C core reports.
+-- A Hub does not care how its engines are reached: its core is an
+-- lpar.cluster, either of local children (Hub.embedded) or of the engines
+-- behind a standalone controller (Hub.connect); both take the same sends and
+-- report the same events. A connected hub also talks to its controller,
+-- with control calls (Hub:call) for what only the controller can do.
 local core = require "lpar.core"
 local errors = require "lpar.errors"
 local targets = require "lpar.targets"
@@ -8,6 +12,8 @@ local wait = require "lpar.wait"
 
 local Hub = {}
 Hub.__index = Hub
+
+local CALL_TIMEOUT = 10
 
 local signal_names = {
   [1] = "SIGHUP", [2] = "SIGINT", [3] = "SIGQUIT", [4] = "SIGILL", [6] = "SIGABRT",
@@ -22,56 +28,65 @@ local function describe_exit(status, signal)
   return string.format("exited with status %d", status)
 end
 
---- The state every hub starts with, under metatable `mt` (Hub or a kind of it),
--- plus `fields`.
-function Hub.new_state(mt, fields)
+local function new_state(fields)
   local self = setmetatable({
-    engines = {},    -- id -> { state = "starting"|"ready"|"dead", pid =, n =, how = }
-    pending = {},    -- request id -> record
+    engines = {},    -- id -> { state = "starting"|"ready"|"dead", pid =, how = }
+    pending = {},    -- request id -> record { ar =, kind =, engine =, id = }
     npending = 0,
     pending_reset = 0,
     next_id = 0,
-    undecodable_count = 0,
-    on_ready = {},   -- callbacks waiting for engines to come up
-  }, mt)
-  for k, v in pairs(fields or {}) do self[k] = v end
+    on_ready = {},   -- callbacks for engines coming up or going
+    calls = {},      -- control call id -> function(answer...) (connected hubs)
+  }, Hub)
+  for k, v in pairs(fields) do self[k] = v end
   return self
 end
 
---- A hub over a new embedded cluster (no engine started yet).
--- opts: engine (path), env (list of "NAME=value"), blas_threads.
-function Hub.embedded(opts)
-  local self = Hub.new_state(Hub)
-  -- The core's handler must not keep the hub alive, or a dropped Cluster
-  -- would never be collected and its engines never stopped.
+--- The core's handler must not keep the hub alive, or a dropped Cluster
+-- would never be collected and its engines never stopped.
+local function handler_for(self)
   local weak = setmetatable({ self }, { __mode = "v" })
+  return function(kind, ...)
+    local hub = weak[1]
+    if hub then hub[kind](hub, ...) end
+  end
+end
+
+--- A hub over a new cluster of local engines (none started yet).
+-- opts: engine (path), env (table NAME = value, or list of "NAME=value"), blas_threads.
+function Hub.embedded(opts)
+  local self = new_state { engine_path = opts.engine or core.engine_path }
   local env = {}
   for k, v in pairs(opts.env or {}) do
     if type(k) == "string" then env[#env + 1] = k .. "=" .. tostring(v)
     else env[#env + 1] = v end
   end
-  local c, err = core.new_cluster {
-    engine = opts.engine,
-    env = env,
-    blas_threads = opts.blas_threads,
-    handler = function(kind, ...)
-      local hub = weak[1]
-      if hub then hub[kind](hub, ...) end
-    end,
-  }
+  local c, err = core.new_cluster { engine = opts.engine, env = env, blas_threads = opts.blas_threads,
+                                    handler = handler_for(self) }
   if not c then error(err, 3) end
   self.core = c
-  self.engine_path = opts.engine or core.engine_path
   return self
 end
 
---- Start engine `id` of `n`. Returns its pid.
+--- A hub over the engines behind the controller at `address` ({ path = }
+-- or { host =, port = }), with `key`. Returns at once; Hub:call("connect")
+-- says whether the controller is there. nil and a message when the address
+-- cannot be tried at all.
+function Hub.connect(address, key, fields)
+  local self = new_state(fields or {})
+  self.controller, self.next_call = true, 0
+  local c, err = core.connect { path = address.path, host = address.host, port = address.port,
+                                key = key, handler = handler_for(self) }
+  if not c then return nil, err end
+  self.core = c
+  return self
+end
+
+--- Start local engine `id` of `n`. Returns its pid.
 function Hub:spawn(id, n)
   local pid, err = self.core:spawn(id, n)
-  if not pid then
-    error(string.format("cannot start engine %d from %s: %s", id, self.engine_path, err), 0)
-  end
-  self.engines[id] = { state = "starting", pid = pid, n = n }
+  if not pid then error(err, 0) end
+  self.engines[id] = { state = "starting", pid = pid }
   self.ids_cache = nil
   return pid
 end
@@ -95,6 +110,14 @@ function Hub:ids_shared()
   return ids
 end
 
+--- Every engine id known, up or not, sorted.
+function Hub:all_ids()
+  local ids = {}
+  for id in pairs(self.engines) do ids[#ids + 1] = id end
+  table.sort(ids)
+  return ids
+end
+
 function Hub:engine_state(id)
   local e = self.engines[id]
   return e and e.state
@@ -114,12 +137,12 @@ end
 function Hub:unavailable(engine)
   local e = self.engines[engine]
   if self.core and e and e.state ~= "dead" then return nil end
-  local how = not self.core and "is stopped" or not e and "does not exist"
+  local how = self.unreachable or (not self.core and "is stopped") or (not e and "does not exist")
     or (e.how .. "; Cluster:restart_engines brings it back")
   return errors.EngineError.new(engine, nil, how)
 end
 
---- Send a request; `record` receives the answer through its `ar`.
+--- Send a request; `record` ({ ar =, kind = }) receives the answer through its ar.
 -- Returns the request id, or nil and an error (a message or an EngineError).
 function Hub:submit(engine, mtype, root, record, ...)
   local gone = self:unavailable(engine)
@@ -144,15 +167,20 @@ function Hub:submit(engine, mtype, root, record, ...)
 end
 
 function Hub:send_raw(engine, bytes)
+  if self.controller then return nil, "raw bytes go only to a local cluster's engines" end
   return self.core:send_raw(engine, bytes)
 end
 
 -- Events from the core, one method per kind.
 
-function Hub:ready(engine, hello)
+function Hub:ready(engine, hello, pid)
   local e = self.engines[engine]
-  if not e then return end
-  e.state, e.hello = "ready", hello
+  if not e or (self.controller and e.state == "dead") then -- new, or back after a restart
+    if not self.controller and not e then return end
+    e = { state = "starting" }
+    self.engines[engine] = e
+  end
+  e.state, e.hello, e.pid = "ready", hello, pid
   self.ids_cache = nil
   for _, fn in ipairs(self.on_ready) do fn(engine) end
 end
@@ -201,8 +229,8 @@ function Hub:display(engine, id, mime, data, metadata)
   end
 end
 
+--- A reply that did not decode (the core counts it): its request fails.
 function Hub:undecodable(engine, id, why)
-  self.undecodable_count = self.undecodable_count + 1
   local rec = take(self, id)
   if rec then
     local e = errors.RemoteError.new(engine, rec.kind,
@@ -218,18 +246,25 @@ end
 
 --- Fail every pending request of `engine` with an EngineError saying `how`.
 function Hub:fail_engine(engine, how)
-  local now = core.now()
+  local now, failed = core.now(), {}
   for id, rec in pairs(self.pending) do
-    if rec.engine == engine then
-      take(self, id)
-      rec.ar:_settle(rec, false, nil, now, errors.EngineError.new(engine, id, how))
-    end
+    if rec.engine == engine then failed[#failed + 1] = id end
+  end
+  -- Settled after the walk: settling may submit new requests.
+  table.sort(failed)
+  for _, id in ipairs(failed) do
+    local rec = take(self, id)
+    if rec then rec.ar:_settle(rec, false, nil, now, errors.EngineError.new(engine, id, how)) end
   end
 end
 
 function Hub:exit(engine, status, signal)
   local e = self.engines[engine]
-  if not e then return end
+  if not e then
+    if not self.controller then return end
+    e = { state = "starting" }
+    self.engines[engine] = e
+  end
   local how = describe_exit(status, signal)
   if e.bad then how = "sent a malformed message (" .. e.bad .. ") and was disconnected; it " .. how end
   e.state, e.how, e.status, e.signal = "dead", how, status, signal
@@ -238,8 +273,73 @@ function Hub:exit(engine, status, signal)
   for _, fn in ipairs(self.on_ready) do fn(engine) end
 end
 
+--- Mark every engine unreachable and fail what is pending.
+local function cut_off(self, how)
+  self.unreachable = how
+  for id, e in pairs(self.engines) do
+    if e.state ~= "dead" then
+      e.state, e.how = "dead", how
+      self.ids_cache = nil
+      self:fail_engine(id, how)
+      for _, fn in ipairs(self.on_ready) do fn(id) end
+    end
+  end
+end
+
+--- The link to the controller closed.
+function Hub:closed(reason)
+  self.link_lost = reason
+  for id, on_answer in pairs(self.calls) do
+    self.calls[id] = nil
+    if on_answer then on_answer(nil, self:lost()) end
+  end
+  if self.closing then return end
+  cut_off(self, "is unreachable: the connection to its controller was lost (" .. reason .. ")")
+end
+
+function Hub:lost()
+  return "the connection to the controller was lost (" .. (self.link_lost or "it went away") .. ")"
+end
+
+-- Control calls (connected hubs).
+
+--- The controller answered call `id`.
+function Hub:control(id, ...)
+  local on_answer = self.calls[id]
+  if on_answer == nil then return end
+  self.calls[id] = nil
+  if on_answer then on_answer(...) end
+end
+
+--- Send a control operation; `on_answer(value, message...)` gets its answer.
+function Hub:post(on_answer, op, ...)
+  if self.link_lost or not self.core then return nil, self:lost() end
+  self.next_call = self.next_call + 1
+  local ok, err = self.core:send(0, core.CONTROL, self.next_call, op, op, ...)
+  if not ok then return nil, err end
+  self.calls[self.next_call] = on_answer or false
+  return true
+end
+
+--- A control operation, waited for: its answer's values, or nil and a message.
+function Hub:call(op, ...)
+  local answered, result = false, nil
+  local ok, err = self:post(function(...) answered, result = true, table.pack(...) end, op, ...)
+  if not ok then return nil, err end
+  wait.until_done(function() return answered end, CALL_TIMEOUT, nil, 3)
+  if not answered then
+    return nil, "the controller did not answer '" .. op .. "' within " .. CALL_TIMEOUT .. " s"
+  end
+  return table.unpack(result, 1, result.n)
+end
+
+-- Cluster controls, the same on either kind of hub.
+
+--- Send a signal (number or name) to an engine.
 function Hub:signal(engine, sig)
-  local ok, err = self.core:signal(engine, sig)
+  local gone = self.controller and self:unavailable(engine)
+  local ok, err = not gone, gone and gone.how
+  if not gone then ok, err = self.core:signal(engine, sig) end
   if not ok then error(string.format("cannot signal engine %d: %s", engine, err), 3) end
 end
 
@@ -248,24 +348,86 @@ function Hub:interrupt_task(engine, id)
   if self.core then self.core:interrupt(engine, id) end
 end
 
-function Hub:stats()
-  local s = self.core and self.core:stats() or { bad_messages = 0, undecodable = 0 }
-  s.undecodable = self.undecodable_count
-  return s
-end
-
---- Stop every engine; pending requests fail.
-function Hub:stop()
-  if not self.core then return end
-  self.core:stop()
-  self.core = nil
-  for id, e in pairs(self.engines) do
-    if e.state ~= "dead" then
-      e.state, e.how = "dead", "was stopped with its cluster"
-      self.ids_cache = nil
-      self:fail_engine(id, e.how)
+--- Wait until `ids` are all up; raises naming those that are not.
+function Hub:wait_ready(ids, timeout, level)
+  local function settled()
+    for _, id in ipairs(ids) do
+      if self:engine_state(id) == "starting" then return false end
+    end
+    return true
+  end
+  wait.until_done(settled, timeout, nil, level + 1)
+  local missing = {}
+  for _, id in ipairs(ids) do
+    local e = self.engines[id]
+    if not e or e.state ~= "ready" then
+      missing[#missing + 1] = string.format("engine %d %s", id,
+        e and e.state == "dead" and e.how or ("did not say hello within " .. timeout .. " s"))
     end
   end
+  if #missing > 0 then
+    error("cluster did not come up: " .. table.concat(missing, "; "), level + 1)
+  end
+end
+
+--- Kill (if running) and start again engines `ids` of `n`, and wait for them.
+function Hub:restart(ids, n, timeout, level)
+  if self.controller then
+    local ok, err = self:call("restart", ids)
+    if not ok then error("restart_engines: " .. tostring(err), level + 1) end
+    return -- the answer follows the engines' hellos on the same link
+  end
+  for _, id in ipairs(ids) do
+    if self:engine_state(id) ~= "dead" then self:signal(id, "KILL") end
+  end
+  wait.until_done(function()
+    for _, id in ipairs(ids) do
+      if self:engine_state(id) ~= "dead" then return false end
+    end
+    return true
+  end, 5, nil, level + 1)
+  for _, id in ipairs(ids) do self:spawn(id, n) end
+  self:wait_ready(ids, timeout, level + 1)
+end
+
+--- Per engine: requests in flight and state; plus what was dropped.
+function Hub:queue_status()
+  local stats = self.core and self.core:stats() or { bad_messages = 0, undecodable = 0 }
+  local status = {}
+  if self.controller and self.core then
+    local st, err = self:call("status")
+    if not st then error("queue_status: " .. tostring(err), 3) end
+    for id, e in pairs(st.engines) do status[id] = { queue = e.queue, state = e.state, pid = e.pid } end
+    status.bad_messages, status.refused, status.disconnected, status.clients =
+      st.bad_messages, st.refused, st.disconnected, st.clients
+  else
+    for id, e in pairs(self.engines) do status[id] = { queue = 0, state = e.state, pid = e.pid } end
+    for _, rec in pairs(self.pending) do
+      local s = status[rec.engine]
+      if s then s.queue = s.queue + 1 end
+    end
+    status.bad_messages = stats.bad_messages
+  end
+  status.undecodable = stats.undecodable
+  return status
+end
+
+--- Ask the controller to stop the whole cluster (connected hubs).
+function Hub:shutdown()
+  local ok, err = self:call("shutdown")
+  if not ok and not self.link_lost then error("shutdown: " .. tostring(err), 3) end
+  self:stop("is stopped: the cluster was shut down")
+end
+
+--- Stop: local engines are stopped; a connected hub detaches (its cluster
+-- goes on). Pending requests fail with an EngineError saying `how`.
+function Hub:stop(how)
+  if not self.core then return end
+  self.closing = true
+  self.core:stop()
+  self.core = nil
+  cut_off(self, how or (self.controller and "is unreachable: this client was closed (the cluster goes on)"
+    or "was stopped with its cluster"))
 end
 
 return Hub
