@@ -64,6 +64,13 @@ describe("a load-balanced view", function()
     assert.has_error(function() ar:get() end)
   end)
 
+  it("labels a task's error with its engine and what it was", function()
+    local ar = lb:apply_async(function() error("boom") end)
+    local ok, err = pcall(ar.get, ar, 5)
+    assert.is_false(ok)
+    assert.matches("^%[" .. ar.metadata.engine_id .. ":apply%] .*boom", tostring(err))
+  end)
+
   it("retries a task whose engine was SIGKILLed, elsewhere", function()
     local victim = lb:apply_sync(function() return lpar.engine.pid end)
     local f = function(x)

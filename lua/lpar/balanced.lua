@@ -108,7 +108,7 @@ end
 
 --- Send `task` to `engine`; false when it could not be sent (then failed).
 function Scheduler:send(task, engine)
-  local rec = { ar = task }
+  local rec = { ar = task, kind = task.slot.kind } -- the one shape of a request record
   local ok, err = self.hub:submit(engine, APPLY, "args", rec, task.f,
     table.unpack(task.args, 1, task.args.n))
   if not ok then
