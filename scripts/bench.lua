@@ -34,7 +34,7 @@ local rows, by_key, samples = {}, {}, {}
 local function row(key, name, value, unit, target, spread)
   local r = { key = key, name = name, value = value, unit = unit, target = target, spread = spread }
   rows[#rows + 1], by_key[key] = r, r
-  print(string.format("%-44s %12.2f %-8s %s", name, value, unit, target or ""))
+  print(string.format("%-52s %12.2f %-8s %s", name, value, unit, target or ""))
   io.stdout:flush()
 end
 
@@ -42,7 +42,7 @@ local function quartiles(t) return { pct(t, 0.25), pct(t, 0.75) } end
 
 print(string.format("lpar %s benchmarks, %s, %d CPUs%s", lpar.version, os.date("%Y-%m-%d %H:%M"),
   #uv.cpu_info(), quick and " (quick mode: figures are rough)" or ""))
-print(string.format("%-44s %12s %-8s %s", "measure", "median", "unit", "target"))
+print(string.format("%-52s %12s %-8s %s", "measure", "median", "unit", "target"))
 
 -- Start N engines until all are ready.
 for _, n in ipairs(quick and { 2, 4 } or { 2, 4, 64 }) do
@@ -326,9 +326,25 @@ do
 end
 
 -- A standalone cluster (lpar cluster start) in a scratch LPAR_DIR: the
--- time until `start --daemonize` returns with engines ready, and round
--- trips through the controller's authenticated unix socket (two more hops
--- than the embedded cluster, and an HMAC per message each way).
+-- time until `start --daemonize` returns with engines ready; round trips and
+-- pushes through the controller's relay, over its unix socket (matrices as
+-- memfds) and over TCP (inline, encrypted); the idle controller's CPU time.
+local function proc_stat(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return nil end
+  local fields = {}
+  for x in f:read("a"):match("%) (.*)"):gmatch("%S+") do fields[#fields + 1] = x end
+  f:close()
+  return fields
+end
+
+local function rss_mb(pid)
+  local f = io.open("/proc/" .. pid .. "/status")
+  local kb = f and tonumber(f:read("a"):match("VmRSS:%s*(%d+)")) or 0
+  if f then f:close() end
+  return kb / 1024
+end
+
 do
   local dir = os.tmpname()
   os.remove(dir)
@@ -347,19 +363,55 @@ do
   sorted(times)
   row("standalone_start_4", "standalone: cluster start -n 4 --daemonize", pct(times, 0.5), "ms", "<= 200 ms",
     quartiles(times))
-  run("start -n 4 --daemonize --profile bench")
+  run("start -n 2 --daemonize --profile bench --port 0")
+  local conn = dir .. "/profile_bench/connection.lua"
+  local text = assert(io.open(conn)):read("a")
+  local controller = math.tointeger(tonumber(text:match("pid = (%d+)")))
+  -- The same cluster over TCP only: its connection file without the socket.
+  local tcp_conn = dir .. "/tcp-connection.lua"
+  local f = assert(io.open(tcp_conn, "w"))
+  f:write((text:gsub("\n  socket = [^\n]*", "")))
+  f:close()
+  os.execute("chmod 600 '" .. tcp_conn .. "'")
+
+  -- Idle: CPU ticks (user + system) of the controller over 2 s with a client connected.
   local sc = lpar.Client { profile = "bench" }
-  local t = round_trips(sc[0], count(20000))
-  row("standalone_apply1_p50", "standalone: apply(identity) round trip, p50", pct(t, 0.5), "us", "<= 100 us")
-  row("standalone_apply1_p99", "standalone: apply(identity) round trip, p99", pct(t, 0.99), "us")
-  local a = matrix.random(256 * 1024, 1, 1)
-  local pt = {}
-  for i = 1, count(50) do
-    local t0 = uv.hrtime()
-    sc[0]:push({ a = a }, { block = true })
-    pt[i] = uv.hrtime() - t0
+  local before = proc_stat(controller)
+  uv.sleep(2000)
+  local after = proc_stat(controller)
+  row("standalone_idle_ticks", "standalone: idle controller CPU over 2 s",
+    (after[12] + after[13]) - (before[12] + before[13]), "ticks", "0 ticks")
+
+  local embedded = pct(samples.apply1, 0.5)
+  local function transport(prefix, label, client, target_rt, target_push)
+    local t = round_trips(client[0], count(20000))
+    row(prefix .. "_apply1_p50", label .. ": apply(identity) round trip, p50", pct(t, 0.5), "us", target_rt)
+    row(prefix .. "_apply1_p99", label .. ": apply(identity) round trip, p99", pct(t, 0.99), "us")
+    row(prefix .. "_apply1_ratio", label .. ": round trip / embedded, p50", pct(t, 0.5) / embedded, "x",
+      prefix == "standalone" and "<= 1.3x" or nil)
+    local push_times = {}
+    for _, case in ipairs { { 256 * 1024, "2mib", 50 }, { 8 * 1024 * 1024, "64mib", 5 } } do
+      local a = matrix.random(case[1], 1, 1)
+      local pt = {}
+      for i = 1, count(case[3]) do
+        local t0 = uv.hrtime()
+        client[0]:push({ a = a }, { block = true })
+        pt[i] = uv.hrtime() - t0
+      end
+      push_times[case[2]] = pct(sorted(pt), 0.5)
+      row(prefix .. "_push_" .. case[2], label .. ": push " .. case[2]:upper():gsub("MIB", " MiB") .. " matrix",
+        case[1] * 8 / push_times[case[2]], "GB/s", case[2] == "2mib" and target_push or nil)
+    end
+    row(prefix .. "_push_ratio", label .. ": push 64 MiB / 2 MiB, time",
+      push_times["64mib"] / push_times["2mib"], "x", prefix == "standalone" and "<= 2x" or nil)
   end
-  row("standalone_push_2mib", "standalone: push 2 MiB matrix (inline)", 256 * 1024 * 8 / pct(sorted(pt), 0.5), "GB/s")
+  transport("standalone", "standalone", sc, "<= 1.3x embedded", ">= 5 GB/s")
+  row("standalone_controller_rss", "standalone: controller RSS after 64 MiB pushes", rss_mb(controller), "MB",
+    "< 20 MB")
+  local tc = lpar.Client { connection_file = tcp_conn }
+  print("standalone TCP links are sealed with " .. tc._hub.core:stats().cipher)
+  transport("tcp", "standalone TCP", tc, "<= 100 us", ">= 1.5 GB/s")
+  tc:close()
   sc:shutdown()
   sc:close()
   os.execute("rm -rf '" .. dir .. "'")
@@ -437,12 +489,12 @@ if vs then
   p:close()
   ipp.version = command_output("/usr/bin/python3 -c 'import ipyparallel; print(ipyparallel.__version__)'")
   print()
-  print(string.format("%-44s %12s %12s %10s", "measure (times: lower is better)", "lpar", "ipyparallel",
+  print(string.format("%-52s %12s %12s %10s", "measure (times: lower is better)", "lpar", "ipyparallel",
     "lpar/ipp"))
   for _, r in ipairs(rows) do
     local o = ipp.by_key[r.key]
     if o then
-      print(string.format("%-44s %12.4g %12.4g %10.3g  %s", r.name, r.value, o.value, r.value / o.value, r.unit))
+      print(string.format("%-52s %12.4g %12.4g %10.3g  %s", r.name, r.value, o.value, r.value / o.value, r.unit))
     end
   end
 end

@@ -69,6 +69,10 @@ def main():
         if key == "apply1":
             for v in t:
                 print(f"sample\t{key}\t{v:.3f}")
+            # ipyparallel always goes through its controller, over TCP in the
+            # clear: the same figure stands beside lpar's standalone rows.
+            for alias in ("standalone_apply1", "tcp_apply1"):
+                emit(f"{alias}_p50", pct(t, 0.5), "us")
     for key, view, n in (("exec1", e0, count(2000)), ("exec4", dview, count(1000))):
         t = []
         for _ in range(n):
@@ -99,6 +103,9 @@ def main():
             e0.push({"a": a}, block=True)
             t.append(time.perf_counter() - t0)
         emit(f"push_{size}", size * 8 / statistics.median(t) / 1e9, "GB/s")
+        if size == 256 * 1024:  # 2 MiB, through ipyparallel's controller over TCP
+            for alias in ("standalone_push_2mib", "tcp_push_2mib"):
+                emit(alias, size * 8 / statistics.median(t) / 1e9, "GB/s")
         t = []
         for _ in range(count(40)):
             t0 = time.perf_counter()
