@@ -161,10 +161,11 @@ do
   row("lb_balance", "random 0-2 ms tasks: makespan / ideal", makespan / (total / parallel), "x", "<= 1.1x")
 end
 
-local function rss_mb()
-  local f = io.open("/proc/self/status")
-  local kb = tonumber(f:read("a"):match("VmRSS:%s*(%d+)"))
-  f:close()
+--- Resident memory of process `pid` (default this one), in MB.
+local function rss_mb(pid)
+  local f = io.open("/proc/" .. (pid or "self") .. "/status")
+  local kb = f and tonumber(f:read("a"):match("VmRSS:%s*(%d+)")) or 0
+  if f then f:close() end
   return kb / 1024
 end
 
@@ -336,13 +337,6 @@ local function proc_stat(pid)
   for x in f:read("a"):match("%) (.*)"):gmatch("%S+") do fields[#fields + 1] = x end
   f:close()
   return fields
-end
-
-local function rss_mb(pid)
-  local f = io.open("/proc/" .. pid .. "/status")
-  local kb = f and tonumber(f:read("a"):match("VmRSS:%s*(%d+)")) or 0
-  if f then f:close() end
-  return kb / 1024
 end
 
 do
