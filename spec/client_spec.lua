@@ -206,16 +206,26 @@ describe("a local cluster", function()
     end)
 
     it("iterates in arrival order", function()
-      local ar = rc:view("0:3"):apply_async(function()
-        local t = os.clock() while os.clock() - t < 0.03 * (2 - lpar.engine.id) do end
-        return lpar.engine.id
-      end)
+      -- Engine 2 answers at once; engine 1 once this client has seen 2's
+      -- answer, engine 0 once it has seen 1's: each waits (at most 5 s) for
+      -- the file the loop below writes.
+      local dir = os.tmpname()
+      local ar = rc:view("0:3"):apply_async(function(base)
+        local id = lpar.engine.id
+        local function exists(path) local f = io.open(path) if f then f:close() end return f ~= nil end
+        local deadline = os.time() + 5
+        while id < 2 and not exists(base .. "." .. (id + 1)) and os.time() < deadline do end
+        return id
+      end, dir)
       local order = {}
       for engine, v in ar:iter() do
         assert.equal(engine, v)
         order[#order + 1] = engine
+        io.open(dir .. "." .. engine, "w"):close()
       end
       assert.same({ 2, 1, 0 }, order)
+      for id = 0, 2 do os.remove(dir .. "." .. id) end
+      os.remove(dir)
     end)
 
     it("shows outputs labelled by engine", function()
