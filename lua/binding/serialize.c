@@ -42,6 +42,10 @@
 ** metatable) as GLOBALS; C functions and package.loaded tables by the name
 ** the sender's index (names_build) gives them. The decoder looks names up
 ** raw, never calling metamethods, and loads bytecode only when allowed.
+**
+** This file is the format: the encoder and the decoder. The names of C
+** things, both ways, are names.c's; the memory behind a matrix (inline
+** elements, memfds and their bounds) is matrix_codec.c's.
 */
 #include "serialize.h"
 
@@ -52,15 +56,14 @@
 #include <stdio.h>
 #include <string.h>
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
 
 #include "lpar.h"
 #include "matrix.h"
+#include "matrix_codec.h"
+#include "names.h"
 
 _Static_assert(sizeof(lua_Integer) == 8, "lpar needs 64-bit Lua integers");
 _Static_assert(sizeof(lua_Number) == 8, "lpar needs double Lua floats");
@@ -79,7 +82,6 @@ enum {
 /* Registry keys. */
 #define REG_MT_BYNAME "lpar.metatables"      /* name -> metatable */
 #define REG_MT_BYOBJ "lpar.metatable_names"  /* metatable -> name */
-#define REG_NAMES "lpar.names"               /* C function / library -> name */
 
 static size_t put_uv(unsigned char *p, uint64_t v) {
   size_t n = 0;
@@ -413,142 +415,11 @@ static int enter(enc *S) {
   return 0;
 }
 
-/* ------------------------------------------------ names of C things */
-
-/* index[v] = name, unless v has a name already that is no longer, or `weak`. */
-static void names_add(lua_State *L, int index, int v, int name, int weak) {
-  lua_pushvalue(L, v);
-  int t = lua_rawget(L, index);
-  if (t == LUA_TSTRING && (weak || lua_rawlen(L, -1) <= lua_rawlen(L, name))) {
-    lua_pop(L, 1);
-    return;
-  }
-  lua_pop(L, 1);
-  lua_pushvalue(L, v);
-  lua_pushvalue(L, name);
-  lua_rawset(L, index);
-}
-
-/* Index the C functions of table t (string keys only) as prefix.key. */
-static void names_add_fields(lua_State *L, int index, int t, int prefix, int weak) {
-  lua_pushnil(L);
-  while (lua_next(L, t)) {
-    if (lua_type(L, -2) == LUA_TSTRING && lua_iscfunction(L, -1)) {
-      lua_pushvalue(L, prefix);
-      lua_pushliteral(L, ".");
-      lua_pushvalue(L, -4);
-      lua_concat(L, 3);
-      names_add(L, index, lua_gettop(L) - 1, lua_gettop(L), weak);
-      lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
-  }
-}
-
-/* Index the module v (named by the string at k) and its C functions. */
-static void names_add_module(lua_State *L, int index, int k, int v, int weak) {
-  if (lua_type(L, v) == LUA_TTABLE) {
-    names_add(L, index, v, k, weak);
-    names_add_fields(L, index, v, k, weak);
-  } else if (lua_iscfunction(L, v)) {
-    names_add(L, index, v, k, weak);
-  }
-}
-
-/*
-** Index package.loaded into index: the standard libraries first, then the
-** other modules without overriding; index[1] becomes a copy of it and the
-** result is its size.
-*/
-static lua_Integer names_add_loaded(lua_State *L, int index, int globals) {
-  static const char *const stdlibs[] = {
-    "string", "table", "math", "io", "os", "coroutine", "utf8", "debug", "package", NULL};
-  lua_Integer n = 0;
-  lua_createtable(L, 0, 32);
-  lua_rawseti(L, index, 1);
-  if (lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    return 0;
-  }
-  int loaded = lua_gettop(L), copy = loaded + 1;
-  lua_rawgeti(L, index, 1);
-  for (int i = 0; stdlibs[i]; i++) {
-    lua_pushstring(L, stdlibs[i]);
-    lua_pushvalue(L, -1);
-    lua_rawget(L, loaded);
-    names_add_module(L, index, copy + 1, copy + 2, 0);
-    lua_settop(L, copy);
-  }
-  lua_pushnil(L);
-  while (lua_next(L, loaded)) {
-    int k = lua_gettop(L) - 1, v = k + 1;
-    n++;
-    lua_pushvalue(L, k);
-    lua_pushvalue(L, v);
-    lua_rawset(L, copy);
-    if (lua_type(L, k) == LUA_TSTRING && !lua_rawequal(L, v, globals))
-      names_add_module(L, index, k, v, 1);
-    lua_pop(L, 1);
-  }
-  lua_settop(L, loaded - 1);
-  return n;
-}
-
-/*
-** Build the index object -> name of the tables of package.loaded, their C
-** functions ("string.format") and the C functions of the globals ("print");
-** push it and cache it in the registry. A thing with several names gets the
-** standard library's name, else a module's, else a global's: the names the
-** receiver most likely has too. index[1] keeps a copy of package.loaded
-** and index[2] its size, to notice modules loaded or replaced since.
-*/
-static void names_build(lua_State *L, int globals) {
-  lua_createtable(L, 0, 256);
-  int index = lua_gettop(L);
-  lua_createtable(L, 0, 1);
-  lua_pushliteral(L, "k"); /* weak keys: an unloaded module may go */
-  lua_setfield(L, -2, "__mode");
-  lua_setmetatable(L, index);
-  lua_pushinteger(L, names_add_loaded(L, index, globals));
-  lua_rawseti(L, index, 2);
-  lua_pushnil(L);
-  while (lua_next(L, globals)) {
-    if (lua_type(L, -2) == LUA_TSTRING && lua_iscfunction(L, -1))
-      names_add(L, index, lua_gettop(L), lua_gettop(L) - 1, 1);
-    lua_pop(L, 1);
-  }
-  lua_pushvalue(L, index);
-  lua_setfield(L, LUA_REGISTRYINDEX, REG_NAMES);
-}
-
-/* Is package.loaded as the index at top saw it? Same size, same values. */
-static int names_fresh(lua_State *L) {
-  int index = lua_gettop(L);
-  lua_rawgeti(L, index, 1);
-  lua_rawgeti(L, index, 2);
-  lua_Integer had = lua_tointeger(L, -1), n = 0;
-  int fresh = lua_type(L, index + 1) == LUA_TTABLE &&
-              lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE) == LUA_TTABLE;
-  if (fresh) {
-    lua_pushnil(L);
-    while (fresh && lua_next(L, index + 3)) {
-      lua_pushvalue(L, -2);
-      lua_rawget(L, index + 1);
-      fresh = lua_rawequal(L, -1, -2) && ++n <= had;
-      lua_pop(L, 2);
-    }
-  }
-  lua_settop(L, index);
-  return fresh && n == had;
-}
+/* ------------------------------------------------ names of C things (names.c) */
 
 static void names_load(enc *S) {
-  lua_State *L = S->L;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, REG_NAMES) != LUA_TTABLE || !names_fresh(L)) {
-    lua_pop(L, 1);
-    names_build(L, S->globals);
-  }
-  lua_replace(L, S->names);
+  lparN_index(S->L, S->globals, 0);
+  lua_replace(S->L, S->names);
   S->have_names = 1;
 }
 
@@ -565,7 +436,7 @@ static int name_of(enc *S, int idx, int may_rebuild) {
   lua_pop(L, 1);
   if (!may_rebuild || S->rebuilt) return 0;
   S->rebuilt = 1;
-  names_build(L, S->globals);
+  lparN_index(L, S->globals, 1);
   lua_replace(L, S->names);
   return name_of(S, idx, 0);
 }
@@ -776,43 +647,10 @@ static int enc_cfunc(enc *S, int idx) {
 }
 
 /* Index of `fd` in the message's descriptors, adding it; -1 when full. */
-static int shm_slot(lparS_shm *shm, int fd, int owned) {
-  for (int i = 0; i < shm->nfds; i++)
-    if (shm->fds[i] == fd) return i;
-  if (shm->nfds == LPARH_MAX_FDS) return -1;
-  shm->fds[shm->nfds] = fd;
-  shm->owned[shm->nfds] = owned;
-  return shm->nfds++;
-}
-
-/* A memfd for the matrix's elements and the offset of (1,1) in it, or -1. */
-static int matrix_fd(lparM_matrix *m, size_t *off, int *owned) {
-  if (lparM_contiguous(m)) {
-    *off = m->offset;
-    return lparM_export_fd(m->st, owned);
-  }
-  /* A strided view: copy its rows into a new memfd of its own. */
-  int fd;
-  void *map;
-  size_t row = m->cols * sizeof(double), bytes = m->rows * row;
-  if (lparH_create(bytes, &fd, &map) < 0) return -1;
-  for (size_t i = 0; i < m->rows; i++) memcpy((char *)map + i * row, lparM_at(m, i, 0), row);
-  munmap(map, bytes ? bytes : 1);
-  *off = 0;
-  *owned = 1;
-  return fd;
-}
-
 static int enc_matrix_shm(enc *S, lparM_matrix *m) {
   size_t off;
-  int owned;
-  int fd = matrix_fd(m, &off, &owned);
-  if (fd < 0) return 1; /* no memfd: inline instead */
-  int slot = shm_slot(S->shm, fd, owned);
-  if (slot < 0) {
-    if (owned) close(fd);
-    return 1;
-  }
+  int slot = lparS_matrix_slot(S->shm, m, &off);
+  if (slot < 0) return 1; /* no memfd: inline instead */
   int rc = put_uv_only(S, 1);
   if (rc == 0) rc = put_uv_only(S, (uint64_t)slot);
   return rc ? rc : put_uv_only(S, off);
@@ -832,11 +670,7 @@ static int enc_matrix(enc *S, int idx, lparM_matrix *m) {
   if ((rc = put_uv_only(S, 0)) != 0 || bytes == 0) return rc;
   unsigned char *p = room(S, bytes);
   if (p == NULL) return nomem(S);
-  size_t row = m->cols * sizeof(double);
-  if (lparM_contiguous(m))
-    memcpy(p, lparM_at(m, 0, 0), bytes);
-  else
-    for (size_t i = 0; i < m->rows; i++) memcpy(p + i * row, lparM_at(m, i, 0), row);
+  lparS_matrix_copy(m, p);
   S->b->len += bytes;
   return 0;
 }
@@ -1166,89 +1000,6 @@ static int dec_func(dec *D, const unsigned char *at) {
   return 0;
 }
 
-/* rawget of t[s[0..n)], pushing the result; returns its type. */
-static int rawget_l(lua_State *L, int t, const char *s, size_t n) {
-  lua_pushlstring(L, s, n);
-  return lua_rawget(L, t);
-}
-
-/* Push globals.a.b.c for s = "a.b.c" (raw gets); returns the type pushed. */
-static int walk(lua_State *L, int globals, const char *s, size_t n) {
-  const char *e = s + n;
-  lua_pushvalue(L, globals);
-  for (;;) {
-    const char *q = memchr(s, '.', (size_t)(e - s));
-    if (q == NULL) q = e;
-    if (lua_type(L, -1) != LUA_TTABLE) return LUA_TNIL;
-    rawget_l(L, lua_gettop(L), s, (size_t)(q - s));
-    lua_remove(L, -2);
-    if (q == e) return lua_type(L, -1);
-    s = q + 1;
-  }
-}
-
-/*
-** Push what s[0..n) names here, if it has type `want`: package.loaded[s]
-** (returns 1), else the global s, package.loaded[module][field], or dotted
-** fields walked from the globals (returns 2). Returns 0 pushing nothing.
-*/
-static int find_name(lua_State *L, int loaded, int globals, const char *s, size_t n,
-                     int want) {
-  int top = lua_gettop(L);
-  if (loaded && rawget_l(L, loaded, s, n) == want) return 1;
-  lua_settop(L, top);
-  if (rawget_l(L, globals, s, n) == want) return 2;
-  lua_settop(L, top);
-  const char *dot = NULL;
-  for (size_t i = 0; i < n; i++)
-    if (s[i] == '.') dot = s + i;
-  if (dot && loaded) {
-    size_t k = (size_t)(dot - s);
-    if (rawget_l(L, loaded, s, k) == LUA_TTABLE &&
-        rawget_l(L, top + 1, dot + 1, n - k - 1) == want) {
-      lua_replace(L, top + 1);
-      return 2;
-    }
-    lua_settop(L, top);
-  }
-  if (walk(L, globals, s, n) == want) return 2;
-  lua_settop(L, top);
-  return 0;
-}
-
-/* Is the value at top one of the values of package.loaded (at loaded)? */
-static int is_loaded_value(lua_State *L, int loaded) {
-  int v = lua_gettop(L);
-  lua_pushnil(L);
-  while (lua_next(L, loaded)) {
-    if (lua_rawequal(L, -1, v)) {
-      lua_pop(L, 2);
-      return 1;
-    }
-    lua_pop(L, 1);
-  }
-  return 0;
-}
-
-/*
-** Push the receiver's thing named s[0..n). A library table found other than
-** as package.loaded[s] must still be a loaded module (or the globals), so
-** that it would be sent back by name too. Returns 1, or 0 pushing nothing.
-*/
-static int resolve(lua_State *L, const char *s, size_t n, int want) {
-  int base = lua_gettop(L);
-  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-  int loaded = lua_type(L, base + 1) == LUA_TTABLE ? base + 1 : 0;
-  int how = find_name(L, loaded, base + 2, s, n, want);
-  if (how == 2 && want == LUA_TTABLE && !lua_rawequal(L, -1, base + 2) &&
-      !(loaded && is_loaded_value(L, loaded)))
-    how = 0;
-  if (how) lua_replace(L, base + 1);
-  lua_settop(L, base + (how != 0));
-  return how != 0;
-}
-
 static int dec_named(dec *D, int tag, const unsigned char *at) {
   uint64_t n;
   int rc = get_len(D, &n, "name", at);
@@ -1256,7 +1007,7 @@ static int dec_named(dec *D, int tag, const unsigned char *at) {
   const char *s = (const char *)D->p;
   D->p += n;
   if (!lua_checkstack(D->L, 16)) return bad(D, "Lua stack overflow at offset %zu", offset(D, at));
-  if (resolve(D->L, s, (size_t)n, tag == T_LIB ? LUA_TTABLE : LUA_TFUNCTION)) return 0;
+  if (lparN_resolve(D->L, s, (size_t)n, tag == T_LIB ? LUA_TTABLE : LUA_TFUNCTION)) return 0;
   char shown[64];
   printable(shown, sizeof shown, s, (size_t)n);
   return bad(D, "unknown %s '%s' at offset %zu", tag == T_LIB ? "library table" : "C function",
@@ -1273,28 +1024,6 @@ static int dec_string(dec *D, uint64_t n, const unsigned char *at) {
 }
 
 /* The storage of a shared matrix: a private mapping of descriptor `slot`. */
-static lparM_storage *dec_shm_storage(dec *D, uint64_t slot, uint64_t off, uint64_t count,
-                                      const unsigned char *at, size_t *offset_out) {
-  if (D->shm == NULL || slot >= (uint64_t)D->shm->nfds) {
-    bad(D, "matrix in shared memory %llu at offset %zu, but %d descriptors came",
-        (unsigned long long)slot, offset(D, at), D->shm ? D->shm->nfds : 0);
-    return NULL;
-  }
-  struct stat st;
-  int fd = D->shm->fds[slot];
-  if (fstat(fd, &st) != 0 || st.st_size < 0 || off > (uint64_t)st.st_size / sizeof(double) ||
-      count > (uint64_t)st.st_size / sizeof(double) - off) {
-    bad(D, "shared matrix at offset %zu does not fit its memory", offset(D, at));
-    return NULL;
-  }
-  int mine = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  lparM_storage *s = mine < 0 ? NULL
-                              : lparM_storage_from_fd(mine, (size_t)st.st_size / sizeof(double));
-  if (s == NULL) bad(D, "cannot map the shared matrix at offset %zu", offset(D, at));
-  *offset_out = (size_t)off;
-  return s;
-}
-
 static int dec_matrix(dec *D, const unsigned char *at) {
   uint64_t rows, cols, kind, slot, off = 0;
   int rc;
@@ -1321,8 +1050,10 @@ static int dec_matrix(dec *D, const unsigned char *at) {
   } else if (kind == 1) {
     if ((rc = get_uv(D, &slot, "matrix descriptor")) || (rc = get_uv(D, &off, "matrix offset")))
       return rc;
-    s = dec_shm_storage(D, slot, off, count, at, &view_offset);
-    if (s == NULL) return LPAR_EBADMSG;
+    char why[160];
+    s = lparS_matrix_mapped(D->shm, slot, off, count, why, sizeof why);
+    if (s == NULL) return bad(D, "%s, at offset %zu", why, offset(D, at));
+    view_offset = (size_t)off;
   } else {
     return bad(D, "unknown matrix kind %llu at offset %zu", (unsigned long long)kind, offset(D, at));
   }
