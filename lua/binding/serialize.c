@@ -894,14 +894,14 @@ static int dec_table(dec *D, int has_mt, const unsigned char *at) {
   lua_State *L = D->L;
   int rc = dec_enter(D, at);
   if (rc) return rc;
-  uint64_t n;
+  uint64_t n = 0;
   if (has_mt) {
     if ((rc = get_len(D, &n, "metatable name", at)) != 0) return rc;
     const char *name = (const char *)D->p;
     D->p += n;
     if ((rc = dec_metatable(D, name, (size_t)n, at)) != 0) return rc;
   }
-  uint64_t narr;
+  uint64_t narr = 0;
   if ((rc = get_uv(D, &narr, "array length")) != 0) return rc;
   if (narr > left(D) || narr > INT_MAX)
     return bad(D, "bad array length %llu at offset %zu (only %zu bytes left)",
@@ -944,7 +944,7 @@ static int is_lua_function(lua_State *L, int idx) {
 static int dec_join(dec *D, int f, int n) {
   lua_State *L = D->L;
   const unsigned char *at = D->p++;
-  uint64_t r, k;
+  uint64_t r = 0, k = 0;
   int rc = get_uv(D, &r, "reference");
   if (rc || (rc = get_uv(D, &k, "upvalue number")) != 0) return rc;
   if (r < 1 || r > (uint64_t)D->nrefs)
@@ -967,7 +967,7 @@ static int dec_func(dec *D, const unsigned char *at) {
     return bad(D, "bytecode not allowed from this peer (function at offset %zu)",
                offset(D, at));
   int rc = dec_enter(D, at);
-  uint64_t len, nups;
+  uint64_t len = 0, nups = 0;
   if (rc || (rc = get_len(D, &len, "bytecode", at)) != 0) return rc;
   chunk c = {(const char *)D->p, (size_t)len};
   int st = lua_load(L, chunk_reader, &c, "=remote", "b");
@@ -1001,7 +1001,7 @@ static int dec_func(dec *D, const unsigned char *at) {
 }
 
 static int dec_named(dec *D, int tag, const unsigned char *at) {
-  uint64_t n;
+  uint64_t n = 0;
   int rc = get_len(D, &n, "name", at);
   if (rc) return rc;
   const char *s = (const char *)D->p;
@@ -1025,7 +1025,7 @@ static int dec_string(dec *D, uint64_t n, const unsigned char *at) {
 
 /* The storage of a shared matrix: a private mapping of descriptor `slot`. */
 static int dec_matrix(dec *D, const unsigned char *at) {
-  uint64_t rows, cols, kind, slot, off = 0;
+  uint64_t rows = 0, cols = 0, kind = 0, slot = 0, off = 0; /* set by get_uv, or it fails */
   int rc;
   if ((rc = get_uv(D, &rows, "matrix rows")) || (rc = get_uv(D, &cols, "matrix columns")) ||
       (rc = get_uv(D, &kind, "matrix kind")))
@@ -1069,7 +1069,7 @@ static int dec_value(dec *D) {
   const unsigned char *at = D->p;
   if (at == D->end) return bad(D, "truncated input at offset %zu: value expected", offset(D, at));
   unsigned tag = *D->p++;
-  uint64_t u;
+  uint64_t u = 0;
   int rc;
   if (tag >= T_SMALLINT) {
     lua_pushinteger(L, (lua_Integer)(tag - T_SMALLINT));
@@ -1137,7 +1137,7 @@ int lparS_decode_shm(lua_State *L, const void *data, size_t len, unsigned flags,
   if (*D.p != FORMAT_VERSION)
     return bad(&D, "unsupported encoding version %u (expected %d)", *D.p, FORMAT_VERSION);
   D.p++;
-  uint64_t n;
+  uint64_t n = 0;
   int rc = get_uv(&D, &n, "value count");
   if (rc) return rc;
   if (n > left(&D))
