@@ -85,6 +85,7 @@ static int fail(lpar_cluster *c, int code, const char *fmt, ...) {
 }
 
 const char *lpar_cluster_errmsg(const lpar_cluster *c) {
+  if (c == NULL) return "no cluster (out of memory?)";
   return c->errmsg[0] ? c->errmsg : "no error";
 }
 

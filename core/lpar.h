@@ -201,7 +201,7 @@ uint64_t lpar_cluster_bad_messages(const lpar_cluster *c);
 /* The link's cipher ("AES-256-GCM", "XChaCha20-Poly1305"), or "none". */
 const char *lpar_cluster_cipher(const lpar_cluster *c);
 
-/* What the last failed call on c was about. Never NULL. */
+/* What the last failed call on c was about. Never NULL, even for a NULL c. */
 const char *lpar_cluster_errmsg(const lpar_cluster *c);
 
 /*

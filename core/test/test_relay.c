@@ -1,0 +1,175 @@
+/*
+** test_relay.c: a controller's data plane end to end, in C. A forked
+** controller (core/relay.c) runs two engines; this process connects with the
+** public lpar_cluster_connect and sees both engines come up, runs code on
+** each and reads the answers as text, gets a remote error back, kills an
+** engine through the controller and hears of its death, is told that a
+** request for the dead engine cannot go, and hears the link close when the
+** controller stops. The other engine answers throughout.
+*/
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <uv.h>
+
+#include "check.h"
+#include "lpar.h"
+#include "relay.h"
+
+#define STOP_ID 999
+
+/* ---- the controller, in the child ---- */
+
+static void on_relay_event(lparY_relay *y, const lparY_event *ev, void *ud) {
+  (void)y;
+  if (ev->kind == LPARY_CONTROL && ev->id == STOP_ID) *(int *)ud = 1;
+}
+
+static void check_stop(uv_timer_t *t) {
+  if (*(int *)t->data) uv_stop(t->loop);
+}
+
+static int run_controller(const char *path, const unsigned char *key) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  int stop = 0;
+  lparY_config cfg = {.socket = path, .on_event = on_relay_event, .ud = &stop};
+  memcpy(cfg.key, key, sizeof cfg.key);
+  lparY_relay *y = NULL;
+  char err[256];
+  if (lparY_new(&loop, &cfg, &y, err, sizeof err) != 0 || lparY_spawn(y, 0, 2, err, sizeof err) != 0 ||
+      lparY_spawn(y, 1, 2, err, sizeof err) != 0) {
+    fprintf(stderr, "controller: %s\n", err);
+    return 100;
+  }
+  uv_timer_t t;
+  uv_timer_init(&loop, &t);
+  t.data = &stop;
+  uv_timer_start(&t, check_stop, 5, 5);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  lparY_free(y);
+  uv_close((uv_handle_t *)&t, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  return uv_loop_close(&loop) == 0 ? 0 : 101;
+}
+
+/* ---- the client ---- */
+
+typedef struct seen {
+  int ready, results, errors, exits, closed;
+  int exit_engine, exit_signal;
+  char result[128], error[256];
+} seen;
+
+static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
+  (void)c;
+  seen *s = ud;
+  switch (ev->kind) {
+  case LPAR_EV_READY: s->ready++; break;
+  case LPAR_EV_EXIT:
+    s->exits++;
+    s->exit_engine = ev->engine;
+    s->exit_signal = ev->term_signal;
+    break;
+  case LPAR_EV_CLOSED: s->closed++; break;
+  case LPAR_EV_MESSAGE: {
+    char *dst = ev->type == LPAR_MSG_RESULT ? s->result : s->error;
+    size_t cap = ev->type == LPAR_MSG_RESULT ? sizeof s->result : sizeof s->error;
+    size_t n = ev->len < cap - 1 ? ev->len : cap - 1;
+    memcpy(dst, ev->payload, n);
+    dst[n] = 0;
+    if (ev->type == LPAR_MSG_RESULT) s->results++;
+    if (ev->type == LPAR_MSG_ERROR) s->errors++;
+    break;
+  }
+  default: break;
+  }
+}
+
+/* Run the loop until *counter reaches want, or 10 s. */
+static int run_until(uv_loop_t *loop, int *counter, int want) {
+  for (int i = 0; i < 10000 && *counter < want; i++) {
+    uv_run(loop, UV_RUN_NOWAIT);
+    usleep(1000);
+  }
+  return *counter >= want;
+}
+
+int main(void) {
+  char dir[] = "/tmp/lpar-test-relay-XXXXXX";
+  CHECK(mkdtemp(dir) != NULL);
+  char path[128];
+  snprintf(path, sizeof path, "%s/controller.sock", dir);
+  unsigned char key[32];
+  for (int i = 0; i < 32; i++) key[i] = (unsigned char)(rand() & 0xff);
+
+  pid_t child = fork();
+  if (child == 0) _exit(run_controller(path, key));
+  struct stat st;
+  for (int i = 0; i < 5000 && stat(path, &st) != 0; i++) usleep(1000);
+
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  seen s = {0};
+  lpar_connect_config cfg = {.path = path, .on_event = on_event, .ud = &s};
+  memcpy(cfg.key, key, sizeof key);
+  lpar_cluster *c = NULL;
+  int rc = lpar_cluster_connect(&loop, &cfg, &c);
+  CHECKF(rc == LPAR_OK, "connect: %s", lpar_cluster_errmsg(c));
+  CHECK(run_until(&loop, &s.ready, 2));
+  CHECK(strcmp(lpar_cluster_cipher(c), "AES-256-GCM") == 0 ||
+        strcmp(lpar_cluster_cipher(c), "XChaCha20-Poly1305") == 0);
+  CHECK(lpar_cluster_pid(c, 1) > 0);
+
+  const char *code = "return lpar.engine.id + 40, lpar.engine.n";
+  CHECK(lpar_cluster_execute(c, 1, 7, code, strlen(code)) == LPAR_OK);
+  CHECK(run_until(&loop, &s.results, 1));
+  CHECKF(strcmp(s.result, "41\t2") == 0, "result '%s'", s.result);
+  const char *bad = "error('broken')";
+  CHECK(lpar_cluster_execute(c, 0, 8, bad, strlen(bad)) == LPAR_OK);
+  CHECK(run_until(&loop, &s.errors, 1));
+  CHECKF(strstr(s.error, "broken") != NULL, "error '%s'", s.error);
+
+  /* SIGKILL engine 0 through the controller: its death is reported. */
+  CHECK(lpar_cluster_signal(c, 0, SIGKILL) == LPAR_OK);
+  CHECK(run_until(&loop, &s.exits, 1));
+  CHECK(s.exit_engine == 0 && s.exit_signal == SIGKILL);
+  CHECK(lpar_cluster_pid(c, 0) == LPAR_EDEAD);
+  /* A request for it cannot go: the controller says so, with its exit again. */
+  CHECK(lpar_cluster_execute(c, 0, 9, "return 1", 8) == LPAR_OK);
+  CHECK(run_until(&loop, &s.exits, 2));
+  CHECK(s.exit_engine == 0);
+  /* The other one answers. */
+  CHECK(lpar_cluster_execute(c, 1, 10, "return 'still here'", 19) == LPAR_OK);
+  CHECK(run_until(&loop, &s.results, 2));
+  CHECK(strcmp(s.result, "still here") == 0);
+  /* Descriptors cannot go to... nothing: a send to a link is fine without them. */
+  CHECK(lpar_cluster_passes_fds(c, 1) == 1);
+
+  /* The controller stops: the link closes, and the client hears it. */
+  CHECK(lpar_cluster_send(c, 0, LPAR_MSG_CONTROL, 0, STOP_ID, "", 0) == LPAR_OK);
+  CHECK(run_until(&loop, &s.closed, 1));
+  int status = 0;
+  waitpid(child, &status, 0);
+  CHECKF(WIFEXITED(status) && WEXITSTATUS(status) == 0, "controller status %d", status);
+  CHECK(lpar_cluster_execute(c, 1, 11, "return 1", 8) == LPAR_EDEAD);
+  lpar_cluster_free(c);
+
+  /* Nobody listening: a clear error, and a handle to free. */
+  c = NULL;
+  CHECK(lpar_cluster_connect(&loop, &cfg, &c) < 0);
+  CHECKF(strstr(lpar_cluster_errmsg(c), "cannot connect to") != NULL, "errmsg %s",
+         lpar_cluster_errmsg(c));
+  lpar_cluster_free(c);
+
+  uv_run(&loop, UV_RUN_NOWAIT);
+  CHECK(uv_loop_close(&loop) == 0);
+  unlink(path);
+  rmdir(dir);
+  return check_report();
+}
