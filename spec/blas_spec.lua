@@ -102,7 +102,9 @@ describe("matrix.blas_info()", function()
     local given = os.getenv("OPENBLAS_CORETYPE")
     local info = matrix.blas_info()
     assert.equal(given, os.getenv("OPENBLAS_CORETYPE"))
-    if os.getenv("LPAR_BLAS_CHOSEN") == given then
+    if given == nil then -- nobody set it, and lpar found nothing to set
+      assert.equal("openblas", info.chosen_by)
+    elseif os.getenv("LPAR_BLAS_CHOSEN") == given then
       assert.equal("lpar", info.chosen_by)
     else
       assert.equal("user", info.chosen_by)
