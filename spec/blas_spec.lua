@@ -260,3 +260,15 @@ io.write("naive.worst=", string.format("%.17g", worst), "\n")
     end
   end)
 end)
+
+describe("scripts/bench_blas.lua", function()
+  it("says which kernel the client and the engines run, above and beside the figures", function()
+    local out, code = helpers.run(helpers.lpar .. " scripts/bench_blas.lua --quick 2>&1")
+    assert.equal(0, code, out)
+    local kernel = matrix.blas_info().kernel
+    assert.matches("\nBLAS: OpenBLAS [%d.]+ %(/[^\n]*%), kernel " .. kernel .. ", chosen by %a+\n", out)
+    assert.matches("A:dot%(B%) n=512, 2 threads +%d+%.%d+ GFLOP/s", out)
+    assert.matches("tiled on 2 engines %[" .. kernel .. "%] +%d+%.%d+ GFLOP/s", out)
+    assert.matches("engines' kernel: " .. kernel .. " " .. kernel .. "\n", out)
+  end)
+end)
