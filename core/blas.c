@@ -40,10 +40,14 @@ static int already_loaded(void) {
 }
 
 /* The same words whether this process set it or inherited it. */
-#define LPAR_CHOSE                                                                         \
-  "lpar set OPENBLAS_CORETYPE=%s for this CPU (%s), since OpenBLAS 0.3.21 falls back to an " \
-  "old kernel on CPUs it does not know; LPAR_BLAS_CORETYPE=off leaves the kernel to OpenBLAS"
+#define LPAR_CHOSE                                                                   \
+  "lpar set OPENBLAS_CORETYPE=%s for this CPU (%s), since OpenBLAS falls back to an old " \
+  "kernel on CPUs it does not know; LPAR_BLAS_CORETYPE=off leaves the kernel to OpenBLAS"
 
+/*
+** Runs at module load, before lpar starts any thread of its own: setenv is
+** not safe against a concurrent getenv.
+*/
 void lparM_blas_choose(void) {
   if (choice.done) return;
   choice.done = 1;
@@ -53,7 +57,7 @@ void lparM_blas_choose(void) {
   const char *best = choice.cpu.kernel;
   const char *given = getenv("OPENBLAS_CORETYPE"), *mark = getenv("LPAR_BLAS_CHOSEN");
   const char *mode = getenv("LPAR_BLAS_CORETYPE");
-  int off = mode != NULL && strcmp(mode, "off") == 0;
+  int off = mode != NULL && strcasecmp(mode, "off") == 0;
   int inherited = given != NULL && mark != NULL && strcmp(given, mark) == 0;
   choice.source = "openblas";
   if (given != NULL && *given && inherited && off) {
