@@ -274,8 +274,8 @@ local function blas_banner()
     line = line .. " " .. word
   end
   lines[#lines + 1] = line
-  return string.format("BLAS: %s %s, kernel %s, %d threads here\n%s\n", info.vendor, info.version or "",
-    info.kernel or "unknown", info.threads, table.concat(lines, "\n"))
+  return string.format("BLAS: %s %s, kernel %s, %d thread%s here\n%s\n", info.vendor, info.version or "",
+    info.kernel or "unknown", info.threads, info.threads == 1 and "" or "s", table.concat(lines, "\n"))
 end
 prompt.blas_banner = blas_banner
 
