@@ -43,7 +43,7 @@ const lparM_blas *lparM_blas_load(char *err, size_t errlen);
 */
 void lparM_blas_choose(void);
 
-/* What the CPU and the OS allow (cpu.c). */
+/* What the CPU and the OS allow, from cpuid and xgetbv. */
 typedef struct lparM_cpu {
   char vendor[13];
   int avx2_fma;     /* AVX, AVX2 and FMA, with ymm state enabled by the OS */
