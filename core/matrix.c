@@ -901,6 +901,7 @@ static void fill_metatable(lua_State *L) {
 }
 
 int lparM_open(lua_State *L) {
+  lparM_blas_choose(); /* OpenBLAS's kernel, before anything loads it or spawns an engine */
   push_metatable(L);
   lua_pop(L, 1);
   luaL_newlib(L, functions);

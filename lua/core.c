@@ -18,7 +18,6 @@
 #include <luv/luv.h>
 
 #include "binding.h"
-#include "blas.h"
 #include "lpar.h"
 #include "matrix.h"
 #include "serialize.h"
@@ -448,8 +447,6 @@ int luaopen_lpar_core(lua_State *L) {
   lua_call(L, 1, 1);
   lua_setfield(L, LUA_REGISTRYINDEX, "lpar.luv");
   luv_ctx_t *ctx = luv_context(L);
-  /* OpenBLAS's kernel, chosen before any engine is spawned: they inherit it. */
-  lparM_blas_choose();
   if (ctx->cb_pcall == luv_cfpcall || ctx->cb_pcall == NULL) luv_set_callback(L, keep_going_pcall);
 
   luaL_newmetatable(L, CLUSTER_MT);

@@ -40,9 +40,9 @@ local FALLBACKS = { Prescott = true, Katmai = true, Core2 = true, Penryn = true,
                     Sandybridge = true, Atom = true, Northwood = true, Banias = true }
 
 -- Prints matrix.blas_info() as `info.KEY=VALUE` lines (the subprocess's side).
+-- lpar.matrix is left to each chunk: loading it settles the kernel.
 local PRELUDE = [[
 local lpar = require "lpar"
-local matrix = require "lpar.matrix"
 local function dump(prefix, t)
   for k, v in pairs(t) do io.write(prefix, ".", k, "=", tostring(v), "\n") end
 end
@@ -66,16 +66,26 @@ local function run(env, body)
 end
 
 local CLIENT_INFO = [[
+local matrix = require "lpar.matrix"
 dump("info", matrix.blas_info())
 io.write("env.OPENBLAS_CORETYPE=", tostring(os.getenv("OPENBLAS_CORETYPE")), "\n")
 ]]
 
 -- A client and two engines, each saying which kernel it runs.
 local ENGINE_INFO = [[
+-- The client loads lpar.matrix only after the engines are running.
 local rc <close> = lpar.Cluster { n = 2, engine_env = ENGINE_ENV }:start_and_connect()
+local matrix = require "lpar.matrix"
 dump("client", matrix.blas_info())
 local infos = rc:view():apply_sync(function() return require("lpar.matrix").blas_info() end)
 for i, info in ipairs(infos) do dump("engine" .. (i - 1), info) end
+-- What each engine was spawned with (/proc keeps the initial environment).
+for _, id in ipairs(rc.ids) do
+  local f = assert(io.open("/proc/" .. rc:queue_status()[id].pid .. "/environ", "rb"))
+  local value = ("\0" .. f:read("a")):match("%zOPENBLAS_CORETYPE=(%Z*)")
+  io.write("spawned", id, ".OPENBLAS_CORETYPE=", value or "nil", "\n")
+  f:close()
+end
 ]]
 
 local function engines_with(env, engine_env)
@@ -167,7 +177,9 @@ describe("the kernel lpar chooses", function()
       local f, err, code = engines_with(env)
       assert.equal(0, code, err)
       assert.truthy(f["client.kernel"], err)
-      for _, e in ipairs { "engine0", "engine1" } do
+      for i, e in ipairs { "engine0", "engine1" } do
+        -- Inherited from the client, not found again by each engine.
+        assert.equal(f["client.coretype"] or "nil", f["spawned" .. (i - 1) .. ".OPENBLAS_CORETYPE"], env)
         assert.equal(f["client.kernel"], f[e .. ".kernel"], env)
         assert.equal(f["client.chosen_by"], f[e .. ".chosen_by"], env)
         assert.equal(f["client.coretype"], f[e .. ".coretype"], env)
@@ -197,12 +209,16 @@ assert(os.execute(require("luv").exepath() .. " cluster start -n 1 --daemonize -
     local f
     f, err, code = run("LPAR_DIR=" .. dir .. " OPENBLAS_CORETYPE=Sandybridge", [[
 local rc = lpar.Client { profile = "blas" }
+local f = assert(io.open("/proc/" .. rc:queue_status()[0].pid .. "/environ", "rb"))
+io.write("spawned.OPENBLAS_CORETYPE=", ("\0" .. f:read("a")):match("%zOPENBLAS_CORETYPE=(%Z*)") or "nil", "\n")
+f:close()
 dump("engine", rc[0]:apply_sync(function() return require("lpar.matrix").blas_info() end))
 rc:shutdown()
 rc:close()
 ]])
     assert.equal(0, code, err)
     if best then
+      assert.equal(best, f["spawned.OPENBLAS_CORETYPE"]) -- from the controller, at spawn
       assert.equal(best, f["engine.kernel"])
       assert.equal("lpar", f["engine.chosen_by"])
     else
@@ -214,6 +230,7 @@ end)
 describe("products with and without lpar's kernel", function()
   -- Odd sizes, so the kernels' edge cases run too; seeds fix the values.
   local PRODUCT = [[
+local matrix = require "lpar.matrix"
 local m, k, n = 301, 257, 199
 local C = matrix.random(m, k, 11):dot(matrix.random(k, n, 12))
 local f = assert(io.open(OUT, "wb"))
