@@ -38,8 +38,9 @@ const lparM_blas *lparM_blas_load(char *err, size_t errlen);
 ** spawned (they inherit the environment). It never overrides a user's
 ** OPENBLAS_CORETYPE, and LPAR_BLAS_CORETYPE=off turns it off. It also sets
 ** LPAR_BLAS_CHOSEN to the same name, so a child process (an engine) can tell
-** lpar's choice, inherited, from a user's. Idempotent; call it early (the
-** binding's luaopen) and it is called again before the library is loaded.
+** lpar's choice, inherited, from a user's. Idempotent: called by
+** lpar.matrix's luaopen (the hub and the controller load it before they
+** spawn engines) and again just before the library is loaded.
 */
 void lparM_blas_choose(void);
 
