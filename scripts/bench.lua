@@ -43,7 +43,6 @@ local function quartiles(t) return { pct(t, 0.25), pct(t, 0.75) } end
 
 print(string.format("lpar %s benchmarks, %s, %d CPUs%s", lpar.version, os.date("%Y-%m-%d %H:%M"),
   #uv.cpu_info(), quick and " (quick mode: figures are rough)" or ""))
-blas_bench.describe(blas_bench.info())
 print(string.format("%-44s %12s %-8s %s", "measure", "median", "unit", "target"))
 
 -- Start N engines until all are ready.

@@ -44,9 +44,12 @@ local function time(f, reps)
   return median(t)
 end
 
---- The figures, through row(key, name, value, unit, target). Returns the
--- client's and engines' blas_info for results.json.
-function M.run(row, quick)
+--- The figures, through row(key, name, value, unit, target), below what BLAS
+-- runs (and `header()`, if given). Returns the client's blas_info with the
+-- engines' kernels, for results.json.
+function M.run(row, quick, header)
+  M.describe(M.info())
+  if header then header() end
   local before = matrix.blas_threads()
   for _, n in ipairs(quick and { 512 } or { 2048, 4096 }) do
     local A, B = matrix.random(n, n, 1), matrix.random(n, n, 2)
@@ -94,6 +97,7 @@ function M.run(row, quick)
   row("dgemm2_tiled", string.format("dgemm n=%d tiled on 2 engines", n) .. kernel, gp, "GFLOP/s")
   row("dgemm2_blas", string.format("dgemm n=%d OpenBLAS, 2 threads", n) .. kernel, gl, "GFLOP/s")
   row("dgemm2_ratio", "tiled / OpenBLAS", gp / gl, "x", ">= 0.9x")
+  print("engines' kernel: " .. table.concat(info.engine_kernels, " "))
   return info
 end
 
@@ -101,13 +105,10 @@ if arg and arg[0] and arg[0]:match("bench_blas%.lua$") then
   local quick = arg[1] == "--quick"
   print(string.format("lpar %s OpenBLAS benchmarks, %s, %d CPUs%s", lpar.version, os.date("%Y-%m-%d %H:%M"),
     #uv.cpu_info(), quick and " (quick mode: figures are rough)" or ""))
-  M.describe(M.info())
-  print(string.format("%-44s %12s %-8s %s", "measure", "median", "unit", "target"))
-  local info = M.run(function(_, name, value, unit, target)
-    print(string.format("%-44s %12.2f %-8s %s", name, value, unit, target or ""))
+  M.run(function(_, name, value, unit, target)
+    print(string.format("%-52s %12.2f %-8s %s", name, value, unit, target or ""))
     io.stdout:flush()
-  end, quick)
-  print("engines' kernel: " .. table.concat(info.engine_kernels, " "))
+  end, quick, function() print(string.format("%-52s %12s %-8s %s", "measure", "median", "unit", "target")) end)
 end
 
 return M

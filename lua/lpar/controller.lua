@@ -8,6 +8,9 @@
 -- A client that goes away loses nothing on the cluster: its running tasks
 -- finish (their replies are dropped) and the engines keep their globals.
 local core = require "lpar.core"
+-- Loading lpar.matrix settles OpenBLAS's kernel (OPENBLAS_CORETYPE, see
+-- matrix.blas_info) before any engine is spawned, so the engines inherit it.
+require "lpar.matrix"
 
 local Controller = {}
 Controller.__index = Controller
@@ -32,9 +35,6 @@ function Controller.new(opts)
     activity = 0,   -- messages handled: the main loop polls while this moves
   }, Controller)
   local weak = setmetatable({ self }, { __mode = "v" })
-  -- Loading lpar.matrix settles OpenBLAS's kernel (OPENBLAS_CORETYPE, see
-  -- matrix.blas_info) before the engines are spawned, so they inherit it.
-  require "lpar.matrix"
   local cluster, err = core.new_cluster {
     raw = true, engine = opts.engine, env = opts.engine_env, blas_threads = opts.blas_threads,
     handler = function(kind, ...)

@@ -5,6 +5,9 @@ local core = require "lpar.core"
 local errors = require "lpar.errors"
 local targets = require "lpar.targets"
 local wait = require "lpar.wait"
+-- Loading lpar.matrix settles OpenBLAS's kernel (OPENBLAS_CORETYPE, see
+-- matrix.blas_info) before any engine is spawned, so the engines inherit it.
+require "lpar.matrix"
 
 local Hub = {}
 Hub.__index = Hub
@@ -50,9 +53,6 @@ function Hub.embedded(opts)
     if type(k) == "string" then env[#env + 1] = k .. "=" .. tostring(v)
     else env[#env + 1] = v end
   end
-  -- Loading lpar.matrix settles OpenBLAS's kernel (OPENBLAS_CORETYPE, see
-  -- matrix.blas_info) before the engines are spawned, so they inherit it.
-  require "lpar.matrix"
   local c, err = core.new_cluster {
     engine = opts.engine,
     env = env,
