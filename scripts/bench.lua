@@ -8,6 +8,7 @@
 local lpar = require "lpar"
 local matrix = require "lpar.matrix"
 local uv = require "luv"
+local blas_bench = dofile("scripts/bench_blas.lua")
 
 local quick, vs, plots, out_path = false, false, false, nil
 for i, a in ipairs(arg) do
@@ -211,40 +212,9 @@ do
   e0:execute("a = nil collectgarbage()", { block = true })
 end
 
--- Tiled dgemm over 2 engines (row blocks of A, B pushed once) against
--- OpenBLAS on 2 threads here; transfers included.
-do
-  local n = quick and 512 or 4096
-  local rc2 <close> = lpar.Cluster { n = 2 }:start_and_connect()
-  local A, B = matrix.random(n, n, 1), matrix.random(n, n, 2)
-  local function tiled()
-    rc2:view():push({ B = B }, { block = true })
-    local h = n // 2
-    local times_b = function(a) return a:dot(B) end
-    local top = rc2[0]:apply_async(times_b, A:sub(1, h, 1, n))
-    local bottom = rc2[1]:apply_async(times_b, A:sub(h + 1, n, 1, n))
-    return matrix.block { { top:get() }, { bottom:get() } }
-  end
-  local reps = quick and 3 or 5
-  local tp, tl = {}, {}
-  local before = matrix.blas_threads()
-  local C, want
-  for i = 1, reps do
-    local t0 = uv.hrtime()
-    C = tiled()
-    tp[i] = (uv.hrtime() - t0) / 1e9
-    matrix.blas_threads(2)
-    t0 = uv.hrtime()
-    want = A:dot(B)
-    tl[i] = (uv.hrtime() - t0) / 1e9
-    matrix.blas_threads(before)
-  end
-  assert(C:max_abs_diff(want) < 1e-9 * want:norm(), "tiled product is wrong")
-  local gp, gl = 2 * n ^ 3 / pct(sorted(tp), 0.5) / 1e9, 2 * n ^ 3 / pct(sorted(tl), 0.5) / 1e9
-  row("dgemm2_tiled", string.format("dgemm n=%d tiled on 2 engines", n), gp, "GFLOP/s")
-  row("dgemm2_blas", string.format("dgemm n=%d OpenBLAS, 2 threads", n), gl, "GFLOP/s")
-  row("dgemm2_ratio", "tiled / OpenBLAS", gp / gl, "x", ">= 0.9x")
-end
+-- OpenBLAS: A:dot(B) on 1 and 2 threads, and the tiled product on 2
+-- engines against OpenBLAS on 2 threads, with the same kernel.
+local blas_info = blas_bench.run(row, quick)
 
 -- execute("") round trips, on one engine and on all.
 for _, case in ipairs { { "exec1", e0, "1 engine" }, { "exec4", dview, "4 engines" } } do
@@ -452,7 +422,7 @@ local function write_results(path, extra)
                 kernel = command_output("uname -r") },
     versions = { lpar = lpar.version, lua = _VERSION, libuv = uv.version_string(),
                  ipyparallel = extra and extra.version or nil },
-    lpar = figures, ipyparallel = extra and extra.figures or nil,
+    lpar = figures, ipyparallel = extra and extra.figures or nil, blas = blas_info,
   }
   os.execute("mkdir -p '" .. (path:match("^(.*)/") or ".") .. "'")
   local f = assert(io.open(path, "w"))

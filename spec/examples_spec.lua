@@ -69,6 +69,8 @@ describe("the examples", function()
     assert.matches('"machine": {', doc)
     assert.matches('"key": "apply1_p50",', doc)
     assert.matches('"lpar": %[', doc)
+    assert.matches('"blas": {[^}]*"kernel": "%a', doc)
+    assert.matches("\nBLAS: OpenBLAS [%d.]+ %(/[^\n]*%), kernel %a", out)
     assert.equal(0, code, out)
     for _, row in ipairs {
       "start 4 engines, all ready", "idle engine RSS", "round trip, 1 engine, p50",
@@ -76,7 +78,7 @@ describe("the examples", function()
       "push 2 MiB string", "push 2 MiB matrix", "push 64 MiB matrix", "time ratio",
       "tiled on 2 engines", "OpenBLAS, 2 threads", "tiled / OpenBLAS",
       "tiny tasks, load%-balanced map", "makespan / ideal", "tiny tasks, chunksize 1",
-      "client Lua heap growth", "client RSS growth",
+      "client Lua heap growth", "client RSS growth", "A:dot%(B%) n=512, 1 thread", "A:dot%(B%) n=512, 2 threads",
     } do
       assert.matches(row .. "[^\n]- +%-?%d+%.%d+ ", out)
     end

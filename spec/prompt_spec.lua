@@ -56,6 +56,13 @@ describe("the prompt", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  it("says once, in its banner, which BLAS and kernel run and why", function()
+    local s = wait_for("BLAS: OpenBLAS [%d.]+, kernel %a+, %d+ threads? here\n +%S")
+    assert.truthy(s:find("OPENBLAS_CORETYPE", 1, true) or s:find("LPAR_BLAS_CORETYPE", 1, true), s)
+    local _, count = s:gsub("BLAS: ", "")
+    assert.equal(1, count)
+  end)
+
   it("runs %px on every engine and labels the output", function()
     type_line("%px a = lpar.engine.id * 10")
     type_line("%px print(a)")

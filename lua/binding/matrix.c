@@ -889,7 +889,8 @@ static const luaL_Reg metamethods[] = {
 static const luaL_Reg functions[] = {
   {"new", m_new},     {"zeros", m_zeros}, {"ones", m_ones},
   {"eye", m_eye},     {"from", m_from},   {"block", m_block},
-  {"blas_threads", m_blas_threads}, {"ismatrix", m_ismatrix}, {NULL, NULL}};
+  {"blas_threads", m_blas_threads}, {"blas_info", lparM_blas_info},
+  {"ismatrix", m_ismatrix}, {NULL, NULL}};
 
 /* The new metatable is at the top; leaves it there. */
 static void fill_metatable(lua_State *L) {
@@ -900,6 +901,7 @@ static void fill_metatable(lua_State *L) {
 }
 
 int lparM_open(lua_State *L) {
+  lparM_blas_choose(); /* OpenBLAS's kernel, before anything loads it or spawns an engine */
   push_metatable(L);
   lua_pop(L, 1);
   luaL_newlib(L, functions);

@@ -11,6 +11,9 @@
 --   shutdown  stop the whole cluster
 --   join      an engine relayed from elsewhere (`lpar engine`) takes the next id
 local core = require "lpar.core"
+-- Loading lpar.matrix settles OpenBLAS's kernel (OPENBLAS_CORETYPE, see
+-- matrix.blas_info) before any engine is spawned, so the engines inherit it.
+require "lpar.matrix"
 
 local Controller = {}
 Controller.__index = Controller

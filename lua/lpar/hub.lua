@@ -9,6 +9,9 @@ local core = require "lpar.core"
 local errors = require "lpar.errors"
 local targets = require "lpar.targets"
 local wait = require "lpar.wait"
+-- Loading lpar.matrix settles OpenBLAS's kernel (OPENBLAS_CORETYPE, see
+-- matrix.blas_info) before any engine is spawned, so the engines inherit it.
+require "lpar.matrix"
 
 local Hub = {}
 Hub.__index = Hub

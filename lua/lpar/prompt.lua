@@ -263,6 +263,22 @@ local function completer(word)
   return out
 end
 
+--- The banner's BLAS line: which library and kernel the matrices use, and
+-- why that kernel (matrix.blas_info); said once here, not by every engine.
+local function blas_banner()
+  local ok, info, err = pcall(function() return require("lpar.matrix").blas_info() end)
+  if not ok or not info then return "BLAS: " .. tostring(ok and err or info) .. "\n" end
+  local lines, line = {}, "     "
+  for word in info.reason:gmatch("%S+") do
+    if #line + #word > 90 then lines[#lines + 1], line = line, "     " end
+    line = line .. " " .. word
+  end
+  lines[#lines + 1] = line
+  return string.format("BLAS: %s %s, kernel %s, %d thread%s here\n%s\n", info.vendor, info.version or "",
+    info.kernel or "unknown", info.threads, info.threads == 1 and "" or "s", table.concat(lines, "\n"))
+end
+prompt.blas_banner = blas_banner
+
 function prompt.main(opts)
   local rl = require "lpar.readline"
   local self = setmetatable({ rl = rl }, Session)
@@ -295,6 +311,7 @@ function prompt.main(opts)
     _G.dview.block = true
     self:write(string.format("lpar %s: %d engines; rc is the Client, dview a blocking view of all.\n",
       lpar.version, #rc))
+    self:write(blas_banner())
   else
     self:write(string.format("lpar %s, Lua 5.4 (%%help for the magics; `lpar -n 4` starts engines)\n",
       lpar.version))
