@@ -227,6 +227,51 @@ rc:close()
   end)
 end)
 
+describe("the BLAS lpar loads", function()
+  -- Debian's reference BLAS, which the alternatives can point libblas.so.3 at.
+  local REFERENCE = "/usr/lib/x86_64-linux-gnu/blas/libblas.so.3"
+
+  it("is the one Debian's alternatives name (libblas.so.3), by default", function()
+    local info = assert(matrix.blas_info())
+    assert.matches("/libc?blas%.so%.3$", info.path)
+    local target = helpers.run("readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3"):gsub("%s+$", "")
+    assert.equal(target, info.file)
+  end)
+
+  it("is the one LPAR_BLAS names, with no thread control when it is not OpenBLAS, on engines too", function()
+    local body = [[
+local matrix = require "lpar.matrix"
+dump("info", matrix.blas_info())
+local ok, why = matrix.blas_threads(2)
+io.write("threads.ok=", tostring(ok), "\n", "threads.why=", tostring(why), "\n")
+local a = matrix.random(64, 64, 5)
+io.write("sum.client=", string.format("%.17g", a:dot(a):sum()), "\n")
+local rc <close> = lpar.Cluster { n = 1 }:start_and_connect()
+io.write("sum.engine=", string.format("%.17g", rc[0]:apply_sync(function(m) return m:dot(m):sum() end, a)), "\n")
+io.write("engine.path=", rc[0]:apply_sync(function() return require("lpar.matrix").blas_info().path end), "\n")
+]]
+    local out, err, code = run("LPAR_BLAS=" .. REFERENCE, body)
+    assert.equal(0, code, err)
+    assert.equal(REFERENCE, out["info.path"])
+    assert.equal("not OpenBLAS", out["info.vendor"])
+    assert.is_nil(out["info.threads"])
+    assert.equal("nil", out["threads.ok"])
+    assert.matches("no thread control", out["threads.why"])
+    assert.equal(REFERENCE, out["engine.path"])
+    local a = matrix.random(64, 64, 5)
+    local expect = a:dot(a):sum()
+    assert.is_true(math.abs(tonumber(out["sum.client"]) - expect) <= 1e-12 * math.abs(expect))
+    assert.equal(out["sum.client"], out["sum.engine"])
+  end)
+
+  it("is named in the error when LPAR_BLAS cannot be loaded", function()
+    local out, err, code = run("LPAR_BLAS=/nonexistent/libblas.so",
+      "local matrix = require 'lpar.matrix'\nio.write('err=', select(2, matrix.blas_info()), '\\n')")
+    assert.equal(0, code, err)
+    assert.matches("cannot load the BLAS LPAR_BLAS names: /nonexistent/libblas.so", out.err)
+  end)
+end)
+
 describe("products with and without lpar's kernel", function()
   -- Odd sizes, so the kernels' edge cases run too; seeds fix the values.
   local PRODUCT = [[

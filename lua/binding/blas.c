@@ -88,7 +88,14 @@ void lparM_cpu_describe(const lparM_cpu *cpu, char *buf, size_t len) {
            cpu->os_disabled ? " (the OS does not enable all the vector state cpuid offers)" : "");
 }
 
-static const char *const blas_names[] = {"libopenblas.so.0", "libopenblas.so"};
+/*
+** The BLAS is loaded by the names Debian's alternatives manage, the CBLAS
+** interface first, so a user who switched BLAS (`update-alternatives
+** --config libblas.so.3-x86_64-linux-gnu`: OpenBLAS, BLIS, the reference
+** BLAS, MKL) gets the one they chose; $LPAR_BLAS names a library outright.
+*/
+static const char *const blas_names[] = {"libcblas.so.3", "libblas.so.3", "libopenblas.so.0",
+                                         "libopenblas.so"};
 
 /*
 ** What lparM_blas_choose decided. One per copy of this file (the binding
@@ -180,10 +187,25 @@ const lparM_blas *lparM_blas_load(char *err, size_t errlen) {
   if (loaded) return &blas;
   lparM_blas_choose(); /* OPENBLAS_CORETYPE is read when the library initialises */
   void *lib = NULL;
-  for (size_t i = 0; lib == NULL && i < sizeof blas_names / sizeof *blas_names; i++)
+  const char *chosen = getenv("LPAR_BLAS");
+  if (chosen && *chosen) {
+    lib = dlopen(chosen, RTLD_NOW | RTLD_GLOBAL);
+    if (lib == NULL) {
+      snprintf(err, errlen, "cannot load the BLAS LPAR_BLAS names: %s", dlerror());
+      return NULL;
+    }
+  }
+  for (size_t i = 0; lib == NULL && i < sizeof blas_names / sizeof *blas_names; i++) {
     lib = dlopen(blas_names[i], RTLD_NOW | RTLD_GLOBAL);
+    /* A BLAS without the C interface (libblas.so.3 of some builds) will not do. */
+    if (lib && !dlsym(lib, "cblas_dgemm")) {
+      dlclose(lib);
+      lib = NULL;
+    }
+  }
   if (lib == NULL) {
-    snprintf(err, errlen, "cannot load OpenBLAS: %s", dlerror());
+    snprintf(err, errlen, "cannot load a BLAS with cblas_dgemm (tried libcblas.so.3, libblas.so.3, "
+                          "libopenblas.so.0): install libopenblas0, or set LPAR_BLAS");
     return NULL;
   }
   *(void **)&blas.dgemm = dlsym(lib, "cblas_dgemm");
@@ -193,9 +215,9 @@ const lparM_blas *lparM_blas_load(char *err, size_t errlen) {
   *(void **)&blas.get_config = dlsym(lib, "openblas_get_config");
   *(void **)&blas.get_corename = dlsym(lib, "openblas_get_corename");
   *(void **)&blas.get_parallel = dlsym(lib, "openblas_get_parallel");
-  if (!blas.dgemm || !blas.dgemv || !blas.get_num_threads || !blas.set_num_threads) {
-    snprintf(err, errlen, "OpenBLAS lacks a function lpar needs (cblas_dgemm, cblas_dgemv, "
-                          "openblas_get/set_num_threads)");
+  /* Threads are OpenBLAS's: with another BLAS they are left to it (get_num_threads is NULL). */
+  if (!blas.dgemm || !blas.dgemv) {
+    snprintf(err, errlen, "the BLAS loaded lacks cblas_dgemm or cblas_dgemv");
     return NULL;
   }
   loaded = 1;
@@ -220,7 +242,7 @@ int lparM_blas_info(lua_State *L) {
   const char *config = b->get_config ? b->get_config() : NULL;
   char version[32] = "";
   int openblas = config != NULL && sscanf(config, "OpenBLAS %31s", version) == 1;
-  set_string(L, "vendor", openblas ? "OpenBLAS" : "unknown");
+  set_string(L, "vendor", openblas ? "OpenBLAS" : "not OpenBLAS");
   set_string(L, "version", version);
   set_string(L, "config", config);
   Dl_info where;
@@ -232,8 +254,10 @@ int lparM_blas_info(lua_State *L) {
   }
   const char *kernel = b->get_corename ? b->get_corename() : NULL;
   set_string(L, "kernel", kernel);
-  lua_pushinteger(L, b->get_num_threads());
-  lua_setfield(L, -2, "threads");
+  if (b->get_num_threads) {
+    lua_pushinteger(L, b->get_num_threads());
+    lua_setfield(L, -2, "threads");
+  }
   if (b->get_parallel) {
     int p = b->get_parallel();
     set_string(L, "parallel", p == 0 ? "sequential" : p == 1 ? "pthreads" : "openmp");

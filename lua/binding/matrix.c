@@ -859,6 +859,11 @@ static int m_index(lua_State *L) {
 }
 
 static int m_blas_threads(lua_State *L) {
+  if (blas(L)->set_num_threads == NULL || blas(L)->get_num_threads == NULL) {
+    luaL_pushfail(L); /* another BLAS than OpenBLAS: its threads are its own business */
+    lua_pushstring(L, "blas_threads: the BLAS in use has no thread control (it is not OpenBLAS)");
+    return 2;
+  }
   if (!lua_isnoneornil(L, 1)) {
     lua_Integer n = luaL_checkinteger(L, 1);
     if (n < 1 || n > 4096) luaL_error(L, "blas_threads: need a count from 1 to 4096, got %I", n);
