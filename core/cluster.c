@@ -134,16 +134,6 @@ static void emit(lpar_cluster *c, lpar_event *ev) {
   if (c->on_event && !c->freeing) c->on_event(c, ev, c->ud);
 }
 
-/* "lpar-engine VERSION id=N pid=P ...": the pid, or -1. */
-static int hello_pid(const char *p, size_t n) {
-  char text[128];
-  if (n >= sizeof text) n = sizeof text - 1;
-  memcpy(text, p, n);
-  text[n] = 0;
-  const char *at = strstr(text, "pid=");
-  return at ? atoi(at + 4) : -1;
-}
-
 /* ---- local engines ---- */
 
 int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out) {
@@ -203,7 +193,7 @@ static void engine_frame(lparR_route *r, const lparW_header *h, const char *payl
   lpar_event ev = {.kind = h->type == LPAR_MSG_HELLO ? LPAR_EV_READY : LPAR_EV_MESSAGE,
                    .engine = e->id, .type = h->type, .flags = h->flags, .id = h->id,
                    .payload = payload, .len = (size_t)h->len, .fds = fds, .nfds = nfds};
-  if (ev.kind == LPAR_EV_READY) ev.pid = hello_pid(payload, (size_t)h->len);
+  if (ev.kind == LPAR_EV_READY) ev.pid = lparW_hello_pid(payload, (size_t)h->len);
   emit(e->c, &ev);
 }
 
@@ -423,7 +413,7 @@ static void link_frame(lparR_route *r, const lparW_header *h, const char *payloa
   remote_engine *e = remote_slot(c, (int)h->route);
   if (h->type == LPAR_MSG_HELLO) {
     ev.kind = LPAR_EV_READY;
-    ev.pid = hello_pid(payload, (size_t)h->len);
+    ev.pid = lparW_hello_pid(payload, (size_t)h->len);
     if (e) *e = (remote_engine){1, ev.pid, (h->flags & LPAR_FLAG_INLINE) != 0};
   } else if (h->type == LPAR_MSG_EXIT) {
     char text[64];

@@ -244,12 +244,7 @@ static void client_frame(lparY_relay *y, peer *p, const lparW_header *h, const c
 static void engine_peer_frame(lparY_relay *y, peer *p, const lparW_header *h, const char *payload,
                               int *fds, int nfds) {
   if (h->type == LPAR_MSG_HELLO) {
-    char text[128];
-    size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;
-    memcpy(text, payload, n);
-    text[n] = 0;
-    const char *at = strstr(text, "pid=");
-    engine_ready(y, p->engine, payload, (size_t)h->len, at ? atoi(at + 4) : -1);
+    engine_ready(y, p->engine, payload, (size_t)h->len, lparW_hello_pid(payload, (size_t)h->len));
   } else if (h->type == LPAR_MSG_EXIT) {
     char text[32];
     size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;

@@ -4,6 +4,7 @@
 #include "wire.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -138,6 +139,15 @@ int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
   r->pos += LPARW_HEADER_SIZE + (size_t)h->len + r->trailer;
   if (r->pos == r->buf.len) r->buf.len = r->pos = 0;
   return 1;
+}
+
+int lparW_hello_pid(const char *hello, size_t len) {
+  char text[128];
+  if (len >= sizeof text) len = sizeof text - 1;
+  memcpy(text, hello, len);
+  text[len] = 0;
+  const char *at = strstr(text, " pid=");
+  return at ? atoi(at + 5) : -1;
 }
 
 int lparW_write_all(int fd, const void *p, size_t n) {

@@ -65,6 +65,9 @@ void lparW_reader_commit(lparW_reader *r, size_t n);
 int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
                       const char **reason);
 
+/* The pid in an engine's HELLO ("lpar-engine VERSION id=N pid=P"), or -1. */
+int lparW_hello_pid(const char *hello, size_t len);
+
 /* Blocking helpers for the engine: whole frames over a blocking socket. */
 int lparW_write_all(int fd, const void *p, size_t n);
 int lparW_send(int fd, int type, unsigned flags, uint64_t id, const void *payload,

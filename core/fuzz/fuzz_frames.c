@@ -1,10 +1,16 @@
 /*
-** fuzz_frames.c: libFuzzer target for what a stranger can send a standalone
+** fuzz_frames.c: libFuzzer target for what a peer can send a standalone
 ** controller: bytes written to a real route (route.c) on a unix socket, as
-** an accepted connection reads them: a hello, then sealed frames, with
-** descriptors flagged or not. The first input byte picks how the bytes are
-** split into writes, so frames straddle reads. Nothing may crash, leak, read
-** out of bounds, or hand over a frame: without the key nothing opens.
+** an accepted connection reads them. The first input byte picks how the
+** bytes are split into writes, so frames straddle reads; the second picks
+** who is writing:
+**   even: a stranger, without the key: the rest goes as it is (a hello,
+**         then frames), and no frame may ever be handed over;
+**   odd:  a client with the key: the rest is a list of frames, each
+**         [type][flags][route u16][len u16][payload], sealed properly, with a
+**         byte 0xFF meaning "the next bytes go unsealed"; every frame handed
+**         over must be one that was sent, whole.
+** Nothing may crash, leak or read out of bounds.
 */
 #include <stddef.h>
 #include <stdint.h>
@@ -14,49 +20,102 @@
 
 #include <uv.h>
 
+#include "auth.h"
 #include "lpar.h"
 #include "route.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+typedef struct state {
+  int closed, frames, keyed;
+  uint64_t sent; /* frames sealed by the keyed client */
+} state;
+
 static void on_frame(lparR_route *r, const lparW_header *h, const char *payload, int *fds, int nfds,
                      void *ud) {
-  (void)r, (void)h, (void)payload, (void)fds, (void)nfds, (void)ud;
-  __builtin_trap(); /* a frame opened without the key: impossible */
+  (void)r, (void)payload, (void)fds, (void)nfds;
+  state *s = ud;
+  if (!s->keyed) __builtin_trap(); /* a frame opened without the key: impossible */
+  if (++s->frames > (int)s->sent || h->len > 65535) __builtin_trap();
 }
 
 static void on_close(lparR_route *r, const char *reason, int refused, void *ud) {
   (void)r, (void)reason, (void)refused;
-  *(int *)ud = 1;
+  ((state *)ud)->closed = 1;
 }
 
 static const lparR_handlers handlers = {on_frame, on_close, NULL};
 
+static void put(int fd, uv_loop_t *loop, const void *p, size_t n, size_t step) {
+  const uint8_t *b = p;
+  if (step < n / 16) step = n / 16; /* at most 16 writes a piece: keep runs fast */
+  for (size_t off = 0; off < n; off += step) {
+    size_t k = n - off < step ? n - off : step;
+    if (send(fd, b + off, k, MSG_NOSIGNAL) != (ssize_t)k) return; /* the route may have cut us off */
+    uv_run(loop, UV_RUN_NOWAIT);
+  }
+}
+
+/* The keyed client's side: a hello, then the input's frames, sealed. */
+static void keyed(int fd, uv_loop_t *loop, const unsigned char *key, const uint8_t *data,
+                  size_t size, size_t step, state *s) {
+  lparA_channel c;
+  lparA_init(&c, key, LPARA_CLIENT, data[0] & 1);
+  put(fd, loop, c.hello, LPARA_HELLO_BYTES, step);
+  unsigned char theirs[LPARA_HELLO_BYTES];
+  size_t got = 0;
+  for (int i = 0; i < 100 && got < sizeof theirs; i++) {
+    uv_run(loop, UV_RUN_NOWAIT);
+    ssize_t k = recv(fd, theirs + got, sizeof theirs - got, MSG_DONTWAIT);
+    if (k > 0) got += (size_t)k;
+  }
+  if (got < sizeof theirs || lparA_start(&c, theirs) != 0) return;
+  size_t i = 0;
+  static char frame[LPARW_HEADER_SIZE + 65536 + LPARA_TAG_BYTES];
+  while (i + 6 <= size && !s->closed) {
+    if (data[i] == 0xff) { /* a run of raw bytes */
+      size_t n = data[i + 1] < size - i - 2 ? data[i + 1] : size - i - 2;
+      put(fd, loop, data + i + 2, n, step);
+      i += 2 + n;
+      continue;
+    }
+    size_t len = (size_t)data[i + 4] | (size_t)data[i + 5] << 8;
+    if (len > size - i - 6) len = size - i - 6;
+    lparW_pack_routed(frame, data[i], data[i + 1], (unsigned)(data[i + 2] | data[i + 3] << 8),
+                      s->sent + 1, len);
+    lparA_seal(&c, frame, LPARW_HEADER_SIZE, data + i + 6, len, frame + LPARW_HEADER_SIZE,
+               (unsigned char *)frame + LPARW_HEADER_SIZE + len);
+    s->sent++;
+    put(fd, loop, frame, LPARW_HEADER_SIZE + len + LPARA_TAG_BYTES, step);
+    i += 6 + len;
+  }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  if (size < 1 || size > 200000) return 0;
+  if (size < 2 || size > 200000) return 0;
   size_t step = (size_t)data[0] * 7 + 1;
-  data++, size--;
+  int is_keyed = data[1] & 1;
+  data += 2, size -= 2;
   static const unsigned char key[32] = "a fixed key, not any cluster's!";
   static uv_loop_t loop;
   static int loop_ready;
   if (!loop_ready) loop_ready = uv_loop_init(&loop) == 0;
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return 0;
-  int closed = 0;
+  state s = {.keyed = is_keyed};
   lparR_route *r = NULL;
-  if (lparR_open(&loop, LPARR_UNIX, sv[0], -1, key, LPARA_CONTROLLER, &handlers, &closed, &r) != 0) {
+  if (lparR_open(&loop, LPARR_UNIX, sv[0], -1, key, LPARA_CONTROLLER, &handlers, &s, &r) != 0) {
     close(sv[1]);
     return 0;
   }
-  for (size_t off = 0; off < size && !closed; off += step) {
-    size_t k = size - off < step ? size - off : step;
-    if (write(sv[1], data + off, k) != (ssize_t)k) break;
-    uv_run(&loop, UV_RUN_NOWAIT);
-  }
+  if (is_keyed && size > 0)
+    keyed(sv[1], &loop, key, data, size, step, &s);
+  else
+    put(sv[1], &loop, data, size, step);
   close(sv[1]); /* EOF: the route closes if nothing else closed it */
-  for (int i = 0; i < 1000 && !closed; i++) uv_run(&loop, UV_RUN_NOWAIT);
-  if (!closed) lparR_close(r, NULL);
-  while (!closed) uv_run(&loop, UV_RUN_NOWAIT);
+  for (int i = 0; i < 1000 && !s.closed; i++) uv_run(&loop, UV_RUN_NOWAIT);
+  if (!s.closed) lparR_close(r, NULL);
+  while (!s.closed) uv_run(&loop, UV_RUN_NOWAIT);
   uv_run(&loop, UV_RUN_NOWAIT);
   return 0;
 }
