@@ -2,10 +2,13 @@
 ** core.c: lpar.core, the thin Lua binding over liblpar.
 **
 ** It runs liblpar on luv's loop (luv_loop), so waiting on a result is
-** running that loop and luv timers keep firing meanwhile. Engine events are
-** decoded here, in C, and handed to one Lua handler function per cluster;
-** the policy (results, views, errors) lives in the Lua modules under lua/lpar.
-** Recoverable failures return nil, message, code, as luv does.
+** running that loop and luv timers keep firing meanwhile. One type per
+** file: lpar.cluster (cluster.c, engines local or behind a controller) and
+** lpar.relay (relay.c, a controller's data plane); this file opens the
+** module and holds its functions (the value encoding, keys, the clock).
+** Engine events are decoded in C and handed to one Lua handler function per
+** cluster; the policy (results, views, errors) lives in the Lua modules
+** under lua/lpar. Recoverable failures return nil, message, code, as luv does.
 */
 #include <signal.h>
 #include <stdio.h>
