@@ -45,6 +45,46 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...) {
   va_end(ap);
 }
 
+/* ---- addresses ---- */
+
+/*
+** The address of a unix socket at `path`, or else of `ip` (numeric IPv4 or
+** IPv6, or "localhost") and `port`. 0, or a negative code with err filled,
+** saying what it was for (`verb`: "listen on", "connect to").
+*/
+static int socket_address(const char *path, const char *ip, int port, const char *verb,
+                          struct sockaddr_storage *addr, socklen_t *len, char *err,
+                          size_t errlen) {
+  memset(addr, 0, sizeof *addr);
+  if (path) {
+    struct sockaddr_un *un = (struct sockaddr_un *)addr;
+    if (strlen(path) >= sizeof un->sun_path) {
+      set_err(err, errlen, "socket path too long for a unix socket (%s)", path);
+      return LPAR_EINVAL;
+    }
+    un->sun_family = AF_UNIX;
+    strcpy(un->sun_path, path);
+    *len = sizeof *un;
+    return LPAR_OK;
+  }
+  struct sockaddr_in *in4 = (struct sockaddr_in *)addr;
+  struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)addr;
+  const char *numeric = strcmp(ip, "localhost") == 0 ? "127.0.0.1" : ip;
+  if (inet_pton(AF_INET, numeric, &in4->sin_addr) == 1) {
+    in4->sin_family = AF_INET;
+    in4->sin_port = htons((uint16_t)port);
+    *len = sizeof *in4;
+  } else if (inet_pton(AF_INET6, numeric, &in6->sin6_addr) == 1) {
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons((uint16_t)port);
+    *len = sizeof *in6;
+  } else {
+    set_err(err, errlen, "cannot %s %s: not a numeric IP address (resolve it first)", verb, ip);
+    return LPAR_EINVAL;
+  }
+  return LPAR_OK;
+}
+
 /* ---- the listening side ---- */
 
 static void server_free(lparL_server *s) {
@@ -93,37 +133,13 @@ static int bind_socket(const char *path, const char *ip, int port, int *fd, char
                        size_t errlen) {
   struct sockaddr_storage addr;
   socklen_t len;
-  memset(&addr, 0, sizeof addr);
-  if (path) {
-    struct sockaddr_un *un = (struct sockaddr_un *)&addr;
-    if (strlen(path) >= sizeof un->sun_path) {
-      set_err(err, errlen, "socket path too long for a unix socket (%s)", path);
-      return LPAR_EINVAL;
-    }
-    un->sun_family = AF_UNIX;
-    strcpy(un->sun_path, path);
-    len = sizeof *un;
-  } else {
-    struct sockaddr_in *in4 = (struct sockaddr_in *)&addr;
-    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&addr;
-    if (inet_pton(AF_INET, ip, &in4->sin_addr) == 1) {
-      in4->sin_family = AF_INET;
-      in4->sin_port = htons((uint16_t)port);
-      len = sizeof *in4;
-    } else if (inet_pton(AF_INET6, ip, &in6->sin6_addr) == 1) {
-      in6->sin6_family = AF_INET6;
-      in6->sin6_port = htons((uint16_t)port);
-      len = sizeof *in6;
-    } else {
-      set_err(err, errlen, "cannot listen on %s: not a numeric IP address", ip);
-      return LPAR_EINVAL;
-    }
-  }
+  int rc = socket_address(path, ip, port, "listen on", &addr, &len, err, errlen);
+  if (rc < 0) return rc;
   *fd = socket(addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   int one = 1;
   if (*fd >= 0 && !path) setsockopt(*fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   mode_t old = umask(0177); /* the socket is created with no access for others */
-  int rc = *fd < 0 ? -1 : bind(*fd, (struct sockaddr *)&addr, len);
+  rc = *fd < 0 ? -1 : bind(*fd, (struct sockaddr *)&addr, len);
   umask(old);
   if (rc == 0) rc = listen(*fd, 128);
   if (rc != 0) {
@@ -186,34 +202,7 @@ void lparL_server_close(lparL_server *s) {
 static int connect_socket(const char *path, const char *host, int port, char *err, size_t errlen) {
   struct sockaddr_storage addr;
   socklen_t len;
-  memset(&addr, 0, sizeof addr);
-  if (path) {
-    struct sockaddr_un *un = (struct sockaddr_un *)&addr;
-    if (strlen(path) >= sizeof un->sun_path) {
-      set_err(err, errlen, "socket path too long for a unix socket (%s)", path);
-      return -1;
-    }
-    un->sun_family = AF_UNIX;
-    strcpy(un->sun_path, path);
-    len = sizeof *un;
-  } else {
-    struct sockaddr_in *in4 = (struct sockaddr_in *)&addr;
-    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&addr;
-    const char *ip = strcmp(host, "localhost") == 0 ? "127.0.0.1" : host;
-    if (inet_pton(AF_INET, ip, &in4->sin_addr) == 1) {
-      in4->sin_family = AF_INET;
-      in4->sin_port = htons((uint16_t)port);
-      len = sizeof *in4;
-    } else if (inet_pton(AF_INET6, ip, &in6->sin6_addr) == 1) {
-      in6->sin6_family = AF_INET6;
-      in6->sin6_port = htons((uint16_t)port);
-      len = sizeof *in6;
-    } else {
-      set_err(err, errlen, "cannot connect to %s: not a numeric IP address (resolve it first)",
-              host);
-      return -1;
-    }
-  }
+  if (socket_address(path, host, port, "connect to", &addr, &len, err, errlen) < 0) return -1;
   int fd = socket(addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) {
     set_err(err, errlen, "cannot connect to %s: %s", path ? path : host, strerror(errno));

@@ -42,4 +42,44 @@ function helpers.run(cmd)
   return body, tonumber(code)
 end
 
+--- A file's contents, or nil.
+function helpers.read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+--- Standalone clusters in a scratch LPAR_DIR of their own, for a spec file:
+-- `setup()` and `teardown()` to call from busted's, `sh(cmd)` with LPAR_DIR
+-- set, `start(name, args)` (`lpar cluster start --daemonize`), and the
+-- profile's `conn_file(name)`, `controller_pid(name)` and `key(name)` (raw).
+function helpers.scratch_clusters()
+  local c = { base = os.tmpname() }
+  os.remove(c.base)
+  function c.sh(cmd) return helpers.run("LPAR_DIR='" .. c.base .. "' " .. cmd) end
+  function c.conn_file(name) return c.base .. "/profile_" .. name .. "/connection.lua" end
+  function c.start(name, extra)
+    local out, code = c.sh(string.format("%s cluster start --daemonize --profile %s %s 2>&1",
+      helpers.lpar, name, extra or ""))
+    assert(code == 0, out)
+    return out
+  end
+  function c.controller_pid(name)
+    return math.tointeger(tonumber(helpers.read_file(c.conn_file(name)):match("pid = (%d+)")))
+  end
+  function c.key(name)
+    return (helpers.read_file(c.conn_file(name)):match('key = "(%x+)"'):gsub("%x%x", function(h)
+      return string.char(tonumber(h, 16)) end))
+  end
+  function c.setup() uv.os_setenv("LPAR_DIR", c.base) end
+  function c.teardown()
+    c.sh(helpers.lpar .. " cluster stop --all")
+    uv.os_unsetenv("LPAR_DIR")
+    os.execute("rm -rf '" .. c.base .. "'")
+  end
+  return c
+end
+
 return helpers

@@ -6,48 +6,21 @@ local core = require "lpar.core"
 local lpar = require "lpar"
 local helpers = require "helpers"
 
-local base = os.tmpname()
-os.remove(base)
-
-local function sh(cmd)
-  return helpers.run("LPAR_DIR='" .. base .. "' " .. cmd)
-end
-
-local function start(name, extra)
-  local out, code = sh(string.format("%s cluster start --daemonize --profile %s %s 2>&1",
-    helpers.lpar, name, extra or ""))
-  assert(code == 0, out)
-  return out
-end
-
-local function read_file(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local clusters = helpers.scratch_clusters()
+local base, sh, start, conn_file, controller_pid = clusters.base, clusters.sh, clusters.start,
+  clusters.conn_file, clusters.controller_pid
+local read_file = helpers.read_file
 
 local function mode(path)
   return string.format("%o", uv.fs_stat(path).mode % 512)
 end
 
-local function conn_file(name) return base .. "/profile_" .. name .. "/connection.lua" end
-
-local function controller_pid(name)
-  return math.tointeger(tonumber(read_file(conn_file(name)):match("pid = (%d+)")))
-end
-
 setup(function()
-  uv.os_setenv("LPAR_DIR", base)
+  clusters.setup()
   start("main", "-n 2")
 end)
 
-teardown(function()
-  sh(helpers.lpar .. " cluster stop --all")
-  uv.os_unsetenv("LPAR_DIR")
-  os.execute("rm -rf '" .. base .. "'")
-end)
+teardown(clusters.teardown)
 
 describe("lpar cluster start", function()
   it("keeps the key in a 0600 file inside a 0700 directory, next to a 0600 socket", function()
@@ -209,10 +182,7 @@ describe("the authenticated socket", function()
   -- Code whose only effect is to append a line to the witness file.
   local code = string.format("local f = io.open(%q, 'a') f:write('ran\\n') f:close()", witness)
   local payload = core.encode(code)
-  local function key()
-    return (read_file(conn_file("main")):match('key = "(%x+)"'):gsub("%x%x", function(h)
-      return string.char(tonumber(h, 16)) end))
-  end
+  local function key() return clusters.key("main") end
 
   --- A peer speaking to the controller; its events are recorded. With the
   -- cluster's key, it waits until both hellos are in, so it can seal frames

@@ -8,29 +8,14 @@ local lpar = require "lpar"
 local matrix = require "lpar.matrix"
 local helpers = require "helpers"
 
-local base = os.tmpname()
-os.remove(base)
+local clusters = helpers.scratch_clusters()
+local base, sh, conn_file, key_of = clusters.base, clusters.sh, clusters.conn_file, clusters.key
+local read_file = helpers.read_file
 
-local function sh(cmd)
-  return helpers.run("LPAR_DIR='" .. base .. "' " .. cmd)
-end
-
-local function read_file(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function conn_file(name) return base .. "/profile_" .. name .. "/connection.lua" end
-
+--- Start profile `name`: its controller's pid and its connection file's text.
 local function start(name, extra)
-  local out, code = sh(string.format("%s cluster start --daemonize --profile %s %s 2>&1",
-    helpers.lpar, name, extra or ""))
-  assert(code == 0, out)
-  local text = read_file(conn_file(name))
-  return math.tointeger(tonumber(text:match("pid = (%d+)"))), text
+  clusters.start(name, extra)
+  return clusters.controller_pid(name), read_file(conn_file(name))
 end
 
 --- A connection file for profile `name` that reaches it over TCP only, at `port`.
@@ -51,20 +36,8 @@ local function rss_mb(pid)
   return (kb or 0) / 1024
 end
 
-local function key_of(name)
-  return (read_file(conn_file(name)):match('key = "(%x+)"'):gsub("%x%x", function(h)
-    return string.char(tonumber(h, 16)) end))
-end
-
-setup(function()
-  uv.os_setenv("LPAR_DIR", base)
-end)
-
-teardown(function()
-  sh(helpers.lpar .. " cluster stop --all")
-  uv.os_unsetenv("LPAR_DIR")
-  os.execute("rm -rf '" .. base .. "'")
-end)
+setup(clusters.setup)
+teardown(clusters.teardown)
 
 describe("through the controller's unix socket", function()
   it("a 64 MiB matrix goes as shared memory: the controller's memory stays small", function()

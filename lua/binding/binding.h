@@ -15,6 +15,8 @@
 int lparC_push_failure(lua_State *L, int code, const char *what);
 /* Message handler adding a traceback. */
 int lparC_traceback(lua_State *L);
+/* Release a registry reference, once: *ref becomes LUA_NOREF. */
+void lparC_unref(lua_State *L, int *ref);
 /* A signal given by number or name ("INT", "SIGKILL"). */
 int lparC_check_signal(lua_State *L, int arg);
 /* The key field of the options table at t: 32 bytes. */

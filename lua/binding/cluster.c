@@ -288,7 +288,7 @@ static int l_connect(lua_State *L) {
     lua_pushinteger(L, rc);
     lpar_cluster_free(u->c);
     u->c = NULL;
-    luaL_unref(L, LUA_REGISTRYINDEX, handler);
+    lparC_unref(L, &handler);
     return 3;
   }
   u->handler_ref = handler;
@@ -451,10 +451,7 @@ static int l_stop(lua_State *L) {
     lpar_cluster_free(u->c);
     u->c = NULL;
   }
-  if (u->handler_ref != LUA_NOREF) {
-    luaL_unref(L, LUA_REGISTRYINDEX, u->handler_ref);
-    u->handler_ref = LUA_NOREF;
-  }
+  lparC_unref(L, &u->handler_ref);
   lparB_free(&u->enc);
   return 0;
 }

@@ -37,6 +37,12 @@ int lparC_push_failure(lua_State *L, int code, const char *what) {
   return 3;
 }
 
+void lparC_unref(lua_State *L, int *ref) {
+  if (*ref == LUA_NOREF) return;
+  luaL_unref(L, LUA_REGISTRYINDEX, *ref);
+  *ref = LUA_NOREF;
+}
+
 int lparC_traceback(lua_State *L) {
   luaL_traceback(L, L, luaL_tolstring(L, 1, NULL), 1);
   return 1;

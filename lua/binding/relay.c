@@ -260,10 +260,7 @@ static int l_stop(lua_State *L) {
     lparY_free(u->y);
     u->y = NULL;
   }
-  if (u->handler_ref != LUA_NOREF) {
-    luaL_unref(L, LUA_REGISTRYINDEX, u->handler_ref);
-    u->handler_ref = LUA_NOREF;
-  }
+  lparC_unref(L, &u->handler_ref);
   lparB_free(&u->enc);
   return 0;
 }
