@@ -36,6 +36,16 @@
 
 #define LPAR_VERSION "0.1.0"
 
+/*
+** Visibility. liblpar.so exports the functions marked LPAR_API and nothing
+** else (it is built with -fvisibility=hidden).
+*/
+#if defined(__GNUC__)
+#define LPAR_API __attribute__((visibility("default")))
+#else
+#define LPAR_API
+#endif
+
 /* Error codes (all negative). */
 #define LPAR_OK 0
 #define LPAR_ENOMEM (-1)      /* out of memory */
@@ -52,7 +62,7 @@
 #define LPAR_EAUTH (-12)      /* message failed authentication */
 
 /* The name of an error code: "engine is not running". Never NULL. */
-const char *lpar_strerror(int code);
+LPAR_API const char *lpar_strerror(int code);
 
 /* Message types on the wire. */
 enum lpar_msg_type {
@@ -127,7 +137,7 @@ typedef struct lpar_config {
 ** Create a cluster of local engines on `loop` (none started yet). The
 ** config is copied. 0, or LPAR_EINVAL / LPAR_ENOMEM (*out untouched).
 */
-int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out);
+LPAR_API int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out);
 
 /*
 ** Start local engine `id` (0-based) of a cluster of `n`: it sees
@@ -136,7 +146,7 @@ int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out
 ** LPAR_ESPAWN keeps the system's reason: lpar_cluster_errmsg gives
 ** "cannot start engine 0 (/path/lpar-engine): No such file or directory".
 */
-int lpar_cluster_spawn(lpar_cluster *c, int id, int n);
+LPAR_API int lpar_cluster_spawn(lpar_cluster *c, int id, int n);
 
 typedef struct lpar_connect_config {
   const char *path; /* the controller's unix socket, or NULL for TCP */
@@ -156,10 +166,10 @@ typedef struct lpar_connect_config {
 ** says why. On failure *out is still set, for lpar_cluster_errmsg, and must
 ** be freed.
 */
-int lpar_cluster_connect(uv_loop_t *loop, const lpar_connect_config *cfg, lpar_cluster **out);
+LPAR_API int lpar_cluster_connect(uv_loop_t *loop, const lpar_connect_config *cfg, lpar_cluster **out);
 
 /* Send one message to an engine. The payload is written or copied at once. */
-int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
+LPAR_API int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
                       const void *payload, size_t len);
 
 /*
@@ -167,54 +177,58 @@ int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags, uin
 ** are duplicated if they must wait. Over TCP no descriptor can go:
 ** LPAR_EUNSENDABLE (see lpar_cluster_passes_fds).
 */
-int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
+LPAR_API int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
                           const void *payload, size_t len, const int *fds, int nfds);
 
 /*
 ** 1 when messages to `engine` can carry descriptors: not over TCP, nor to
 ** an engine that joined a controller from elsewhere.
 */
-int lpar_cluster_passes_fds(const lpar_cluster *c, int engine);
+LPAR_API int lpar_cluster_passes_fds(const lpar_cluster *c, int engine);
 
 /*
 ** Run `code` on an engine and get the answer as text: a MESSAGE of type
 ** RESULT (the chunk's return values, tostring'd, joined by tabs) or ERROR
 ** (message and traceback), with flag LPAR_FLAG_TEXT and the same id.
 */
-int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code, size_t len);
+LPAR_API int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code, size_t len);
 
 /* Send a signal to an engine's process (through its controller if connected). */
-int lpar_cluster_signal(lpar_cluster *c, int engine, int sig);
+LPAR_API int lpar_cluster_signal(lpar_cluster *c, int engine, int sig);
 
 /*
 ** Interrupt request `id` on an engine if it is the one running (SIGINT sent
 ** with sigqueue, carrying the id); a request already done is left alone.
 */
-int lpar_cluster_interrupt(lpar_cluster *c, int engine, uint64_t id);
+LPAR_API int lpar_cluster_interrupt(lpar_cluster *c, int engine, uint64_t id);
 
 /* Process id of engine `id` (as its hello said), or a negative code. */
-int lpar_cluster_pid(lpar_cluster *c, int engine);
+LPAR_API int lpar_cluster_pid(lpar_cluster *c, int engine);
 
 /* Frames dropped as malformed from local engines since the cluster started. */
-uint64_t lpar_cluster_bad_messages(const lpar_cluster *c);
+LPAR_API uint64_t lpar_cluster_bad_messages(const lpar_cluster *c);
 
 /* The link's cipher ("AES-256-GCM", "XChaCha20-Poly1305"), or "none". */
-const char *lpar_cluster_cipher(const lpar_cluster *c);
+LPAR_API const char *lpar_cluster_cipher(const lpar_cluster *c);
 
 /* What the last failed call on c was about. Never NULL. */
-const char *lpar_cluster_errmsg(const lpar_cluster *c);
+LPAR_API const char *lpar_cluster_errmsg(const lpar_cluster *c);
 
 /*
 ** Stop: close every socket (an idle engine exits on EOF), wait up to 200 ms,
 ** then SIGKILL and reap local engines; close the link of a connected one.
 ** No event is reported after lpar_cluster_free.
 */
-void lpar_cluster_stop(lpar_cluster *c);
+LPAR_API void lpar_cluster_stop(lpar_cluster *c);
 
 /* Stop, then release the cluster once libuv has closed its handles (run the loop). */
-void lpar_cluster_free(lpar_cluster *c);
+LPAR_API void lpar_cluster_free(lpar_cluster *c);
 
-/* The engine executable used when lpar_config names none ($LPAR_ENGINE overrides it). */
-const char *lpar_default_engine_path(void);
+/*
+** The engine executable used when lpar_config names none: $LPAR_ENGINE, else
+** the one of this copy of lpar (the build tree's, or PREFIX/libexec/lpar/
+** for an installed liblpar). The string is valid until the next call.
+*/
+LPAR_API const char *lpar_default_engine_path(void);
 
 #endif
