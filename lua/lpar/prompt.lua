@@ -272,7 +272,11 @@ function prompt.main(opts)
   rl.read_history(history)
   rl.set_completer(completer)
   _G.lpar = lpar
-  if opts.profile then
+  if opts.rc then -- engines started by `lpar -n N -i script.lua`
+    self.rc, self.cluster = opts.rc, opts.cluster
+    self:write(string.format("lpar %s: %d engines; rc is the Client, dview a blocking view of all.\n",
+      lpar.version, #opts.rc))
+  elseif opts.profile then
     local ok, rc = pcall(lpar.Client, { profile = opts.profile })
     if not ok then
       io.stderr:write("lpar: ", tostring(rc), "\n")
