@@ -32,10 +32,10 @@ local function mode(path)
   return string.format("%o", uv.fs_stat(path).mode % 512)
 end
 
-local function conn_file(name) return base .. "/profile_" .. name .. "/connection.lua" end
+local function conn_file(name) return base .. "/profile_" .. name .. "/connection.json" end
 
 local function controller_pid(name)
-  return math.tointeger(tonumber(read_file(conn_file(name)):match("pid = (%d+)")))
+  return math.tointeger(tonumber(read_file(conn_file(name)):match("\"pid\":(%d+)")))
 end
 
 setup(function()
@@ -55,8 +55,8 @@ describe("lpar cluster start", function()
     assert.equal("700", mode(base .. "/profile_main"))
     assert.equal("600", mode(conn_file("main")))
     assert.equal("600", mode(base .. "/profile_main/controller.sock"))
-    assert.matches('key = "%x+"', read_file(conn_file("main")))
-    assert.equal(64, #read_file(conn_file("main")):match('key = "(%x+)"'))
+    assert.matches('"key":"%x+"', read_file(conn_file("main")))
+    assert.equal(64, #read_file(conn_file("main")):match('"key":"(%x+)"'))
   end)
 
   it("refuses to start a second cluster under a running profile", function()
@@ -93,27 +93,27 @@ describe("connecting", function()
     local ok, err = pcall(lpar.Client, { profile = "nope" })
     assert.is_false(ok)
     assert.matches('no cluster with profile "nope": ' .. base:gsub("%p", "%%%0") ..
-      "/profile_nope/connection.lua does not exist", err)
+      "/profile_nope/connection.json does not exist", err)
     assert.matches("lpar cluster start %-%-profile nope", err)
-    err = select(2, pcall(lpar.Client, { connection_file = "/nonexistent/connection.lua" }))
-    assert.matches("connection file /nonexistent/connection.lua does not exist", err)
+    err = select(2, pcall(lpar.Client, { connection_file = "/nonexistent/connection.json" }))
+    assert.matches("connection file /nonexistent/connection.json does not exist", err)
   end)
 
   it("calls a file of a dead cluster stale and points to lpar cluster clean", function()
     local dir = base .. "/profile_stale"
     os.execute("mkdir -p -m 700 '" .. dir .. "'")
-    local text = read_file(conn_file("main")):gsub("pid = %d+", "pid = 999999"):gsub("profile_main", "profile_stale")
-    local f = assert(io.open(dir .. "/connection.lua", "w"))
+    local text = read_file(conn_file("main")):gsub("\"pid\":%d+", "\"pid\":999999"):gsub("profile_main", "profile_stale")
+    local f = assert(io.open(dir .. "/connection.json", "w"))
     f:write(text)
     f:close()
-    uv.fs_chmod(dir .. "/connection.lua", tonumber("600", 8))
+    uv.fs_chmod(dir .. "/connection.json", tonumber("600", 8))
     local ok, err = pcall(lpar.Client, { profile = "stale" })
     assert.is_false(ok)
     assert.matches("not running %(its controller, pid 999999, is gone%), so .* is stale", err)
     assert.matches("lpar cluster clean", err)
     local out = sh(helpers.lpar .. " cluster clean")
-    assert.matches("removed " .. dir:gsub("%p", "%%%0") .. "/connection.lua", out)
-    assert.is_nil(read_file(dir .. "/connection.lua"))
+    assert.matches("removed " .. dir:gsub("%p", "%%%0") .. "/connection.json", out)
+    assert.is_nil(read_file(dir .. "/connection.json"))
     assert.is_not_nil(read_file(conn_file("main"))) -- the live one stays
   end)
 
@@ -210,7 +210,7 @@ describe("the authenticated socket", function()
   local code = string.format("local f = io.open(%q, 'a') f:write('ran\\n') f:close()", witness)
   local payload = core.encode(code)
   local function key()
-    return (read_file(conn_file("main")):match('key = "(%x+)"'):gsub("%x%x", function(h)
+    return (read_file(conn_file("main")):match('"key":"(%x+)"'):gsub("%x%x", function(h)
       return string.char(tonumber(h, 16)) end))
   end
 
@@ -394,14 +394,14 @@ describe("TCP", function()
   it("is used only when asked, on 127.0.0.1, with the same authentication", function()
     start("tcp", "-n 1 --port 0")
     local text = read_file(conn_file("tcp"))
-    assert.matches('ip = "127.0.0.1"', text)
-    local port = text:match("port = (%d+)")
+    assert.matches('"ip":"127.0.0.1"', text)
+    local port = text:match("\"port\":(%d+)")
     assert.is_truthy(port)
-    assert.is_nil(read_file(conn_file("main")):match("port ="))
+    assert.is_nil(read_file(conn_file("main")):match("\"port\":"))
     -- Without the socket path, the client goes over TCP.
     local path = os.tmpname()
     local f = assert(io.open(path, "w"))
-    f:write((text:gsub('  socket = "[^"]*",\n', "")))
+    f:write((text:gsub('  "socket":"[^"]*",\n', "")))
     f:close()
     uv.fs_chmod(path, tonumber("600", 8))
     local rc <close> = lpar.Client { connection_file = path }

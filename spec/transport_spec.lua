@@ -23,21 +23,21 @@ local function read_file(path)
   return s
 end
 
-local function conn_file(name) return base .. "/profile_" .. name .. "/connection.lua" end
+local function conn_file(name) return base .. "/profile_" .. name .. "/connection.json" end
 
 local function start(name, extra)
   local out, code = sh(string.format("%s cluster start --daemonize --profile %s %s 2>&1",
     helpers.lpar, name, extra or ""))
   assert(code == 0, out)
   local text = read_file(conn_file(name))
-  return math.tointeger(tonumber(text:match("pid = (%d+)"))), text
+  return math.tointeger(tonumber(text:match("\"pid\":(%d+)"))), text
 end
 
 --- A connection file for profile `name` that reaches it over TCP only, at `port`.
 local function tcp_only(name, port)
   local text = read_file(conn_file(name))
-  text = text:gsub('  socket = "[^"]*",\n', "")
-  if port then text = text:gsub("port = %d+", "port = " .. port) end
+  text = text:gsub('  "socket":"[^"]*",\n', "")
+  if port then text = text:gsub("\"port\":%d+", "\"port\":" .. port) end
   local path = base .. "/" .. name .. "-tcp.lua"
   local f = assert(io.open(path, "w"))
   f:write(text)
@@ -52,7 +52,7 @@ local function rss_mb(pid)
 end
 
 local function key_of(name)
-  return (read_file(conn_file(name)):match('key = "(%x+)"'):gsub("%x%x", function(h)
+  return (read_file(conn_file(name)):match('"key":"(%x+)"'):gsub("%x%x", function(h)
     return string.char(tonumber(h, 16)) end))
 end
 
@@ -118,7 +118,7 @@ describe("over TCP", function()
 
   it("everything is sealed: bytes on the wire hold none of what was pushed", function()
     local _, text = start("sealed", "-n 1 --port 0")
-    local proxy = recording_proxy(math.tointeger(tonumber(text:match("port = (%d+)"))))
+    local proxy = recording_proxy(math.tointeger(tonumber(text:match("\"port\":(%d+)"))))
     local rc = lpar.Client { connection_file = tcp_only("sealed", proxy.port) }
     local marker = "MARKER-" .. string.rep("lpar", 8)
     rc[0]:push({ secret = marker, m = matrix.from { { 1.25, 2.5 } } }, { block = true })
@@ -136,7 +136,7 @@ describe("over TCP", function()
 
   it("a raw peer's forged, altered and replayed ciphertext is refused and counted, and nothing runs", function()
     local _, text = start("raw", "-n 1 --port 0")
-    local port = math.tointeger(tonumber(text:match("port = (%d+)")))
+    local port = math.tointeger(tonumber(text:match("\"port\":(%d+)")))
     local witness = os.tmpname()
     os.remove(witness)
     local payload = core.encode(string.format("local f = io.open(%q, 'a') f:write('ran\\n') f:close()", witness))
