@@ -412,25 +412,10 @@ do
   uv.os_unsetenv("LPAR_DIR")
 end
 
--- results.json: machine, versions, date, every figure.
-local function json(v, indent)
-  indent = indent or ""
-  local t = type(v)
-  if t == "number" then return v ~= v and "null" or string.format("%.6g", v) end
-  if t == "string" then return string.format("%q", v):gsub("\\\n", "\\n") end
-  if t ~= "table" then return tostring(v) end
-  local inner = indent .. "  "
-  if #v > 0 then
-    local parts = {}
-    for _, x in ipairs(v) do parts[#parts + 1] = json(x, inner) end
-    return "[" .. table.concat(parts, ", ") .. "]"
-  end
-  local keys = {}
-  for k in pairs(v) do keys[#keys + 1] = k end
-  table.sort(keys)
-  local parts = {}
-  for _, k in ipairs(keys) do parts[#parts + 1] = inner .. string.format("%q", k) .. ": " .. json(v[k], inner) end
-  return "{\n" .. table.concat(parts, ",\n") .. "\n" .. indent .. "}"
+-- results.json: machine, versions, date, every figure; written with
+-- lua-dkjson, so strings are escaped as JSON wants and NaN or inf become null.
+local function json(v)
+  return require("dkjson").encode(v, { indent = true })
 end
 
 local function command_output(cmd)

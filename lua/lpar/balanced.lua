@@ -232,6 +232,8 @@ LoadBalancedView.__index = LoadBalancedView
 local FLAGS = { block = true, timeout = true, retries = true, after = true, follow = true,
                 scheme = true, queue_depth = true }
 local SCHEMES = { least = true, lru = true, random = true }
+local options = require "lpar.options"
+local MAP_OPTIONS = options.set({ "chunksize", "ordered" }, FLAGS)
 
 function LoadBalancedView.new(client, spec)
   local self = setmetatable({ client = client, block = false, retries = 0, scheme = "least",
@@ -326,7 +328,7 @@ end
 function LoadBalancedView:map_async(f, list, opts)
   if type(f) ~= "function" then error("map: expected a function, got " .. type(f), 2) end
   if type(list) ~= "table" then error("map: expected a list", 2) end
-  opts = opts or {}
+  opts = options.check("map", opts, MAP_OPTIONS)
   local size = opts.chunksize or 1
   if math.type(size) ~= "integer" or size < 1 then error("map: chunksize must be a positive integer", 2) end
   local view = self
@@ -349,10 +351,12 @@ function LoadBalancedView:map_async(f, list, opts)
 end
 
 function LoadBalancedView:map_sync(f, list, opts)
+  options.check("map_sync", opts, MAP_OPTIONS)
   return self:map_async(f, list, opts):get()
 end
 
 function LoadBalancedView:map(f, list, opts)
+  options.check("map", opts, MAP_OPTIONS)
   local ar = self:map_async(f, list, opts)
   local block = self.block
   if opts and opts.block ~= nil then block = opts.block end
@@ -366,7 +370,7 @@ end
 -- A failed task raises its error from the iterator.
 function LoadBalancedView:imap(f, iterable, opts)
   if type(f) ~= "function" then error("imap: expected a function, got " .. type(f), 2) end
-  opts = opts or {}
+  opts = options.check("imap", opts, { max_outstanding = true })
   local next_item
   if type(iterable) == "function" then
     next_item = iterable

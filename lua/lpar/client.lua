@@ -16,11 +16,7 @@ local methods = {}
 function Client.connect(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("Client: expected a table of options {profile=} or {connection_file=}", 2) end
-  for k in pairs(opts) do
-    if k ~= "profile" and k ~= "connection_file" then
-      error(string.format("Client: unknown option '%s' (expected profile or connection_file)", tostring(k)), 2)
-    end
-  end
+  require("lpar.options").check("Client", opts, { profile = true, connection_file = true })
   local ok, hub = pcall(require("lpar.remote").connect, opts)
   if not ok then error(hub, 2) end
   return Client.new(hub)

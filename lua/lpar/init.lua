@@ -36,6 +36,8 @@ lpar.timeit = require("lpar.timeit").timeit
 -- block (default true), locally (also run it here).
 function lpar.px(code, opts)
   if type(code) ~= "string" then error("px: code must be a string", 2) end
+  require("lpar.options").check("px", opts,
+    { targets = true, block = true, locally = true, group_outputs = true, out = true, timeout = true })
   return require("lpar.px").run(code, opts)
 end
 
