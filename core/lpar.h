@@ -60,6 +60,8 @@
 #define LPAR_ESYS (-10)       /* system call failed (lpar_cluster_errmsg says which) */
 #define LPAR_ECLOSED (-11)    /* cluster stopped */
 #define LPAR_EAUTH (-12)      /* message failed authentication */
+#define LPAR_EREMOTE (-13)    /* the code run on an engine raised an error (lpar_session_run) */
+#define LPAR_ETIMEDOUT (-14)  /* engines were not ready in time (lpar_session_start/connect) */
 
 /* The name of an error code: "engine is not running". Never NULL. */
 LPAR_API const char *lpar_strerror(int code);
@@ -230,5 +232,63 @@ LPAR_API void lpar_cluster_free(lpar_cluster *c);
 ** for an installed liblpar). The string is valid until the next call.
 */
 LPAR_API const char *lpar_default_engine_path(void);
+
+/*
+** The synchronous layer: for a host with no event loop of its own. A
+** session owns a private libuv loop and a cluster on it, and each call
+** runs that loop until its answer is in. What engines print is written to
+** the host's stdout and stderr as it arrives. A whole host:
+**
+**   lpar_session *s;
+**   char *out;
+**   if (lpar_session_start(2, &s) != LPAR_OK) {     // or lpar_session_connect("default", &s)
+**     fprintf(stderr, "%s\n", lpar_session_errmsg(s));
+**     return 1;
+**   }
+**   int rc = lpar_session_run(s, 1, "return lpar.engine.id, 6 * 7", &out);
+**   printf("%s: %s\n", rc == LPAR_OK ? "result" : "error", out ? out : lpar_session_errmsg(s));
+**   free(out);
+**   lpar_session_close(s);
+**
+** Build it with `cc host.c $(pkg-config --cflags --libs lpar)`.
+*/
+typedef struct lpar_session lpar_session;
+
+/*
+** Start `n` local engines (ids 0 to n-1) and wait, at most 10 s, until all
+** are ready. *out is set even on failure, for lpar_session_errmsg, and
+** must be closed. LPAR_ESPAWN (an engine could not start or died at once),
+** LPAR_ETIMEDOUT, LPAR_EINVAL (n < 1), LPAR_ENOMEM (*out NULL).
+*/
+LPAR_API int lpar_session_start(int n, lpar_session **out);
+
+/*
+** Connect to a running standalone cluster (`lpar cluster start`): `where`
+** is a profile name (its connection file is $LPAR_DIR/profile_NAME/
+** connection.json, default ~/.lpar/...), or the path of a connection file
+** if it holds a '/'; NULL means "default". Waits, at most 10 s, until the
+** controller has reported its engines. *out is set as for lpar_session_start.
+*/
+LPAR_API int lpar_session_connect(const char *where, lpar_session **out);
+
+/* Engines that said they were ready. */
+LPAR_API int lpar_session_engines(const lpar_session *s);
+
+/*
+** Run Lua `code` on engine `engine` (its globals persist between calls) and
+** wait for the answer. LPAR_OK: *result is the chunk's return values, by
+** tostring, joined by tabs ("" for none). LPAR_EREMOTE: *result is the
+** error's message and remote traceback. Either way *result is the caller's
+** to free(). Otherwise *result is NULL and the code says what went wrong:
+** LPAR_EDEAD (the engine died meanwhile: lpar_session_errmsg names the
+** signal or status), LPAR_ENOENGINE, LPAR_ECLOSED. No time limit.
+*/
+LPAR_API int lpar_session_run(lpar_session *s, int engine, const char *code, char **result);
+
+/* What the last failed call on s was about. Never NULL. */
+LPAR_API const char *lpar_session_errmsg(const lpar_session *s);
+
+/* Stop the engines started (or the link opened) and free the session. NULL is a no-op. */
+LPAR_API void lpar_session_close(lpar_session *s);
 
 #endif

@@ -51,9 +51,12 @@ static int strip(const char *dir, const char *rel, char *prefix, size_t n) {
   return 1;
 }
 
-static int same_dir(const char *a, const char *b) {
-  char ra[PATH_MAX], rb[PATH_MAX];
-  return realpath(a, ra) && realpath(b, rb) && strcmp(ra, rb) == 0;
+/* Is directory `dir` (a real path) `top` or inside it? */
+static int inside(const char *dir, const char *top) {
+  char rt[PATH_MAX];
+  if (realpath(top, rt) == NULL) return 0;
+  size_t n = strlen(rt);
+  return strncmp(dir, rt, n) == 0 && (dir[n] == '\0' || dir[n] == '/');
 }
 
 void lparL_locate(lparL_place *p) {
@@ -61,7 +64,7 @@ void lparL_locate(lparL_place *p) {
   p->prefix[0] = '\0';
   self_dir(p->self, sizeof p->self);
   if (!p->self[0]) return;
-  if (same_dir(p->self, LPAR_BUILD_DIR) || same_dir(p->self, LPAR_BUILD_DIR "/lib/lpar")) {
+  if (inside(p->self, LPAR_BUILD_DIR)) { /* build/, build/lib/lpar, build/core, build/examples */
     p->build_tree = 1;
     return;
   }
