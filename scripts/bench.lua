@@ -358,13 +358,15 @@ do
   row("standalone_start_4", "standalone: cluster start -n 4 --daemonize", pct(times, 0.5), "ms", "<= 200 ms",
     quartiles(times))
   run("start -n 2 --daemonize --profile bench --port 0")
-  local conn = dir .. "/profile_bench/connection.lua"
-  local text = assert(io.open(conn)):read("a")
-  local controller = math.tointeger(tonumber(text:match("pid = (%d+)")))
+  local dkjson = require "dkjson"
+  local conn = dir .. "/profile_bench/connection.json"
+  local info = dkjson.decode(assert(io.open(conn)):read("a"))
+  local controller = math.tointeger(info.pid)
   -- The same cluster over TCP only: its connection file without the socket.
-  local tcp_conn = dir .. "/tcp-connection.lua"
+  local tcp_conn = dir .. "/tcp-connection.json"
   local f = assert(io.open(tcp_conn, "w"))
-  f:write((text:gsub("\n  socket = [^\n]*", "")))
+  info.socket = nil
+  f:write(dkjson.encode(info))
   f:close()
   os.execute("chmod 600 '" .. tcp_conn .. "'")
 

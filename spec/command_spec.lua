@@ -117,3 +117,20 @@ describe("the lpar command line", function()
     assert.equal("2\ttrue\t1\n", out)
   end)
 end)
+
+describe("the prompt's tab completion", function()
+  it("completes the methods of a Client and of an AsyncResult", function()
+    local completer = require("lpar.prompt").completer
+    local lpar = require "lpar"
+    local cluster = lpar.Cluster { n = 1 }
+    local rc = cluster:start_and_connect()
+    _G.rc_for_completion, _G.ar_for_completion = rc, rc[0]:apply_async(function() end)
+    assert.same({ "rc_for_completion:view" }, completer("rc_for_completion:vi"))
+    assert.same({ "rc_for_completion:load_balanced_view" }, completer("rc_for_completion:load"))
+    assert.same({ "ar_for_completion:wait", "ar_for_completion:wait_interactive" }, completer("ar_for_completion:wai"))
+    _G.ar_for_completion:wait(5)
+    _G.rc_for_completion, _G.ar_for_completion = nil, nil
+    rc:close()
+    cluster:stop()
+  end)
+end)

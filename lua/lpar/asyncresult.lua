@@ -29,6 +29,8 @@ function AsyncResult.new(kind, opts)
   }, AsyncResult)
 end
 
+AsyncResult.methods = methods -- for the prompt's completion of ar:
+
 function AsyncResult.__index(self, k)
   local m = methods[k]
   if m then return m end
@@ -106,6 +108,7 @@ end
 
 -- Public methods.
 
+--- True when every task is done (successfully or not).
 function methods:ready() return self._done == #self._slots end
 
 --- True when every task succeeded; an error when not ready yet.
@@ -276,7 +279,7 @@ local function private_dir(path, tighten)
   return path
 end
 
---- Where display outputs go: $LPAR_OUTPUT_DIR, else a per-user 0700
+-- Where display outputs go: $LPAR_OUTPUT_DIR, else a per-user 0700
 -- directory, $LPAR_DIR/outputs or $XDG_CACHE_HOME/lpar/outputs (default
 -- ~/.cache/lpar/outputs): never a directory that other users share.
 local output_dir

@@ -22,11 +22,15 @@ function Client.connect(opts)
   return Client.new(hub)
 end
 
+--- A Client over a hub (used by Cluster:client() and Client.connect);
+-- `owned_cluster` is stopped when the client closes.
 function Client.new(hub, owned_cluster)
   local client = setmetatable({ _hub = hub, _owned = owned_cluster }, Client)
   require("lpar.px").set_client(client) -- lpar.px runs on the latest client's engines
   return client
 end
+
+Client.methods = methods -- for the prompt's completion of rc:
 
 function Client.__index(self, k)
   if k == "ids" then return self._hub:ids() end
@@ -51,6 +55,7 @@ function methods:view(targets)
   return DirectView.new(self, targets)
 end
 
+--- The same as view(targets), by ipyparallel's other name.
 methods.direct_view = methods.view
 
 --- A LoadBalancedView over `targets` (nil: all engines).

@@ -113,6 +113,8 @@ end
 
 -- ---- the Cluster ----
 
+--- A Cluster, not started yet (lpar.Cluster). opts: n, profile, engine_env,
+-- blas_threads, engine, timeout, ip, port; a misspelled key is an error.
 function Cluster.new(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("Cluster: expected a table of options", 2) end

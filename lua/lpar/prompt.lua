@@ -259,6 +259,9 @@ local function completer(word)
   scan(t)
   local mt = getmetatable(t)
   if mt and type(mt.__index) == "table" then scan(mt.__index) end
+  -- Client and AsyncResult index with a function (rc[0], ar.elapsed); their
+  -- methods are in the metatable's `methods`.
+  if mt and type(mt.__index) == "function" and type(rawget(mt, "methods")) == "table" then scan(mt.methods) end
   table.sort(out)
   return out
 end

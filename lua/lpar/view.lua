@@ -112,11 +112,13 @@ function DirectView:run(path, opts)
   return finish_call(self, ar, opts, true)
 end
 
+--- f(...) on every target, not waiting: the AsyncResult.
 function DirectView:apply_async(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
   return submit(self, "apply", APPLY, "args", nil, nil, f, ...)
 end
 
+--- f(...) on every target, waiting: its values (a list over several targets).
 function DirectView:apply_sync(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
   return submit(self, "apply", APPLY, "args", nil, nil, f, ...):get()
@@ -226,10 +228,13 @@ function DirectView:map_async(f, list)
   return ar
 end
 
+--- map_async, waited for: the results in order.
 function DirectView:map_sync(f, list)
   return self:map_async(f, list):get()
 end
 
+--- f over `list`: the results when blocking (the view's `block`, or
+-- opts.block), else the AsyncResult.
 function DirectView:map(f, list, opts)
   options.check("map", opts, FLAGS)
   local ar = self:map_async(f, list)
