@@ -134,3 +134,15 @@ describe("the prompt's tab completion", function()
     cluster:stop()
   end)
 end)
+
+describe("the prompt's %lsmagic", function()
+  it("lists every magic, %%timeit included", function()
+    local out, code = helpers.run("printf '%%lsmagic\\n' | " .. helpers.lpar .. " 2>&1")
+    assert.equal(0, code, out)
+    local listed = out:match("Available magics: ([^\n]*)")
+    assert.is_truthy(listed, out)
+    for _, m in ipairs { "%%px", "%%timeit", "%autopx", "%help", "%lsmagic", "%px", "%pxresult", "%timeit" } do
+      assert.is_truthy(listed:find(m .. " ", 1, true) or listed:sub(-#m) == m, m .. " in: " .. listed)
+    end
+  end)
+end)

@@ -15,7 +15,8 @@ local MAGICS = {
     .. " run the cell (lines until a blank one) on the engines",
   ["%autopx"] = "%autopx: send every line to the engines, until %autopx again",
   ["%pxresult"] = "%pxresult: show the result of the last non-blocking %px",
-  ["%timeit"] = "%timeit [-n N] [-r R] STATEMENT: time a Lua statement (or %%timeit for a cell)",
+  ["%timeit"] = "%timeit [-n N] [-r R] STATEMENT: time a Lua statement",
+  ["%%timeit"] = "%%timeit [-n N] [-r R]: time the cell (lines until a blank one)",
   ["%lsmagic"] = "%lsmagic: list the magics",
   ["%help"] = "%help: this help",
 }
