@@ -102,8 +102,29 @@ check("lpar.plot", "plot", { "lua/lpar/plot.lua" }, public_names(require "lpar.p
 check("matrix", "matrix", { "docs/matrix.luadoc" }, public_names(require "lpar.matrix"))
 check("matrix", "Matrix", { "docs/matrix.luadoc" }, registered("lua/binding/matrix.c", "methods"))
 
-if missing > 0 then
-  print(missing .. " public functions without a doc comment")
-  os.exit(1)
+-- Every environment variable lpar reads is described in lpar(1).
+local man = table.concat(read("docs/lpar.1"), "\n")
+local undocumented = 0
+-- getenv("X"), os.getenv("X"), env("X"), env_int("X"), and any "LPAR_X" string (place.c's table).
+local search = "grep -rhoE --include=*.c --include=*.lua "
+  .. "'(getenv|env|env_int)\\(\"[A-Z_0-9]+\"|\"LPAR_[A-Z_0-9]+' core engines lua"
+local pipe = assert(io.popen(search))
+local seen = {}
+for name in pipe:read("a"):gmatch('"([A-Z_0-9]+)') do
+  if not seen[name] then
+    seen[name] = true
+    if not man:find(name, 1, true) then
+      print(string.format("environment variable %s is read but not described in docs/lpar.1", name))
+      undocumented = undocumented + 1
+    end
+  end
 end
-print("every public function has a doc comment")
+pipe:close()
+if not next(seen) then
+  print("found no environment variables: the search is broken")
+  undocumented = 1
+end
+
+if missing > 0 then print(missing .. " public functions without a doc comment") end
+if missing > 0 or undocumented > 0 then os.exit(1) end
+print("every public function has a doc comment, every environment variable lpar reads is in lpar(1)")
