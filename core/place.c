@@ -19,13 +19,21 @@
 
 static void copy(char *dst, size_t n, const char *src) { snprintf(dst, n, "%s", src); }
 
+/* Is `path` a shared object's: NAME.so or NAME.so.VERSION? */
+static int shared_object(const char *path) {
+  const char *base = strrchr(path, '/');
+  base = base ? base + 1 : path;
+  const char *so = strstr(base, ".so");
+  return so && (so[3] == '\0' || so[3] == '.');
+}
+
 /* The directory of the file holding this function: a shared object or the executable. */
 static void self_dir(char *out, size_t n) {
   char path[PATH_MAX];
   Dl_info info;
   out[0] = '\0';
   const char *f = NULL;
-  if (dladdr((void *)self_dir, &info) && info.dli_fname && strstr(info.dli_fname, ".so"))
+  if (dladdr((void *)self_dir, &info) && info.dli_fname && shared_object(info.dli_fname))
     f = info.dli_fname; /* liblpar.so, or a Lua binding holding liblpar.a */
   if (f == NULL) {
     ssize_t len = readlink("/proc/self/exe", path, sizeof path - 1);
