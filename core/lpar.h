@@ -5,14 +5,18 @@
 ** host reaches them through one kind of handle, an lpar_cluster, whether
 ** the engines are its own children (lpar_cluster_new) or run behind a
 ** standalone controller, on this host or another (lpar_cluster_connect):
-** the same calls send to engine i, and the same events come back.
+** the same calls send to engine i, and the same events come back. A host
+** with no loop of its own uses the synchronous layer at the end of this
+** file instead (lpar_session_*): start or connect, run code, read the answer.
+** Build with `pkg-config --cflags --libs lpar`.
 **
 ** Threading and the loop. Everything runs on a libuv loop that the host owns
 ** and runs; liblpar starts no thread. Every call must be made on the thread
 ** that runs that loop, and events are delivered from inside uv_run. No call
 ** blocks on the network: a connection is made in the background, and what
 ** is sent before it is up waits in order. (lpar_cluster_stop is the one
-** call that waits, at most 200 ms, for local engines to exit.)
+** call that waits, at most 200 ms, for local engines to exit. The
+** lpar_session_* calls run a private loop of their own and do wait.)
 **
 ** Errors. Functions return 0 (LPAR_OK) or a negative LPAR_E* code;
 ** lpar_strerror(code) names the code and lpar_cluster_errmsg(c) says what
