@@ -31,6 +31,7 @@
 
 #include "cluster.h"
 #include "link.h"
+#include "place.h"
 #include "route.h"
 #include "wire.h"
 
@@ -90,8 +91,8 @@ const char *lpar_cluster_errmsg(const lpar_cluster *c) {
 }
 
 const char *lpar_default_engine_path(void) {
-  const char *env = getenv("LPAR_ENGINE");
-  return env && *env ? env : LPAR_ENGINE_PATH;
+  static char path[4096]; /* as documented: valid until the next call */
+  return lparL_path("engine", path, sizeof path) ? path : "lpar-engine";
 }
 
 static char *dup_string(const char *s) {

@@ -18,6 +18,8 @@ const char *lpar_strerror(int code) {
   case LPAR_ESYS: return "system call failed";
   case LPAR_ECLOSED: return "cluster is stopped";
   case LPAR_EAUTH: return "message failed authentication";
+  case LPAR_EREMOTE: return "the code raised an error";
+  case LPAR_ETIMEDOUT: return "timed out";
   default: return "unknown error";
   }
 }

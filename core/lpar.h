@@ -5,14 +5,18 @@
 ** host reaches them through one kind of handle, an lpar_cluster, whether
 ** the engines are its own children (lpar_cluster_new) or run behind a
 ** standalone controller, on this host or another (lpar_cluster_connect):
-** the same calls send to engine i, and the same events come back.
+** the same calls send to engine i, and the same events come back. A host
+** with no loop of its own uses the synchronous layer at the end of this
+** file instead (lpar_session_*): start or connect, run code, read the answer.
+** Build with `pkg-config --cflags --libs lpar`.
 **
 ** Threading and the loop. Everything runs on a libuv loop that the host owns
 ** and runs; liblpar starts no thread. Every call must be made on the thread
 ** that runs that loop, and events are delivered from inside uv_run. No call
 ** blocks on the network: a connection is made in the background, and what
 ** is sent before it is up waits in order. (lpar_cluster_stop is the one
-** call that waits, at most 200 ms, for local engines to exit.)
+** call that waits, at most 200 ms, for local engines to exit. The
+** lpar_session_* calls run a private loop of their own and do wait.)
 **
 ** Errors. Functions return 0 (LPAR_OK) or a negative LPAR_E* code;
 ** lpar_strerror(code) names the code and lpar_cluster_errmsg(c) says what
@@ -36,6 +40,16 @@
 
 #define LPAR_VERSION "0.1.0"
 
+/*
+** Visibility. liblpar.so exports the functions marked LPAR_API and nothing
+** else (it is built with -fvisibility=hidden).
+*/
+#if defined(__GNUC__)
+#define LPAR_API __attribute__((visibility("default")))
+#else
+#define LPAR_API
+#endif
+
 /* Error codes (all negative). */
 #define LPAR_OK 0
 #define LPAR_ENOMEM (-1)      /* out of memory */
@@ -50,9 +64,11 @@
 #define LPAR_ESYS (-10)       /* system call failed (lpar_cluster_errmsg says which) */
 #define LPAR_ECLOSED (-11)    /* cluster stopped */
 #define LPAR_EAUTH (-12)      /* message failed authentication */
+#define LPAR_EREMOTE (-13)    /* the code run on an engine raised an error (lpar_session_run) */
+#define LPAR_ETIMEDOUT (-14)  /* engines were not ready in time (lpar_session_start/connect) */
 
 /* The name of an error code: "engine is not running". Never NULL. */
-const char *lpar_strerror(int code);
+LPAR_API const char *lpar_strerror(int code);
 
 /* Message types on the wire. */
 enum lpar_msg_type {
@@ -127,7 +143,7 @@ typedef struct lpar_config {
 ** Create a cluster of local engines on `loop` (none started yet). The
 ** config is copied. 0, or LPAR_EINVAL / LPAR_ENOMEM (*out untouched).
 */
-int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out);
+LPAR_API int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out);
 
 /*
 ** Start local engine `id` (0-based) of a cluster of `n`: it sees
@@ -136,7 +152,7 @@ int lpar_cluster_new(uv_loop_t *loop, const lpar_config *cfg, lpar_cluster **out
 ** LPAR_ESPAWN keeps the system's reason: lpar_cluster_errmsg gives
 ** "cannot start engine 0 (/path/lpar-engine): No such file or directory".
 */
-int lpar_cluster_spawn(lpar_cluster *c, int id, int n);
+LPAR_API int lpar_cluster_spawn(lpar_cluster *c, int id, int n);
 
 typedef struct lpar_connect_config {
   const char *path; /* the controller's unix socket, or NULL for TCP */
@@ -156,10 +172,10 @@ typedef struct lpar_connect_config {
 ** says why. On failure *out is still set, for lpar_cluster_errmsg, and must
 ** be freed.
 */
-int lpar_cluster_connect(uv_loop_t *loop, const lpar_connect_config *cfg, lpar_cluster **out);
+LPAR_API int lpar_cluster_connect(uv_loop_t *loop, const lpar_connect_config *cfg, lpar_cluster **out);
 
 /* Send one message to an engine. The payload is written or copied at once. */
-int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
+LPAR_API int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
                       const void *payload, size_t len);
 
 /*
@@ -167,54 +183,116 @@ int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned flags, uin
 ** are duplicated if they must wait. Over TCP no descriptor can go:
 ** LPAR_EUNSENDABLE (see lpar_cluster_passes_fds).
 */
-int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
+LPAR_API int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
                           const void *payload, size_t len, const int *fds, int nfds);
 
 /*
 ** 1 when messages to `engine` can carry descriptors: not over TCP, nor to
 ** an engine that joined a controller from elsewhere.
 */
-int lpar_cluster_passes_fds(const lpar_cluster *c, int engine);
+LPAR_API int lpar_cluster_passes_fds(const lpar_cluster *c, int engine);
 
 /*
 ** Run `code` on an engine and get the answer as text: a MESSAGE of type
 ** RESULT (the chunk's return values, tostring'd, joined by tabs) or ERROR
 ** (message and traceback), with flag LPAR_FLAG_TEXT and the same id.
 */
-int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code, size_t len);
+LPAR_API int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code, size_t len);
 
 /* Send a signal to an engine's process (through its controller if connected). */
-int lpar_cluster_signal(lpar_cluster *c, int engine, int sig);
+LPAR_API int lpar_cluster_signal(lpar_cluster *c, int engine, int sig);
 
 /*
 ** Interrupt request `id` on an engine if it is the one running (SIGINT sent
 ** with sigqueue, carrying the id); a request already done is left alone.
 */
-int lpar_cluster_interrupt(lpar_cluster *c, int engine, uint64_t id);
+LPAR_API int lpar_cluster_interrupt(lpar_cluster *c, int engine, uint64_t id);
 
 /* Process id of engine `id` (as its hello said), or a negative code. */
-int lpar_cluster_pid(lpar_cluster *c, int engine);
+LPAR_API int lpar_cluster_pid(lpar_cluster *c, int engine);
 
 /* Frames dropped as malformed from local engines since the cluster started. */
-uint64_t lpar_cluster_bad_messages(const lpar_cluster *c);
+LPAR_API uint64_t lpar_cluster_bad_messages(const lpar_cluster *c);
 
 /* The link's cipher ("AES-256-GCM", "XChaCha20-Poly1305"), or "none". */
-const char *lpar_cluster_cipher(const lpar_cluster *c);
+LPAR_API const char *lpar_cluster_cipher(const lpar_cluster *c);
 
 /* What the last failed call on c was about. Never NULL, even for a NULL c. */
-const char *lpar_cluster_errmsg(const lpar_cluster *c);
+LPAR_API const char *lpar_cluster_errmsg(const lpar_cluster *c);
 
 /*
 ** Stop: close every socket (an idle engine exits on EOF), wait up to 200 ms,
 ** then SIGKILL and reap local engines; close the link of a connected one.
 ** No event is reported after lpar_cluster_free.
 */
-void lpar_cluster_stop(lpar_cluster *c);
+LPAR_API void lpar_cluster_stop(lpar_cluster *c);
 
 /* Stop, then release the cluster once libuv has closed its handles (run the loop). */
-void lpar_cluster_free(lpar_cluster *c);
+LPAR_API void lpar_cluster_free(lpar_cluster *c);
 
-/* The engine executable used when lpar_config names none ($LPAR_ENGINE overrides it). */
-const char *lpar_default_engine_path(void);
+/*
+** The engine executable used when lpar_config names none: $LPAR_ENGINE, else
+** the one of this copy of lpar (the build tree's, or PREFIX/libexec/lpar/
+** for an installed liblpar). The string is valid until the next call.
+*/
+LPAR_API const char *lpar_default_engine_path(void);
+
+/*
+** The synchronous layer: for a host with no event loop of its own. A
+** session owns a private libuv loop and a cluster on it, and each call
+** runs that loop until its answer is in. What engines print is written to
+** the host's stdout and stderr as it arrives. A whole host:
+**
+**   lpar_session *s;
+**   char *out;
+**   if (lpar_session_start(2, &s) != LPAR_OK) {     // or lpar_session_connect("default", &s)
+**     fprintf(stderr, "%s\n", lpar_session_errmsg(s));
+**     return 1;
+**   }
+**   int rc = lpar_session_run(s, 1, "return lpar.engine.id, 6 * 7", &out);
+**   printf("%s: %s\n", rc == LPAR_OK ? "result" : "error", out ? out : lpar_session_errmsg(s));
+**   free(out);
+**   lpar_session_close(s);
+**
+** Build it with `cc host.c $(pkg-config --cflags --libs lpar)`.
+*/
+typedef struct lpar_session lpar_session;
+
+/*
+** Start `n` local engines (ids 0 to n-1) and wait, at most 10 s, until all
+** are ready. *out is set even on failure, for lpar_session_errmsg, and
+** must be closed. LPAR_ESPAWN (an engine could not start or died at once),
+** LPAR_ETIMEDOUT, LPAR_EINVAL (n < 1), LPAR_ENOMEM (*out NULL).
+*/
+LPAR_API int lpar_session_start(int n, lpar_session **out);
+
+/*
+** Connect to a running standalone cluster (`lpar cluster start`): `where`
+** is a profile name (its connection file is $LPAR_DIR/profile_NAME/
+** connection.json, default ~/.lpar/...), or the path of a connection file
+** if it holds a '/'; NULL means "default". Waits, at most 10 s, until the
+** controller has reported its engines. *out is set as for lpar_session_start.
+*/
+LPAR_API int lpar_session_connect(const char *where, lpar_session **out);
+
+/* Engines that said they were ready. */
+LPAR_API int lpar_session_engines(const lpar_session *s);
+
+/*
+** Run Lua `code` on engine `engine` (its globals persist between calls) and
+** wait for the answer. LPAR_OK: *result is the chunk's return values, by
+** tostring, joined by tabs ("" for none). LPAR_EREMOTE: *result is the
+** error's message and remote traceback. Either way *result is the caller's
+** to free(). Otherwise *result is NULL and the code says what went wrong:
+** LPAR_EDEAD (the engine died meanwhile: lpar_session_errmsg names the
+** signal or status), LPAR_ENOENGINE, LPAR_ECLOSED. No time limit.
+*/
+LPAR_API int lpar_session_run(lpar_session *s, int engine, const char *code, char **result);
+
+/* What the last failed call on s was about. Never NULL. */
+LPAR_API const char *lpar_session_errmsg(const lpar_session *s);
+
+/* Stop the engines started (or the link opened) and free the session. NULL is a no-op. */
+LPAR_API void lpar_session_close(lpar_session *s);
 
 #endif

@@ -328,13 +328,15 @@ do
   row("standalone_start_4", "standalone: cluster start -n 4 --daemonize", pct(times, 0.5), "ms", "<= 200 ms",
     quartiles(times))
   run("start -n 2 --daemonize --profile bench --port 0")
-  local conn = dir .. "/profile_bench/connection.lua"
-  local text = assert(io.open(conn)):read("a")
-  local controller = math.tointeger(tonumber(text:match("pid = (%d+)")))
+  local dkjson = require "dkjson"
+  local conn = dir .. "/profile_bench/connection.json"
+  local info = dkjson.decode(assert(io.open(conn)):read("a"))
+  local controller = math.tointeger(info.pid)
   -- The same cluster over TCP only: its connection file without the socket.
-  local tcp_conn = dir .. "/tcp-connection.lua"
+  local tcp_conn = dir .. "/tcp-connection.json"
   local f = assert(io.open(tcp_conn, "w"))
-  f:write((text:gsub("\n  socket = [^\n]*", "")))
+  info.socket = nil
+  f:write(dkjson.encode(info))
   f:close()
   os.execute("chmod 600 '" .. tcp_conn .. "'")
 
@@ -382,25 +384,10 @@ do
   uv.os_unsetenv("LPAR_DIR")
 end
 
--- results.json: machine, versions, date, every figure.
-local function json(v, indent)
-  indent = indent or ""
-  local t = type(v)
-  if t == "number" then return v ~= v and "null" or string.format("%.6g", v) end
-  if t == "string" then return string.format("%q", v):gsub("\\\n", "\\n") end
-  if t ~= "table" then return tostring(v) end
-  local inner = indent .. "  "
-  if #v > 0 then
-    local parts = {}
-    for _, x in ipairs(v) do parts[#parts + 1] = json(x, inner) end
-    return "[" .. table.concat(parts, ", ") .. "]"
-  end
-  local keys = {}
-  for k in pairs(v) do keys[#keys + 1] = k end
-  table.sort(keys)
-  local parts = {}
-  for _, k in ipairs(keys) do parts[#parts + 1] = inner .. string.format("%q", k) .. ": " .. json(v[k], inner) end
-  return "{\n" .. table.concat(parts, ",\n") .. "\n" .. indent .. "}"
+-- results.json: machine, versions, date, every figure; written with
+-- lua-dkjson, so strings are escaped as JSON wants and NaN or inf become null.
+local function json(v)
+  return require("dkjson").encode(v, { indent = true })
 end
 
 local function command_output(cmd)

@@ -156,7 +156,7 @@ describe("a load-balanced view", function()
     local queued = sched.tail
     assert.has_error(function() lb:with { scheme = "fastest" }:apply(print) end,
       'unknown scheme "fastest" (least, lru, random)')
-    assert.has_error(function() lb:with { retry = 1 } end, 'unknown view flag "retry"')
+    assert.has_error(function() lb:with { retry = 1 } end, "with: unknown view flag 'retry' (did you mean 'retries'?)")
     assert.has_error(function() lb:map(print, {}, { chunksize = 0 }) end, "map: chunksize must be a positive integer")
     assert.equal(queued, sched.tail)
     assert.equal(7, lb:apply_sync(function() return 7 end))

@@ -63,7 +63,8 @@ describe("a local cluster", function()
       v.block = true
       assert.equal(6, v:apply(function() return 6 end))
       assert.equal(7, rc[0]:with { block = true }:apply(function() return 7 end))
-      assert.has_error(function() rc[0]:with { blok = true } end, 'unknown view flag "blok"')
+      assert.has_error(function() rc[0]:with { blok = true } end,
+        "with: unknown view flag 'blok' (did you mean 'block'?)")
     end)
   end)
 

@@ -66,12 +66,16 @@ describe("the examples", function()
     local doc = f:read("a")
     f:close()
     os.remove(json)
-    assert.matches('"machine": {', doc)
-    assert.matches('"key": "apply1_p50",', doc)
-    assert.matches('"lpar": %[', doc)
-    assert.matches('"blas": {[^}]*"kernel": "%a', doc)
-    assert.matches("\nBLAS: OpenBLAS [%d.]+ %(/[^\n]*%), kernel %a", out)
     assert.equal(0, code, out)
+    local results = require("dkjson").decode(doc) -- valid JSON: no %q escapes, no inf
+    assert.is_table(results, doc)
+    assert.is_table(results.machine)
+    local keys = {}
+    for _, r in ipairs(results.lpar) do keys[r.key] = true end
+    assert.is_true(keys.apply1_p50)
+    assert.is_true(keys.standalone_push_2mib and keys.tcp_push_2mib and keys.standalone_idle_ticks)
+    assert.matches("^%a", results.blas.kernel)
+    assert.matches("\nBLAS: OpenBLAS [%d.]+ %(/[^\n]*%), kernel %a", out)
     for _, row in ipairs {
       "start 4 engines, all ready", "idle engine RSS", "round trip, 1 engine, p50",
       "round trip, 4 engines, p99", "execute%(\"\"%) blocking", "execute%(\"\"%) non%-blocking",
@@ -79,6 +83,8 @@ describe("the examples", function()
       "tiled on 2 engines", "OpenBLAS, 2 threads", "tiled / OpenBLAS",
       "tiny tasks, load%-balanced map", "makespan / ideal", "tiny tasks, chunksize 1",
       "client Lua heap growth", "client RSS growth", "A:dot%(B%) n=512, 1 thread", "A:dot%(B%) n=512, 2 threads",
+      "standalone: round trip / embedded, p50", "standalone: push 64 MiB / 2 MiB, time",
+      "standalone: idle controller CPU over 2 s", "standalone TCP: push 2 MiB matrix",
     } do
       assert.matches(row .. "[^\n]- +%-?%d+%.%d+ ", out)
     end

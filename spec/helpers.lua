@@ -59,7 +59,7 @@ function helpers.scratch_clusters()
   local c = { base = os.tmpname() }
   os.remove(c.base)
   function c.sh(cmd) return helpers.run("LPAR_DIR='" .. c.base .. "' " .. cmd) end
-  function c.conn_file(name) return c.base .. "/profile_" .. name .. "/connection.lua" end
+  function c.conn_file(name) return c.base .. "/profile_" .. name .. "/connection.json" end
   function c.start(name, extra)
     local out, code = c.sh(string.format("%s cluster start --daemonize --profile %s %s 2>&1",
       helpers.lpar, name, extra or ""))
@@ -67,10 +67,10 @@ function helpers.scratch_clusters()
     return out
   end
   function c.controller_pid(name)
-    return math.tointeger(tonumber(helpers.read_file(c.conn_file(name)):match("pid = (%d+)")))
+    return math.tointeger(tonumber(helpers.read_file(c.conn_file(name)):match('"pid":(%d+)')))
   end
   function c.key(name)
-    return (helpers.read_file(c.conn_file(name)):match('key = "(%x+)"'):gsub("%x%x", function(h)
+    return (helpers.read_file(c.conn_file(name)):match('"key":"(%x+)"'):gsub("%x%x", function(h)
       return string.char(tonumber(h, 16)) end))
   end
   function c.setup() uv.os_setenv("LPAR_DIR", c.base) end

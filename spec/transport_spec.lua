@@ -21,8 +21,8 @@ end
 --- A connection file for profile `name` that reaches it over TCP only, at `port`.
 local function tcp_only(name, port)
   local text = read_file(conn_file(name))
-  text = text:gsub('  socket = "[^"]*",\n', "")
-  if port then text = text:gsub("port = %d+", "port = " .. port) end
+  text = text:gsub('  "socket":"[^"]*",\n', "")
+  if port then text = text:gsub("\"port\":%d+", "\"port\":" .. port) end
   local path = base .. "/" .. name .. "-tcp.lua"
   local f = assert(io.open(path, "w"))
   f:write(text)
@@ -91,7 +91,7 @@ describe("over TCP", function()
 
   it("everything is sealed: bytes on the wire hold none of what was pushed", function()
     local _, text = start("sealed", "-n 1 --port 0")
-    local proxy = recording_proxy(math.tointeger(tonumber(text:match("port = (%d+)"))))
+    local proxy = recording_proxy(math.tointeger(tonumber(text:match("\"port\":(%d+)"))))
     local rc = lpar.Client { connection_file = tcp_only("sealed", proxy.port) }
     local marker = "MARKER-" .. string.rep("lpar", 8)
     rc[0]:push({ secret = marker, m = matrix.from { { 1.25, 2.5 } } }, { block = true })
@@ -109,7 +109,7 @@ describe("over TCP", function()
 
   it("a raw peer's forged, altered and replayed ciphertext is refused and counted, and nothing runs", function()
     local _, text = start("raw", "-n 1 --port 0")
-    local port = math.tointeger(tonumber(text:match("port = (%d+)")))
+    local port = math.tointeger(tonumber(text:match("\"port\":(%d+)")))
     local witness = os.tmpname()
     os.remove(witness)
     local payload = core.encode(string.format("local f = io.open(%q, 'a') f:write('ran\\n') f:close()", witness))

@@ -175,7 +175,8 @@ int luaopen_lpar_core(lua_State *L) {
   lua_setfield(L, -2, "version");
   lua_pushstring(L, lpar_default_engine_path());
   lua_setfield(L, -2, "engine_path");
-  lua_pushstring(L, lparP_command_path());
+  char path[4096];
+  lua_pushstring(L, lparP_command_path(path, sizeof path));
   lua_setfield(L, -2, "command_path");
   return 1;
 }

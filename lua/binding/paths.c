@@ -1,29 +1,31 @@
 /*
-** paths.c: module search paths for lpar's own Lua states.
+** paths.c: module search paths for lpar's own Lua states, from where this
+** copy of lpar lives (core/place.h): the build tree, or an install prefix.
 */
 #include "paths.h"
 
-#include <stdlib.h>
-
 #include <lauxlib.h>
 
-static const char *env_or(const char *name, const char *fallback) {
-  const char *s = getenv(name);
-  return s && *s ? s : fallback;
-}
+#include "place.h"
 
 void lparP_set_paths(lua_State *L) {
-  const char *lua_dir = env_or("LPAR_LUA_DIR", LPAR_LUA_DIR);
-  const char *build_dir = env_or("LPAR_BUILD_DIR", LPAR_BUILD_DIR);
+  char dir[4096];
   lua_getglobal(L, "package");
-  lua_getfield(L, -1, "path");
-  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", lua_dir, lua_dir, lua_tostring(L, -1));
-  lua_setfield(L, -3, "path");
+  if (lparL_path("lua", dir, sizeof dir)) {
+    lua_getfield(L, -1, "path");
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
+    lua_setfield(L, -3, "path");
+    lua_pop(L, 1);
+  }
+  if (lparL_path("cmod", dir, sizeof dir)) {
+    lua_getfield(L, -1, "cpath");
+    lua_pushfstring(L, "%s/?.so;%s", dir, lua_tostring(L, -1));
+    lua_setfield(L, -3, "cpath");
+    lua_pop(L, 1);
+  }
   lua_pop(L, 1);
-  lua_getfield(L, -1, "cpath");
-  lua_pushfstring(L, "%s/lib/?.so;%s", build_dir, lua_tostring(L, -1));
-  lua_setfield(L, -3, "cpath");
-  lua_pop(L, 2);
 }
 
-const char *lparP_command_path(void) { return env_or("LPAR_COMMAND", LPAR_BUILD_DIR "/lpar"); }
+const char *lparP_command_path(char *buf, size_t n) {
+  return lparL_path("command", buf, n) ? buf : "lpar";
+}

@@ -8,13 +8,15 @@
 #include <lua.h>
 
 /*
-** Prepend the Lua module directory ($LPAR_LUA_DIR or the source tree's lua/)
-** to package.path and the build's lib/ ($LPAR_BUILD_DIR or the build tree)
-** to package.cpath.
+** Prepend lpar's Lua module directory ($LPAR_LUA_DIR, the source tree's lua/
+** or PREFIX/share/lua/5.4) to package.path and its C module directory
+** ($LPAR_CMOD_DIR, the build's lib/ or PREFIX/lib/lua/5.4) to package.cpath.
 */
 void lparP_set_paths(lua_State *L);
 
+#include <stddef.h>
+
 /* The `lpar` command, which starts standalone controllers ($LPAR_COMMAND overrides it). */
-const char *lparP_command_path(void);
+const char *lparP_command_path(char *buf, size_t n);
 
 #endif

@@ -805,6 +805,7 @@ static size_t left(dec *D) {
 static int get_uv(dec *D, uint64_t *out, const char *what) {
   const unsigned char *p = D->p;
   uint64_t v = 0;
+  *out = 0; /* set on every path: gcc -O3 cannot tell that bad() is nonzero */
   for (int shift = 0;; shift += 7) {
     if (p == D->end)
       return bad(D, "truncated %s at offset %zu", what, offset(D, D->p));

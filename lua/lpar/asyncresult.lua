@@ -29,6 +29,8 @@ function AsyncResult.new(kind, opts)
   }, AsyncResult)
 end
 
+AsyncResult.methods = methods -- for the prompt's completion of ar:
+
 function AsyncResult.__index(self, k)
   local m = methods[k]
   if m then return m end
@@ -106,6 +108,7 @@ end
 
 -- Public methods.
 
+--- True when every task is done (successfully or not).
 function methods:ready() return self._done == #self._slots end
 
 --- True when every task succeeded; an error when not ready yet.
@@ -138,7 +141,10 @@ end
 -- of the failed results instead of raising.
 function methods:get(opts)
   local timeout, return_errors = opts, false
-  if type(opts) == "table" then timeout, return_errors = opts.timeout, opts.return_errors end
+  if type(opts) == "table" then
+    require("lpar.options").check("get", opts, { timeout = true, return_errors = true })
+    timeout, return_errors = opts.timeout, opts.return_errors
+  end
   if not self:wait(timeout) then
     error(errors.TimeoutError.new(string.format("%s result not ready after %gs (%d/%d done)",
       self._kind, timeout, self._done, #self._slots)), 2)
@@ -258,23 +264,48 @@ local function save_output(o, dir, n)
   return path, w and string.format(" (%dx%d)", w, h) or ""
 end
 
+--- Make `path` a directory of this user's, mode 0700 (its parents as needed).
+local function private_dir(path, tighten)
+  local uv = require "luv"
+  local parent = path:match("^(.+)/[^/]+$")
+  if parent and not uv.fs_stat(parent) then private_dir(parent, false) end
+  local ok, err, code = uv.fs_mkdir(path, tonumber("700", 8))
+  if not ok and code ~= "EEXIST" then error(string.format("cannot create %s: %s", path, err), 0) end
+  local st = uv.fs_stat(path)
+  if not st or st.type ~= "directory" or st.uid ~= uv.getuid() then
+    error(string.format("%s is not a directory of this user's: no place for display outputs", path), 0)
+  end
+  if tighten and st.mode % 512 ~= tonumber("700", 8) then uv.fs_chmod(path, tonumber("700", 8)) end
+  return path
+end
+
+-- Where display outputs go: $LPAR_OUTPUT_DIR, else a per-user 0700
+-- directory, $LPAR_DIR/outputs or $XDG_CACHE_HOME/lpar/outputs (default
+-- ~/.cache/lpar/outputs): never a directory that other users share.
 local output_dir
 local function default_dir()
   if not output_dir then
-    output_dir = os.getenv("LPAR_OUTPUT_DIR") or ((os.getenv("TMPDIR") or "/tmp") .. "/lpar-outputs")
-    os.execute("mkdir -p '" .. output_dir:gsub("'", "'\\''") .. "'")
+    local function env(name) local v = os.getenv(name) return v ~= "" and v or nil end
+    local dir, chosen = env("LPAR_OUTPUT_DIR"), env("LPAR_OUTPUT_DIR") ~= nil
+    if not dir and env("LPAR_DIR") then dir = env("LPAR_DIR") .. "/outputs" end
+    if not dir then
+      local cache = env("XDG_CACHE_HOME") or ((env("HOME") or error("HOME is not set", 0)) .. "/.cache")
+      dir = cache .. "/lpar/outputs"
+    end
+    output_dir = private_dir(dir, not chosen)
   end
   return output_dir
 end
 
 --- Wait, then show what the engines produced, labelled as IPython does:
 -- "[stdout:0] text" for output, and "[output:2] PATH (WxH)" for display
--- data, which is saved to files in `opts.dir` (default $LPAR_OUTPUT_DIR or
--- $TMPDIR/lpar-outputs). `opts.out` is any object with a write method.
+-- data, which is saved to files in `opts.dir` (default $LPAR_OUTPUT_DIR, or a
+-- 0700 directory of this user's: $LPAR_DIR/outputs or
+-- $XDG_CACHE_HOME/lpar/outputs). `opts.out` is any object with a write method.
 -- Returns the list of saved paths.
 function methods:display_outputs(opts)
   self:wait()
-  opts = opts or {}
+  opts = require("lpar.options").check("display_outputs", opts, { dir = true, out = true })
   local out = opts.out or io.stdout
   for _, s in ipairs(self._slots) do
     for _, name in ipairs { "stdout", "stderr" } do

@@ -232,7 +232,11 @@ LoadBalancedView.__index = LoadBalancedView
 local FLAGS = { block = true, timeout = true, retries = true, after = true, follow = true,
                 scheme = true, queue_depth = true }
 local SCHEMES = { least = true, lru = true, random = true }
+local options = require "lpar.options"
+local MAP_OPTIONS = options.set({ "chunksize", "ordered" }, FLAGS)
 
+--- A load-balanced view of `client` over the engines of `spec` (nil: all);
+-- made by rc:load_balanced_view(targets).
 function LoadBalancedView.new(client, spec)
   local self = setmetatable({ client = client, block = false, retries = 0, scheme = "least",
                               queue_depth = 2 }, LoadBalancedView)
@@ -276,6 +280,7 @@ local function submit_task(self, ar, slot, f, args)
   return task
 end
 
+--- f(...) as one task on the least-loaded engine, not waiting: the AsyncResult.
 function LoadBalancedView:apply_async(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
   if #self.client == 0 then error("no engines are running", 2) end
@@ -284,6 +289,7 @@ function LoadBalancedView:apply_async(f, ...)
   return ar
 end
 
+--- f(...) as one task, waiting: its values.
 function LoadBalancedView:apply_sync(f, ...)
   return self:apply_async(f, ...):get()
 end
@@ -326,7 +332,7 @@ end
 function LoadBalancedView:map_async(f, list, opts)
   if type(f) ~= "function" then error("map: expected a function, got " .. type(f), 2) end
   if type(list) ~= "table" then error("map: expected a list", 2) end
-  opts = opts or {}
+  opts = options.check("map", opts, MAP_OPTIONS)
   local size = opts.chunksize or 1
   if math.type(size) ~= "integer" or size < 1 then error("map: chunksize must be a positive integer", 2) end
   local view = self
@@ -348,11 +354,16 @@ function LoadBalancedView:map_async(f, list, opts)
   return ar
 end
 
+--- map_async, waited for: the results (in order unless opts.ordered is false).
 function LoadBalancedView:map_sync(f, list, opts)
+  options.check("map_sync", opts, MAP_OPTIONS)
   return self:map_async(f, list, opts):get()
 end
 
+--- f over `list` in tasks of opts.chunksize items: the results when
+-- blocking, else the AsyncResult.
 function LoadBalancedView:map(f, list, opts)
+  options.check("map", opts, MAP_OPTIONS)
   local ar = self:map_async(f, list, opts)
   local block = self.block
   if opts and opts.block ~= nil then block = opts.block end
@@ -366,7 +377,7 @@ end
 -- A failed task raises its error from the iterator.
 function LoadBalancedView:imap(f, iterable, opts)
   if type(f) ~= "function" then error("imap: expected a function, got " .. type(f), 2) end
-  opts = opts or {}
+  opts = options.check("imap", opts, { max_outstanding = true })
   local next_item
   if type(iterable) == "function" then
     next_item = iterable

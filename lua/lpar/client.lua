@@ -16,21 +16,21 @@ local methods = {}
 function Client.connect(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("Client: expected a table of options {profile=} or {connection_file=}", 2) end
-  for k in pairs(opts) do
-    if k ~= "profile" and k ~= "connection_file" then
-      error(string.format("Client: unknown option '%s' (expected profile or connection_file)", tostring(k)), 2)
-    end
-  end
+  require("lpar.options").check("Client", opts, { profile = true, connection_file = true })
   local ok, hub = pcall(require("lpar.remote").connect, opts)
   if not ok then error(hub, 2) end
   return Client.new(hub)
 end
 
+--- A Client over a hub (used by Cluster:client() and Client.connect);
+-- `owned_cluster` is stopped when the client closes.
 function Client.new(hub, owned_cluster)
   local client = setmetatable({ _hub = hub, _owned = owned_cluster }, Client)
   require("lpar.px").set_client(client) -- lpar.px runs on the latest client's engines
   return client
 end
+
+Client.methods = methods -- for the prompt's completion of rc:
 
 function Client.__index(self, k)
   if k == "ids" then return self._hub:ids() end
@@ -55,6 +55,7 @@ function methods:view(targets)
   return DirectView.new(self, targets)
 end
 
+--- The same as view(targets), by ipyparallel's other name.
 methods.direct_view = methods.view
 
 --- A LoadBalancedView over `targets` (nil: all engines).

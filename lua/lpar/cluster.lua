@@ -16,6 +16,9 @@
 -- Either way the engines are reached through one Hub; only starting and
 -- stopping differ, and live in the two launchers below.
 local Hub = require "lpar.hub"
+local options = require "lpar.options"
+
+local OPTIONS = options.set { "n", "profile", "engine_env", "blas_threads", "engine", "timeout", "ip", "port" }
 local Client = require "lpar.client"
 
 local Cluster = {}
@@ -110,9 +113,12 @@ end
 
 -- ---- the Cluster ----
 
+--- A Cluster, not started yet (lpar.Cluster). opts: n, profile, engine_env,
+-- blas_threads, engine, timeout, ip, port; a misspelled key is an error.
 function Cluster.new(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("Cluster: expected a table of options", 2) end
+  options.check("Cluster", opts, OPTIONS)
   local n = opts.n or 4
   if math.type(n) ~= "integer" or n < 1 then error("Cluster: n must be a positive integer", 2) end
   local self = setmetatable({ n = n, opts = opts, profile = opts.profile, launcher = Local }, Cluster)

@@ -13,40 +13,11 @@ local wait = require "lpar.wait"
 
 local commands = {}
 
-local USAGE = [[
-usage: lpar cluster start [-n N] [--profile P] [--daemonize] [--ip ADDR] [--port PORT]
-       lpar cluster stop [--profile P | --all]
-       lpar cluster list
-       lpar cluster clean
-       lpar engine [--profile P | --file CONNECTION_FILE]
-]]
-
 local START_TIMEOUT = 30
 
 local function fail(fmt, ...)
   io.stderr:write("lpar: ", string.format(fmt, ...), "\n")
   return 1
-end
-
---- Options: flags (no value) and valued options; raises on anything else.
-local function parse(args, first, valued, flags)
-  local opts = {}
-  local i = first
-  while i <= #args do
-    local a = args[i]
-    local name = a:match("^%-%-([%w-]+)$") or (a == "-n" and "n")
-    if name and valued[name] then
-      if args[i + 1] == nil then error(string.format("%s needs a value", a), 0) end
-      opts[name] = args[i + 1]
-      i = i + 2
-    elseif name and flags[name] then
-      opts[name] = true
-      i = i + 1
-    else
-      error(string.format("unknown argument '%s'\n%s", a, USAGE), 0)
-    end
-  end
-  return opts
 end
 
 local function port_number(text)
@@ -215,11 +186,9 @@ local function daemonize(name, args)
   return 0
 end
 
-local function cluster_start(args)
-  local opts = parse(args, 3, { n = true, profile = true, ip = true, port = true, ["ready-fd"] = true },
-    { daemonize = true })
-  local name = profile.check_name(opts.profile or "default")
-  local n = positive(opts.n or "4", "-n")
+local function cluster_start(opts, args)
+  local name = profile.check_name(opts.profile)
+  local n = positive(opts.n, "-n")
   local conn = profile.connection_file(name)
   local ok, info = pcall(profile.read, conn, name)
   if ok and profile.alive(info.pid) then
@@ -228,7 +197,7 @@ local function cluster_start(args)
   end
   if ok then profile.remove_files(name) end -- a dead cluster's leftovers
   if opts.daemonize then return daemonize(name, args) end
-  return run_controller(name, n, opts, opts["ready-fd"] and positive(opts["ready-fd"], "--ready-fd"))
+  return run_controller(name, n, opts, opts.ready_fd and positive(opts.ready_fd, "--ready-fd"))
 end
 
 -- ---- cluster stop / list / clean ----
@@ -262,14 +231,13 @@ local function stop_one(name)
   return 0
 end
 
-local function cluster_stop(args)
-  local opts = parse(args, 3, { profile = true }, { all = true })
+local function cluster_stop(opts)
   if opts.all then
     local status = 0
     for _, name in ipairs(profile.list()) do status = math.max(status, stop_one(name)) end
     return status
   end
-  return stop_one(profile.check_name(opts.profile or "default"))
+  return stop_one(profile.check_name(opts.profile))
 end
 
 local function duration(seconds)
@@ -279,8 +247,7 @@ local function duration(seconds)
   return string.format("%dh%02dm", seconds // 3600, seconds % 3600 // 60)
 end
 
-local function cluster_list(args)
-  parse(args, 3, {}, {})
+local function cluster_list()
   local rows = { { "PROFILE", "PID", "ENGINES", "ADDRESS", "UPTIME", "REFUSED" } }
   for _, name in ipairs(profile.list()) do
     local ok, info = pcall(profile.read, profile.connection_file(name), name)
@@ -320,8 +287,7 @@ local function cluster_list(args)
   return 0
 end
 
-local function cluster_clean(args)
-  parse(args, 3, {}, {})
+local function cluster_clean()
   local removed = 0
   for _, name in ipairs(profile.list()) do
     local ok, info = pcall(profile.read, profile.connection_file(name), name)
@@ -341,8 +307,7 @@ end
 --- An engine that joins a running cluster: a local lpar-engine, relayed to
 -- the controller over its authenticated link (frames pass through as bytes;
 -- the controller asks this engine for matrices inline).
-local function engine_join(args)
-  local opts = parse(args, 2, { profile = true, file = true }, {})
+local function engine_join(opts)
   local name = opts.file == nil and profile.check_name(opts.profile or "default") or nil
   local info = profile.read(opts.file or profile.connection_file(name), name)
   -- What the controller tells of its other engines is not this relay's business.
@@ -406,24 +371,15 @@ local function engine_join(args)
   return status
 end
 
-local function run(args)
-  local cmd, sub = args[1], args[2]
-  if cmd == "engine" then return engine_join(args) end
-  if cmd ~= "cluster" or sub == nil then
-    io.stderr:write(USAGE)
-    return 2
-  end
-  local fn = ({ start = cluster_start, stop = cluster_stop, list = cluster_list, clean = cluster_clean })[sub]
-  if not fn then
-    io.stderr:write(string.format("lpar: unknown cluster command '%s'\n%s", sub, USAGE))
-    return 2
-  end
-  return fn(args)
-end
+local ACTIONS = { start = cluster_start, stop = cluster_stop, list = cluster_list, clean = cluster_clean }
 
---- Run one command; returns its exit status.
-function commands.main(args)
-  local ok, status = pcall(run, args)
+--- Run one command, parsed by lpar.cli: `opts` from argparse (`command`,
+-- `action` and the options), `args` as given. Returns its exit status.
+function commands.run(opts, args)
+  local ok, status = pcall(function()
+    if opts.command == "engine" then return engine_join(opts) end
+    return ACTIONS[opts.action](opts, args)
+  end)
   if not ok then return fail("%s", tostring(status)) end
   return status
 end

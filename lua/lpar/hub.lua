@@ -64,7 +64,7 @@ function Hub.embedded(opts)
     if type(k) == "string" then env[#env + 1] = k .. "=" .. tostring(v)
     else env[#env + 1] = v end
   end
-  local c, err = core.new_cluster { engine = opts.engine, env = env, blas_threads = opts.blas_threads,
+  local c, err = core.new_cluster { engine = self.engine_path, env = env, blas_threads = opts.blas_threads,
                                     handler = handler_for(self) }
   if not c then error(err, 3) end
   self.core = c

@@ -8,7 +8,11 @@ local errors = require "lpar.errors"
 
 local lpar = {
   version = core.version,
+  --- Engines started and owned by this process: `lpar.Cluster{n = 4}`
+  -- (see lpar.cluster for the options and methods).
   Cluster = require("lpar.cluster").new,
+  --- A Client on a running standalone cluster: `lpar.Client{profile = "default"}`
+  -- or `{connection_file = path}` (see lpar.client).
   Client = require("lpar.client").connect,
   errors = errors,
   RemoteError = errors.RemoteError,
@@ -29,6 +33,9 @@ function lpar.register_metatable(name, mt)
   return mt
 end
 
+--- Time `f` as IPython's %timeit does and print "N loops, best of R: T per
+-- loop"; opts: number (loops, default chosen for about 0.2 s), rep (default
+-- 3), quiet. Returns the figures.
 lpar.timeit = require("lpar.timeit").timeit
 
 --- Run code on the active view (the last activated, or all engines of the
@@ -36,11 +43,14 @@ lpar.timeit = require("lpar.timeit").timeit
 -- block (default true), locally (also run it here).
 function lpar.px(code, opts)
   if type(code) ~= "string" then error("px: code must be a string", 2) end
+  require("lpar.options").check("px", opts,
+    { targets = true, block = true, locally = true, group_outputs = true, out = true, timeout = true })
   return require("lpar.px").run(code, opts)
 end
 
---- Encode values as bytes, as they travel to engines; and back.
+--- Encode values as bytes, as they travel to engines: `lpar.encode(...)`.
 lpar.encode = core.encode
+--- Decode bytes from lpar.encode back into the values: `lpar.decode(bytes)`.
 lpar.decode = core.decode
 
 return lpar

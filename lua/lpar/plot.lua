@@ -15,6 +15,9 @@ local function default_scale(A)
   return math.max(1, 256 // math.max(longest, 1))
 end
 
+--- Draw matrix A as a PNG: opts file, cmap ("viridis" or "gray"), scale,
+-- interpolation, vmin, vmax. On an engine, the image is also attached to the
+-- running task. Returns the PNG bytes, the width and the height.
 function plot.imshow(A, opts)
   opts = opts or {}
   if getmetatable(A) ~= getmetatable(matrix.zeros(1, 1)) then

@@ -1,17 +1,19 @@
 --- Profiles: where a standalone cluster keeps its socket and connection file.
 --   $LPAR_DIR (default ~/.lpar)/profile_NAME/    mode 0700
---     connection.lua   mode 0600: socket path, key, pid, ... (a Lua table literal)
+--     connection.json  mode 0600: socket path, key, pid, ... (a flat JSON object,
+--                      as ipyparallel's, so other tools can read it)
 --     controller.sock  the controller's unix socket, mode 0600
 --     controller.log   what a daemonized controller printed
 -- The connection file holds the cluster's key: whoever can read it can run
 -- code as this user, so it is made 0600 inside a 0700 directory and a file
 -- that others can read is refused.
 local uv = require "luv"
+local json = require "dkjson"
 
 local profile = {}
 
 local DIR_MODE, FILE_MODE = tonumber("700", 8), tonumber("600", 8)
-profile.CONNECTION_FILE = "connection.lua"
+profile.CONNECTION_FILE = "connection.json"
 
 function profile.base()
   local dir = os.getenv("LPAR_DIR")
@@ -73,18 +75,24 @@ local FIELDS = { "profile", "socket", "ip", "port", "pid", "engines", "started" 
 
 --- Write the connection file atomically, mode 0600 from the first byte.
 -- info: profile, socket, ip, port, pid, engines, started, key (32 bytes).
+-- One field a line, the key last: {"profile":"default", ..., "key":"<64 hex digits>"}
 function profile.write(path, info)
-  local lines = { "-- lpar cluster connection file: holds the cluster's key; keep it private.", "return {" }
+  local t, order = {}, {}
   for _, k in ipairs(FIELDS) do
     local v = info[k]
     if math.type(v) == "float" and math.tointeger(v) then v = math.tointeger(v) end
-    if math.type(v) == "float" then
-      lines[#lines + 1] = string.format("  %s = %.3f,", k, v)
-    elseif v ~= nil then
-      lines[#lines + 1] = string.format("  %s = %q,", k, v)
+    if math.type(v) == "float" then v = math.floor(v * 1000 + 0.5) / 1000 end
+    if v ~= nil then
+      t[k] = v
+      order[#order + 1] = k
     end
   end
-  lines[#lines + 1] = string.format("  key = %q,", hex(info.key))
+  t.key = hex(info.key)
+  order[#order + 1] = "key"
+  local lines = { "{" }
+  for i, k in ipairs(order) do
+    lines[#lines + 1] = string.format("  %s:%s%s", json.encode(k), json.encode(t[k]), i < #order and "," or "")
+  end
   lines[#lines + 1] = "}\n"
   local tmp = path .. ".tmp"
   os.remove(tmp)
@@ -121,11 +129,8 @@ function profile.read(path, name)
   if not f then error(string.format("cannot read connection file %s: %s", path, err), 0) end
   local text = f:read("a")
   f:close()
-  -- A table literal, loaded as text with no environment: it can name data only.
-  local chunk = load(text, "=" .. path, "t", {})
-  local ok, info = false, nil
-  if chunk then ok, info = pcall(chunk) end
-  local key = ok and type(info) == "table" and unhex(info.key)
+  local info = json.decode(text, 1, nil)
+  local key = type(info) == "table" and unhex(info.key)
   if not key or (type(info.socket) ~= "string" and math.type(info.port) ~= "integer") then
     error(string.format("%s is not an lpar connection file (it should hold a socket path or a " ..
       "port, and a 64-digit hex key); remove it, or restart its cluster", path), 0)

@@ -15,7 +15,8 @@ local MAGICS = {
     .. " run the cell (lines until a blank one) on the engines",
   ["%autopx"] = "%autopx: send every line to the engines, until %autopx again",
   ["%pxresult"] = "%pxresult: show the result of the last non-blocking %px",
-  ["%timeit"] = "%timeit [-n N] [-r R] STATEMENT: time a Lua statement (or %%timeit for a cell)",
+  ["%timeit"] = "%timeit [-n N] [-r R] STATEMENT: time a Lua statement",
+  ["%%timeit"] = "%%timeit [-n N] [-r R]: time the cell (lines until a blank one)",
   ["%lsmagic"] = "%lsmagic: list the magics",
   ["%help"] = "%help: this help",
 }
@@ -259,6 +260,9 @@ local function completer(word)
   scan(t)
   local mt = getmetatable(t)
   if mt and type(mt.__index) == "table" then scan(mt.__index) end
+  -- Client and AsyncResult index with a function (rc[0], ar.elapsed); their
+  -- methods are in the metatable's `methods`.
+  if mt and type(mt.__index) == "function" and type(rawget(mt, "methods")) == "table" then scan(mt.methods) end
   table.sort(out)
   return out
 end
@@ -288,7 +292,11 @@ function prompt.main(opts)
   rl.read_history(history)
   rl.set_completer(completer)
   _G.lpar = lpar
-  if opts.profile then
+  if opts.rc then -- engines started by `lpar -n N -i script.lua`
+    self.rc, self.cluster = opts.rc, opts.cluster
+    self:write(string.format("lpar %s: %d engines; rc is the Client, dview a blocking view of all.\n",
+      lpar.version, #opts.rc))
+  elseif opts.profile then
     local ok, rc = pcall(lpar.Client, { profile = opts.profile })
     if not ok then
       io.stderr:write("lpar: ", tostring(rc), "\n")

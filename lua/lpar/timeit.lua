@@ -26,7 +26,7 @@ end
 
 local function timeit(f, opts)
   if type(f) ~= "function" then error("timeit: expected a function, got " .. type(f), 2) end
-  opts = opts or {}
+  opts = require("lpar.options").check("timeit", opts, { number = true, rep = true, quiet = true })
   local rep = opts.rep or 3
   local number = opts.number
   if number == nil then

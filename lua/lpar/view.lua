@@ -12,6 +12,7 @@ DirectView.__index = DirectView
 
 local EXECUTE, APPLY, PUSH, PULL = core.EXECUTE, core.APPLY, core.PUSH, core.PULL
 local FLAGS = { block = true }
+local options = require "lpar.options"
 
 --- A view of `client` over `spec` (see lpar.targets); nil means every
 -- engine, resolved at each call so restarted engines are included.
@@ -93,6 +94,7 @@ end
 --- Run a chunk of Lua code in each engine's globals. Returns the
 -- AsyncResult (waited for when blocking, as ipyparallel does).
 function DirectView:execute(code, opts)
+  options.check("execute", opts, FLAGS)
   if type(code) ~= "string" then error("execute: code must be a string", 2) end
   local ar = submit(self, "execute", EXECUTE, "code", function() end, nil, code)
   return finish_call(self, ar, opts, true)
@@ -100,6 +102,7 @@ end
 
 --- Run a Lua file on the engines (read here, sent as code).
 function DirectView:run(path, opts)
+  options.check("run", opts, FLAGS)
   local f, err = io.open(path, "rb")
   if not f then error("run: " .. err, 2) end
   local code = f:read("a")
@@ -109,11 +112,13 @@ function DirectView:run(path, opts)
   return finish_call(self, ar, opts, true)
 end
 
+--- f(...) on every target, not waiting: the AsyncResult.
 function DirectView:apply_async(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
   return submit(self, "apply", APPLY, "args", nil, nil, f, ...)
 end
 
+--- f(...) on every target, waiting: its values (a list over several targets).
 function DirectView:apply_sync(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
   return submit(self, "apply", APPLY, "args", nil, nil, f, ...):get()
@@ -129,6 +134,7 @@ end
 
 --- Set globals on the engines from a table of name = value.
 function DirectView:push(values, opts)
+  options.check("push", opts, FLAGS)
   if type(values) ~= "table" then error("push: expected a table of name = value", 2) end
   for k in pairs(values) do
     if type(k) ~= "string" then error("push: names must be strings, got " .. type(k), 2) end
@@ -140,6 +146,7 @@ end
 --- Read globals: a name gives its value, a list of names a list of values;
 -- per engine on a multi-engine view.
 function DirectView:pull(names, opts)
+  options.check("pull", opts, FLAGS)
   local list = type(names) == "table" and names or { names }
   for i, n in ipairs(list) do
     if type(n) ~= "string" then error(string.format("pull: name %d is not a string", i), 2) end
@@ -187,6 +194,7 @@ end
 
 --- Distribute `list` over the targets as global `name`, in contiguous chunks.
 function DirectView:scatter(name, list, opts)
+  options.check("scatter", opts, FLAGS)
   if type(name) ~= "string" then error("scatter: name must be a string", 2) end
   if type(list) ~= "table" then error("scatter: expected a list", 2) end
   local chunks = partition(list, #self:_targets(2))
@@ -197,6 +205,7 @@ end
 
 --- Collect the lists named `name` from the targets into one list.
 function DirectView:gather(name, opts)
+  options.check("gather", opts, FLAGS)
   if type(name) ~= "string" then error("gather: name must be a string", 2) end
   local ar = submit(self, "gather", APPLY, "gather", concat_lists, nil,
     function(n) local v = _G[n]; return v, type(v) == "table" and #v or 0 end, name)
@@ -219,11 +228,15 @@ function DirectView:map_async(f, list)
   return ar
 end
 
+--- map_async, waited for: the results in order.
 function DirectView:map_sync(f, list)
   return self:map_async(f, list):get()
 end
 
+--- f over `list`: the results when blocking (the view's `block`, or
+-- opts.block), else the AsyncResult.
 function DirectView:map(f, list, opts)
+  options.check("map", opts, FLAGS)
   local ar = self:map_async(f, list)
   if flag(self, opts, "block") then return ar:get() end
   return ar
@@ -234,6 +247,7 @@ end
 -- sync_imports{ "lpar.matrix" } binds the last name component, `matrix`.
 -- Says what it imported where (opts.quiet to keep still); returns the names.
 function DirectView:sync_imports(spec, opts)
+  options.check("sync_imports", opts, { quiet = true })
   if type(spec) ~= "table" then error("sync_imports: expected a table of name = \"module\"", 2) end
   local names, code = {}, {}
   for k, v in pairs(spec) do

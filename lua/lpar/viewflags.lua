@@ -1,5 +1,7 @@
 --- What DirectView and LoadBalancedView share: copies with flags changed,
 -- and how a view prints.
+local options = require "lpar.options"
+
 local viewflags = {}
 
 --- A copy of `view` (same metatable, same fields) with `flags` changed;
@@ -7,10 +9,8 @@ local viewflags = {}
 function viewflags.with(view, flags, known)
   local copy = setmetatable({}, getmetatable(view))
   for k, v in pairs(view) do copy[k] = v end
-  for k, v in pairs(flags) do
-    if not known[k] then error(string.format("unknown view flag %q", tostring(k)), 3) end
-    copy[k] = v
-  end
+  options.check("with", flags, known, 3, "view flag")
+  for k, v in pairs(flags) do copy[k] = v end
   return copy
 end
 
