@@ -120,6 +120,7 @@ describe("the prompt", function()
   end)
 
   it("clears the line on Ctrl-C at an idle prompt", function()
+    wait_for("lpar> %s*$") -- idle: the last cell's output is all out
     keys("half typed", "C-c")
     type_line("'still here'")
     wait_for('"still here"')
