@@ -7,6 +7,7 @@
 **   lpar --profile P          the prompt, connected to standalone cluster P
 **   lpar cluster ...          start, stop, list, clean standalone clusters
 **   lpar engine --profile P   an engine that joins a running cluster
+**   lpar kernel ...           the Jupyter kernel, and its kernelspec
 **
 ** The state is closed on the way out, so every Cluster's finalizer runs and
 ** no engine outlives the command.
@@ -51,7 +52,9 @@ static void usage(void) {
           "       lpar --profile P          the prompt, connected to standalone cluster P\n"
           "       lpar cluster start [-n N] [--profile P] [--daemonize] [--ip ADDR] [--port PORT]\n"
           "       lpar cluster stop [--profile P | --all] | list | clean\n"
-          "       lpar engine [--profile P | --file CONNECTION_FILE]\n");
+          "       lpar engine [--profile P | --file CONNECTION_FILE]\n"
+          "       lpar kernel install [--user | --prefix DIR | --sys-prefix] [--name NAME] | uninstall\n"
+          "       lpar kernel -f CONNECTION_FILE   the Jupyter kernel\n");
 }
 
 /* The prompt: lpar.prompt.main{n = engines, profile = name}, in Lua. */
@@ -107,7 +110,8 @@ int main(int argc, char **argv) {
   int engines = -1; /* the prompt: without -n, no engines */
   if (argc == 1) engines = 0;
   const char *profile = NULL;
-  int command = argc >= 2 && (strcmp(argv[1], "cluster") == 0 || strcmp(argv[1], "engine") == 0);
+  int command = argc >= 2 && (strcmp(argv[1], "cluster") == 0 || strcmp(argv[1], "engine") == 0 ||
+                             strcmp(argv[1], "kernel") == 0);
   if (argc >= 2 && strcmp(argv[1], "--profile") == 0) {
     if (argc != 3) {
       usage();

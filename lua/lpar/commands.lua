@@ -404,6 +404,7 @@ end
 local function run(args)
   local cmd, sub = args[1], args[2]
   if cmd == "engine" then return engine_join(args) end
+  if cmd == "kernel" then return require("lpar.kernelspec").main(args) end
   if cmd ~= "cluster" or sub == nil then
     io.stderr:write(USAGE)
     return 2

@@ -153,14 +153,15 @@ function Session:read_cell()
   return table.concat(lines, "\n")
 end
 
-function Session:magic(line)
+--- Run a magic line; `body` is a %% magic's cell (read from the prompt when nil).
+function Session:magic(line, body)
   local name, args = line:match("^(%%%%?[%w_]+)%s*(.*)$")
   if name == "%px" then
     self:px(args)
   elseif name == "%%px" then
     local ok, opts = pcall(parse_px_options, args)
     if not ok then self:write(opts, "\n") return end
-    self:px(self:read_cell(), opts)
+    self:px(body or self:read_cell(), opts)
   elseif name == "%autopx" then
     self.autopx = not self.autopx
     self:write(self.autopx and "%autopx enabled: lines go to the engines\n" or "%autopx disabled\n")
@@ -172,7 +173,7 @@ function Session:magic(line)
     if not self.last_px:successful() then pcall(self.last_px.get, self.last_px) end
   elseif name == "%timeit" or name == "%%timeit" then
     local opts, code = parse_timeit_options(args)
-    if name == "%%timeit" then code = self:read_cell() end
+    if name == "%%timeit" then code = body or self:read_cell() end
     local f, err = load(code, "=timeit")
     if not f then self:write(err, "\n") return end
     local ok, terr = pcall(lpar.timeit, f, opts)
@@ -325,4 +326,6 @@ function prompt.main(opts)
 end
 
 prompt.completer = completer
+-- Shared with the Jupyter kernel (lpar.kernel), which runs the same magics.
+prompt.Session, prompt.MAGICS, prompt.parse_px_options = Session, MAGICS, parse_px_options
 return prompt

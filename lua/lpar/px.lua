@@ -44,7 +44,8 @@ end
 --- Run `code` on the active view (or opts.targets of `client`).
 -- opts: targets, block (default true), locally (also run it here),
 -- group_outputs ("engine": each engine's output together, after the end;
--- "order": as it arrives, the default), out (a file to write to).
+-- "order": as it arrives, the default), out (a file to write to),
+-- on_error(err) and on_display(output) (instead of printing them).
 -- Returns the AsyncResult; errors are shown, not raised, when blocking.
 function px.run(code, opts, client)
   opts = opts or {}
@@ -93,7 +94,9 @@ function px.run(code, opts, client)
       end
     end
   end
-  if #ar.outputs > 0 then -- images: saved, and listed as [output:ID] PATH (WxH)
+  if opts.on_display then -- the Jupyter kernel shows them inline
+    for _, o in ipairs(ar.outputs) do opts.on_display(o) end
+  elseif #ar.outputs > 0 then -- images: saved, and listed as [output:ID] PATH (WxH)
     ar:display_outputs { out = { write = function(_, ...)
       local line = table.concat { ... }
       if line:match("^%[output:") then out:write(line) end
@@ -104,7 +107,8 @@ function px.run(code, opts, client)
     for _, s in ipairs(ar._slots) do
       if not s.ok then failures[#failures + 1] = s.error end
     end
-    px.show_error(#failures == 1 and failures[1] or errors.CompositeError.new(failures), out)
+    local err = #failures == 1 and failures[1] or errors.CompositeError.new(failures)
+    if opts.on_error then opts.on_error(err) else px.show_error(err, out) end
   end
   if expression then
     local show = require("lpar.prompt").show
