@@ -14,6 +14,7 @@
 */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <unistd.h>
@@ -27,6 +28,8 @@ static int pipe_fds[2] = {-1, -1};
 static lua_State *volatile target;     /* the running cell's coroutine, or NULL */
 static volatile sig_atomic_t hookable; /* raise in the cell, or leave it to the engines */
 static int target_ref = LUA_NOREF;
+static pthread_t main_thread; /* where the handler runs, for lparK_interrupt_main */
+static volatile sig_atomic_t installed;
 
 static void raise_interrupt(lua_State *L, lua_Debug *ar) {
   (void)ar;
@@ -35,7 +38,7 @@ static void raise_interrupt(lua_State *L, lua_Debug *ar) {
 }
 
 /* Async-signal-safe: lua_sethook is, as lua.c relies on; so is write. */
-static void interrupt_now(void) {
+void lparK_interrupt_now(void) {
   int saved = errno;
   lua_State *co = target;
   if (co != NULL && hookable)
@@ -47,9 +50,26 @@ static void interrupt_now(void) {
   errno = saved;
 }
 
+void lparK_interrupt_main(void) {
+  if (installed) pthread_kill(main_thread, SIGINT);
+  else lparK_interrupt_now();
+}
+
+void lparK_block_sigint(void) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
 static void on_sigint(int sig) {
   (void)sig;
-  interrupt_now();
+  /* A process-wide SIGINT may land on one of libzmq's threads: pass it on. */
+  if (!pthread_equal(pthread_self(), main_thread)) {
+    pthread_kill(main_thread, SIGINT);
+    return;
+  }
+  lparK_interrupt_now();
 }
 
 /* interrupt_pipe() -> fd to poll: one byte arrives per interrupt. Installs
@@ -71,12 +91,14 @@ static int l_interrupt_pipe(lua_State *L) {
     sa.sa_handler = on_sigint;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
+    main_thread = pthread_self();
     if (sigaction(SIGINT, &sa, NULL) != 0) {
       lua_pushnil(L);
       lua_pushfstring(L, "sigaction: %s", strerror(errno));
       lua_pushinteger(L, errno);
       return 3;
     }
+    installed = 1;
   }
   lua_pushinteger(L, pipe_fds[0]);
   return 1;
@@ -102,7 +124,7 @@ static int l_interrupt_target(lua_State *L) {
 /* interrupt(): what SIGINT does, for an interrupt_request message. */
 static int l_interrupt(lua_State *L) {
   (void)L;
-  interrupt_now();
+  lparK_interrupt_now();
   return 0;
 }
 

@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <lauxlib.h>
@@ -22,15 +23,24 @@
 
 #include "kernel_interrupt.h"
 
+#define MAX_RELAYED 64 /* frames of one control message kept by the relay */
+
 #define CONTEXT_MT "lpar.zmq.context"
 #define SOCKET_MT "lpar.zmq.socket"
 #define MAX_FRAMES 4096 /* more parts than any Jupyter message has */
 
+typedef struct relay {
+  void *outside;       /* the control ROUTER, bound where Jupyter connects */
+  void *inside;        /* a PAIR to the kernel's loop */
+  unsigned char *key;  /* the connection file's key, to authenticate interrupts */
+  size_t keylen;
+} relay;
+
 typedef struct context_ud {
   void *ctx;
-  void *hb;          /* the heartbeat socket, owned by the thread once it runs */
-  pthread_t hb_thread;
-  int hb_running;
+  pthread_t threads[2]; /* the heartbeat and the control relay */
+  int nthreads;
+  relay control;
 } context_ud;
 
 typedef struct socket_ud {
@@ -67,6 +77,7 @@ static int l_context(lua_State *L) {
 ** when the context is shut down (ETERM). */
 static void *heartbeat_main(void *arg) {
   void *s = arg;
+  lparK_block_sigint();
   zmq_msg_t msg;
   for (;;) {
     if (zmq_msg_init(&msg) != 0) break;
@@ -94,7 +105,7 @@ static void *heartbeat_main(void *arg) {
 static int l_heartbeat(lua_State *L) {
   context_ud *c = check_context(L);
   const char *endpoint = luaL_checkstring(L, 2);
-  if (c->hb_running) return luaL_error(L, "the heartbeat already runs");
+  if (c->nthreads >= 2) return luaL_error(L, "the heartbeat already runs");
   void *s = zmq_socket(c->ctx, ZMQ_REP);
   if (s == NULL) return push_zmq_error(L, "zmq_socket(REP)");
   if (zmq_bind(s, endpoint) != 0) {
@@ -111,7 +122,7 @@ static int l_heartbeat(lua_State *L) {
   }
   /* The socket moves to the thread; pthread_create is the memory barrier
   ** that libzmq asks for when a socket changes threads. */
-  int e = pthread_create(&c->hb_thread, NULL, heartbeat_main, s);
+  int e = pthread_create(&c->threads[c->nthreads], NULL, heartbeat_main, s);
   if (e != 0) {
     zmq_close(s);
     lua_pushnil(L);
@@ -119,8 +130,176 @@ static int l_heartbeat(lua_State *L) {
     lua_pushinteger(L, e);
     return 3;
   }
-  c->hb_running = 1;
+  c->nthreads++;
   lua_pushstring(L, last);
+  return 1;
+}
+
+/* The threads end when the context is shut down: their calls fail with ETERM. */
+static void stop_threads(context_ud *c) {
+  zmq_ctx_shutdown(c->ctx);
+  for (int i = 0; i < c->nthreads; i++) pthread_join(c->threads[i], NULL);
+  c->nthreads = 0;
+  free(c->control.key);
+  c->control.key = NULL;
+}
+
+
+/*
+** The control relay. Jupyter sends interrupt_request and shutdown_request on
+** the control channel, and expects them served while a cell computes; a
+** cell busy in Lua does not run the loop, so the control ROUTER is read by
+** a thread of its own. It forwards every message, both ways, to a PAIR the
+** kernel's loop reads; and when an authenticated message asks for an
+** interrupt or a shutdown, it also interrupts the running cell right away,
+** as SIGINT does, so the loop gets to run and answer it.
+*/
+/* Receive one message's frames: 0, or 1 when it had too many parts (read
+** through and dropped), or -1 when the socket failed. */
+static int recv_frames(void *from, zmq_msg_t *frames, int *nframes) {
+  int n = 0, more = 1, dropped = 0;
+  while (more) {
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    int rc;
+    do rc = zmq_msg_recv(&m, from, 0);
+    while (rc < 0 && zmq_errno() == EINTR);
+    if (rc < 0) {
+      zmq_msg_close(&m);
+      for (int i = 0; i < n; i++) zmq_msg_close(&frames[i]);
+      return -1;
+    }
+    more = zmq_msg_more(&m);
+    if (n < MAX_RELAYED) frames[n++] = m;
+    else {
+      zmq_msg_close(&m);
+      dropped = 1;
+    }
+  }
+  if (dropped) {
+    for (int i = 0; i < n; i++) zmq_msg_close(&frames[i]);
+    n = 0;
+  }
+  *nframes = n;
+  return dropped;
+}
+
+static int frame_is(zmq_msg_t *m, const char *text) {
+  size_t len = strlen(text);
+  return zmq_msg_size(m) == len && memcmp(zmq_msg_data(m), text, len) == 0;
+}
+
+/* Whether the frames are a signed interrupt or shutdown request. */
+static int is_urgent(const relay *r, zmq_msg_t *frames, int n) {
+  int d = 0;
+  while (d < n && !frame_is(&frames[d], "<IDS|MSG>")) d++;
+  if (d + 5 >= n) return 0; /* the delimiter, a signature and four parts */
+  if (r->keylen > 0) {
+    crypto_auth_hmacsha256_state st;
+    crypto_auth_hmacsha256_init(&st, r->key, r->keylen);
+    for (int i = d + 2; i <= d + 5; i++)
+      crypto_auth_hmacsha256_update(&st, zmq_msg_data(&frames[i]), zmq_msg_size(&frames[i]));
+    unsigned char mac[crypto_auth_hmacsha256_BYTES];
+    crypto_auth_hmacsha256_final(&st, mac);
+    char hex[2 * sizeof mac + 1];
+    sodium_bin2hex(hex, sizeof hex, mac, sizeof mac);
+    zmq_msg_t *sig = &frames[d + 1];
+    if (zmq_msg_size(sig) != 2 * sizeof mac || sodium_memcmp(zmq_msg_data(sig), hex, 2 * sizeof mac) != 0)
+      return 0;
+  }
+  zmq_msg_t *h = &frames[d + 2];
+  size_t len = zmq_msg_size(h);
+  char header[1024];
+  if (len >= sizeof header) len = sizeof header - 1;
+  memcpy(header, zmq_msg_data(h), len);
+  header[len] = '\0';
+  return strstr(header, "\"interrupt_request\"") != NULL || strstr(header, "\"shutdown_request\"") != NULL;
+}
+
+static int send_frames(void *to, zmq_msg_t *frames, int n) {
+  int failed = 0;
+  for (int i = 0; i < n; i++) {
+    int rc = -1;
+    if (!failed) {
+      do rc = zmq_msg_send(&frames[i], to, i < n - 1 ? ZMQ_SNDMORE : 0);
+      while (rc < 0 && zmq_errno() == EINTR);
+    }
+    if (rc < 0) {
+      failed = 1;
+      zmq_msg_close(&frames[i]);
+    }
+  }
+  return failed ? -1 : 0;
+}
+
+static void *relay_main(void *arg) {
+  relay *r = arg;
+  lparK_block_sigint();
+  zmq_msg_t frames[MAX_RELAYED];
+  zmq_pollitem_t items[2] = {{r->outside, 0, ZMQ_POLLIN, 0}, {r->inside, 0, ZMQ_POLLIN, 0}};
+  for (;;) {
+    if (zmq_poll(items, 2, -1) < 0) {
+      if (zmq_errno() == EINTR) continue;
+      break; /* ETERM: the kernel is ending */
+    }
+    for (int i = 0; i < 2; i++) {
+      if (!(items[i].revents & ZMQ_POLLIN)) continue;
+      void *from = i == 0 ? r->outside : r->inside, *to = i == 0 ? r->inside : r->outside;
+      int n, rc = recv_frames(from, frames, &n);
+      if (rc < 0) goto done;
+      if (rc > 0) continue;
+      if (i == 0 && is_urgent(r, frames, n)) lparK_interrupt_main();
+      if (send_frames(to, frames, n) < 0 && zmq_errno() == ETERM) goto done;
+    }
+  }
+done:
+  zmq_close(r->outside);
+  zmq_close(r->inside);
+  return NULL;
+}
+
+/* ctx:control_relay(endpoint, key) -> a PAIR socket carrying the control
+** channel's messages (identities first, as a ROUTER hands them over) */
+static int l_control_relay(lua_State *L) {
+  context_ud *c = check_context(L);
+  const char *endpoint = luaL_checkstring(L, 2);
+  size_t keylen;
+  const char *key = luaL_checklstring(L, 3, &keylen);
+  if (c->nthreads >= 2 || c->control.outside) return luaL_error(L, "the control relay already runs");
+  relay *r = &c->control;
+  char inproc[64];
+  snprintf(inproc, sizeof inproc, "inproc://lpar-control-%p", (void *)c);
+  void *outside = zmq_socket(c->ctx, ZMQ_ROUTER), *inside = zmq_socket(c->ctx, ZMQ_PAIR);
+  socket_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->s = zmq_socket(c->ctx, ZMQ_PAIR);
+  luaL_setmetatable(L, SOCKET_MT);
+  int linger = 0;
+  const char *failed = NULL;
+  if (!outside || !inside || !u->s) failed = "zmq_socket";
+  else if (zmq_setsockopt(outside, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
+           zmq_setsockopt(u->s, ZMQ_LINGER, &linger, sizeof linger) != 0)
+    failed = "zmq_setsockopt(ZMQ_LINGER)";
+  else if (zmq_bind(outside, endpoint) != 0) failed = "zmq_bind";
+  else if (zmq_bind(inside, inproc) != 0 || zmq_connect(u->s, inproc) != 0) failed = "inproc";
+  if (failed == NULL) {
+    r->key = malloc(keylen + 1);
+    if (r->key == NULL) failed = "out of memory";
+    else memcpy(r->key, key, keylen);
+    r->keylen = keylen;
+  }
+  if (failed == NULL) {
+    r->outside = outside;
+    r->inside = inside;
+    if (pthread_create(&c->threads[c->nthreads], NULL, relay_main, r) != 0) failed = "pthread_create";
+  }
+  if (failed) {
+    int n = push_zmq_error(L, failed);
+    if (outside) zmq_close(outside);
+    if (inside) zmq_close(inside);
+    r->outside = r->inside = NULL;
+    return n;
+  }
+  c->nthreads++;
   return 1;
 }
 
@@ -129,11 +308,7 @@ static int l_heartbeat(lua_State *L) {
 static int l_term(lua_State *L) {
   context_ud *c = luaL_checkudata(L, 1, CONTEXT_MT);
   if (c->ctx == NULL) return 0;
-  zmq_ctx_shutdown(c->ctx);
-  if (c->hb_running) {
-    pthread_join(c->hb_thread, NULL);
-    c->hb_running = 0;
-  }
+  stop_threads(c);
   int rc;
   do rc = zmq_ctx_term(c->ctx);
   while (rc != 0 && zmq_errno() == EINTR);
@@ -146,11 +321,7 @@ static int l_term(lua_State *L) {
 static int l_context_gc(lua_State *L) {
   context_ud *c = luaL_checkudata(L, 1, CONTEXT_MT);
   if (c->ctx == NULL) return 0;
-  zmq_ctx_shutdown(c->ctx);
-  if (c->hb_running) {
-    pthread_join(c->hb_thread, NULL);
-    c->hb_running = 0;
-  }
+  stop_threads(c);
   return 0;
 }
 
@@ -367,7 +538,8 @@ static int l_version(lua_State *L) {
 }
 
 static const luaL_Reg context_methods[] = {
-  {"socket", l_socket}, {"heartbeat", l_heartbeat}, {"term", l_term}, {NULL, NULL}};
+  {"socket", l_socket}, {"heartbeat", l_heartbeat}, {"control_relay", l_control_relay},
+  {"term", l_term},     {NULL, NULL}};
 
 static const luaL_Reg socket_methods[] = {
   {"bind", l_bind},     {"connect", l_connect}, {"fd", l_fd},           {"readable", l_readable},

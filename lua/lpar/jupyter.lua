@@ -155,12 +155,20 @@ Channel.__index = Channel
 
 --- Bind a socket of `type` at `address`; `on_message(frames)` is called for
 -- each message that arrives (nil for a socket that only sends).
-local function channel(ctx, type, address, on_message, name)
-  local sock, err = ctx:socket(type)
-  if not sock then error(err, 0) end
-  local bound, berr = sock:bind(address)
-  if not bound then error(string.format("cannot bind the %s socket to %s: %s", name, address, berr), 0) end
-  local self = setmetatable({ sock = sock, on_message = on_message, name = name, endpoint = bound }, Channel)
+-- `key`: the control channel, read by lpar.zmq's relay thread (which stops
+-- a busy cell when an interrupt or shutdown request comes).
+local function channel(ctx, type, address, on_message, name, key)
+  local sock, err
+  if key then
+    sock, err = ctx:control_relay(address, key)
+    if not sock then error(string.format("cannot bind the %s socket to %s: %s", name, address, err), 0) end
+  else
+    sock, err = ctx:socket(type)
+    if not sock then error(err, 0) end
+    local bound, berr = sock:bind(address)
+    if not bound then error(string.format("cannot bind the %s socket to %s: %s", name, address, berr), 0) end
+  end
+  local self = setmetatable({ sock = sock, on_message = on_message, name = name }, Channel)
   if on_message then
     self.poll = uv.new_poll(assert(sock:fd()))
     self.poll:start("r", function() self:drain() end)
@@ -231,7 +239,8 @@ function jupyter.open(path, handlers)
   end
   conn.iopub = channel(ctx, "PUB", endpoint(info, info.iopub_port), nil, "iopub")
   conn.shell = channel(ctx, "ROUTER", endpoint(info, info.shell_port), receiver("shell"), "shell")
-  conn.control = channel(ctx, "ROUTER", endpoint(info, info.control_port), receiver("control"), "control")
+  conn.control = channel(ctx, "ROUTER", endpoint(info, info.control_port), receiver("control"), "control",
+    info.key)
   conn.stdin = channel(ctx, "ROUTER", endpoint(info, info.stdin_port), receiver("stdin"), "stdin")
   local hb, err = ctx:heartbeat(endpoint(info, info.hb_port))
   if not hb then error("cannot start the heartbeat: " .. err, 0) end

@@ -165,19 +165,17 @@ local function cell_error(err) error({ cell_error = err }, 0) end
 local function compile(code, name)
   local f = load("return " .. code, name)
   if f then return f end
-  local chunk, err = load(code, name)
-  if not chunk then return nil, err end
-  local prefix, last = code:match("^(.*\n)([^\n]+)%s*$")
-  if last and not last:match("^%s*%-%-") then
+  local prefix, last = code:match("^(.*\n)([^\n]*%S)%s*$")
+  -- Only when what comes before is whole: "for ... do\n print(i) end" is not.
+  if last and not last:match("^%s*%-%-") and load(prefix, name) then
     local g = load(prefix .. "return " .. last, name)
     if g then return g end
   end
-  return chunk
+  return load(code, name)
 end
 
 function Kernel:run_lua(code)
-  self.chunks = self.chunks + 1
-  local f, err = compile(code, "=cell[" .. self.chunks .. "]")
+  local f, err = compile(code, "=In[" .. self.count .. "]")
   if not f then cell_error(err) end
   local results = table.pack(xpcall(f, user_traceback))
   if not results[1] then cell_error(results[2]) end
@@ -338,8 +336,10 @@ function Kernel:execute_code(code)
     for i = 1, parts.n do parts[i] = tostring(parts[i]) end
     out:write(table.concat(parts, "\t", 1, parts.n), "\n")
   end
+  -- luacheck: push ignore 122 (io's fields are the cell's output while it runs)
   io.stdout, io.stderr = out, err_out
   io.write = function(...) out:write(...) return out end
+  -- luacheck: pop
   self.result = nil
   local co = coroutine.create(function() return self:run_cell(code) end)
   self.cell = co
@@ -351,7 +351,8 @@ function Kernel:execute_code(code)
   zmq.interrupt_target(nil, false)
   self.cell = nil
   zmq.drain_interrupts() -- served: a late interrupt must not hit the next cell
-  _G.print, io.stdout, io.stderr, io.write = saved.print, saved.stdout, saved.stderr, saved.write
+  _G.print = saved.print
+  io.stdout, io.stderr, io.write = saved.stdout, saved.stderr, saved.write -- luacheck: ignore 122
   if ok then return nil end
   if type(err) == "table" and err.cell_error ~= nil then err = err.cell_error end
   return err
@@ -396,9 +397,9 @@ function Kernel:execute_request(msg)
   local store = c.store_history ~= false and not silent
   if store then self.count = self.count + 1 end
   local count = self.count
+  self.silent = silent
   self:publish("execute_input", { code = code, execution_count = count })
   if store then self.history[#self.history + 1] = { count, code } end
-  self.silent = silent
   local err = self:execute_code(code)
   local reply
   if err == nil then
@@ -599,8 +600,9 @@ end
 
 --- Run the kernel until a shutdown request. Returns an exit status.
 function kernel.run(path)
-  local self = setmetatable({ queue = {}, history = {}, count = 0, chunks = 0 }, Kernel)
+  local self = setmetatable({ queue = {}, history = {}, count = 0 }, Kernel)
   self.log = function(text) io.stderr:write("lpar kernel: ", text, "\n") io.stderr:flush() end
+  local interrupts = assert(zmq.interrupt_pipe()) -- first: the control relay uses its handler
   local ok, conn = pcall(jupyter.open, path, {
     shell = function(msg) self:on_shell(msg) end,
     control = function(msg) self:serve(msg) end,
@@ -628,7 +630,7 @@ function kernel.run(path)
   end
   -- SIGINT (the notebook's stop button): the cell's Lua stops by the hook;
   -- the engines are interrupted from the loop.
-  local pipe = uv.new_poll(assert(zmq.interrupt_pipe()))
+  local pipe = uv.new_poll(interrupts)
   pipe:start("r", function()
     if zmq.drain_interrupts() > 0 then self:interrupt_engines() end
   end)

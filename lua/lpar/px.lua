@@ -107,8 +107,8 @@ function px.run(code, opts, client)
     for _, s in ipairs(ar._slots) do
       if not s.ok then failures[#failures + 1] = s.error end
     end
-    local err = #failures == 1 and failures[1] or errors.CompositeError.new(failures)
-    if opts.on_error then opts.on_error(err) else px.show_error(err, out) end
+    local failure = #failures == 1 and failures[1] or errors.CompositeError.new(failures)
+    if opts.on_error then opts.on_error(failure) else px.show_error(failure, out) end
   end
   if expression then
     local show = require("lpar.prompt").show

@@ -1,0 +1,225 @@
+"""Drive `lpar kernel` with jupyter_client, as a notebook would.
+
+    /usr/bin/python3 spec/kernel_client.py protocol STDERR_LOG
+    /usr/bin/python3 spec/kernel_client.py notebook NOTEBOOK.ipynb OUT.ipynb
+
+The kernelspec `lpar` must be on JUPYTER_PATH (spec/kernel_spec.lua installs
+it under a temporary prefix). Prints one JSON object of what it saw on its
+last line; every wait has a timeout, and the kernel is shut down (or killed)
+whatever happens.
+"""
+import base64
+import json
+import os
+import struct
+import shutil
+import sys
+import tempfile
+import time
+
+from jupyter_client import KernelManager
+from jupyter_client.session import Session
+
+TIMEOUT = 20
+
+
+def png_size(data):
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    return list(struct.unpack(">II", data[16:24]))
+
+
+def wait_for(pred, timeout=TIMEOUT):
+    deadline = time.time() + timeout
+    while not pred():
+        if time.time() > deadline:
+            raise TimeoutError("the sign never came")
+        time.sleep(0.01)
+
+
+class Driver:
+    def __init__(self, kc):
+        self.kc = kc
+
+    def collect(self, msg_id, timeout=TIMEOUT):
+        """iopub messages caused by msg_id, until its idle status."""
+        outs = []
+        deadline = time.time() + timeout
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError("no idle status for %s" % msg_id)
+            m = self.kc.get_iopub_msg(timeout=left)
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            t = m["msg_type"]
+            if t == "status" and m["content"]["execution_state"] == "idle":
+                return outs
+            if t != "status":
+                outs.append({"type": t, "content": m["content"]})
+
+    def reply(self, msg_id, timeout=TIMEOUT):
+        deadline = time.time() + timeout
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError("no reply to %s" % msg_id)
+            m = self.kc.get_shell_msg(timeout=left)
+            if m["parent_header"].get("msg_id") == msg_id:
+                return m
+
+    def run(self, code, timeout=TIMEOUT, **kw):
+        msg_id = self.kc.execute(code, **kw)
+        outs = self.collect(msg_id, timeout)
+        r = self.reply(msg_id, timeout)
+        return {"reply": r["content"], "outputs": outs}
+
+    def request(self, name, timeout=TIMEOUT, **content):
+        msg = self.kc.session.msg(name + "_request", content)
+        self.kc.shell_channel.send(msg)
+        return self.reply(msg["header"]["msg_id"], timeout)["content"]
+
+
+def streams(result):
+    return "".join(o["content"]["text"] for o in result["outputs"] if o["type"] == "stream")
+
+
+def protocol(log_path):
+    seen = {}
+    km = KernelManager(kernel_name="lpar")
+    t0 = time.time()
+    km.start_kernel(stderr=open(log_path, "w"))
+    kc = km.client()
+    kc.start_channels()
+    d = Driver(kc)
+    try:
+        kc.wait_for_ready(timeout=TIMEOUT)
+        seen["ready_seconds"] = time.time() - t0
+        seen["kernel_pid"] = km.provisioner.process.pid
+        info = d.reply(kc.kernel_info())["content"]
+        seen["kernel_info"] = info
+
+        seen["expression"] = d.run("1 + 1")
+        seen["last_line"] = d.run("print('hi')\nlocal y = 3\ny * 2")
+        seen["silent"] = d.run("quiet = 42", silent=True)
+        seen["user_expressions"] = d.run("x = 7", user_expressions={"double": "x * 2", "bad": "x +"})
+        seen["local_error"] = d.run("local t = nil\nreturn t.field")
+
+        seen["cluster"] = d.run("rc = lpar.Cluster{n = 4}:start_and_connect()\n"
+                                "dview = rc:view()\ndview.block = true\n#rc", timeout=60)
+        pids = d.run("local p = {}\nfor i = 0, 3 do p[#p + 1] = rc:queue_status()[i].pid end\n"
+                     "print(table.concat(p, ' '))")
+        seen["engine_pids"] = [int(p) for p in streams(pids).split()]
+        seen["streams"] = d.run("%px print('engine ' .. lpar.engine.id)\n%px a = lpar.engine.id * 10")
+        seen["remote_error"] = d.run("%px if lpar.engine.id == 2 then error('boom') end")
+        seen["grouped_error"] = d.run("%px error('same everywhere')")
+
+        r = d.run("%%px --targets 0::2\nlocal matrix = require 'lpar.matrix'\n"
+                  "require('lpar.plot').imshow(matrix.random(16, 24), {scale = 4})")
+        images = []
+        for o in r["outputs"]:
+            if o["type"] == "display_data" and "image/png" in o["content"]["data"]:
+                images.append({"size": png_size(base64.b64decode(o["content"]["data"]["image/png"])),
+                               "text": o["content"]["data"].get("text/plain"),
+                               "metadata": o["content"]["metadata"]})
+        seen["display"] = {"reply": r["reply"], "images": images}
+        r = d.run("lpar.display{['text/html'] = '<b>bold</b>', ['text/plain'] = 'bold'}")
+        seen["display_html"] = [o["content"]["data"] for o in r["outputs"] if o["type"] == "display_data"]
+
+        seen["complete_math"] = d.request("complete", code="x = math.fl", cursor_pos=11)
+        seen["complete_magic"] = d.request("complete", code="%px", cursor_pos=3)
+        seen["is_complete"] = {code: d.request("is_complete", code=code)["status"]
+                               for code in ["for i = 1, 2 do", "x = 1", "x = = 1", "%px x = 1"]}
+        seen["inspect"] = d.request("inspect", code="lpar.timeit", cursor_pos=6, detail_level=0)
+        seen["history"] = d.request("history", hist_access_type="tail", n=3, output=False, raw=True)
+        seen["comm_info"] = d.request("comm_info")
+
+        # Interrupt a runaway %px by signal, as the stop button does.
+        signs = tempfile.mkdtemp()
+        msg_id = kc.execute("%%px\nio.open('" + signs + "/started-' .. lpar.engine.id, 'w'):close()\n"
+                            "while true do end")
+        wait_for(lambda: len(os.listdir(signs)) == 4)
+        t1 = time.time()
+        km.interrupt_kernel()
+        r = d.reply(msg_id, timeout=10)
+        seen["interrupt_px"] = {"seconds": time.time() - t1, "reply": r["content"]}
+        d.collect(msg_id)
+        seen["after_interrupt"] = d.run("%px print('alive', a)")
+
+        # Interrupt local Lua by message, on the control channel.
+        msg_id = kc.execute("io.open('%s/local', 'w'):close()\nwhile true do end" % signs)
+        wait_for(lambda: os.path.exists(signs + "/local"))
+        t1 = time.time()
+        ir = kc.session.msg("interrupt_request", {})
+        kc.control_channel.send(ir)
+        r = d.reply(msg_id, timeout=10)
+        cr = kc.get_control_msg(timeout=TIMEOUT)
+        seen["interrupt_local"] = {"seconds": time.time() - t1, "reply": r["content"],
+                                   "control_reply": cr["msg_type"]}
+        d.collect(msg_id)
+        shutil.rmtree(signs)
+
+        # A forged message: signed with another key. It must not run.
+        forger = Session(key=b"not the kernel's key", username="mallory")
+        forger.send(kc.shell_channel.socket, "execute_request",
+                    {"code": "forged = true", "silent": False, "store_history": True,
+                     "user_expressions": {}, "allow_stdin": False})
+        seen["after_forgery"] = d.run("forged == nil")
+        seen["forged_ran"] = d.run("forged")
+
+        # Timings: empty cells, request to reply.
+        times = []
+        for _ in range(50):
+            t1 = time.time()
+            d.run("")
+            times.append(time.time() - t1)
+        times.sort()
+        seen["empty_cell_p50_ms"] = times[len(times) // 2] * 1000
+
+        t1 = time.time()
+        km.shutdown_kernel(now=False)
+        seen["shutdown_seconds"] = time.time() - t1
+        seen["kernel_alive_after_shutdown"] = km.is_alive()
+    finally:
+        kc.stop_channels()
+        if km.has_kernel and km.is_alive():
+            km.shutdown_kernel(now=True)
+    print(json.dumps(seen))
+
+
+def notebook(path, out_path):
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, kernel_name="lpar", timeout=120, startup_timeout=30)
+    t0 = time.time()
+    client.execute()
+    nbformat.write(nb, out_path)
+    cells = []
+    for c in nb.cells:
+        if c.cell_type != "code":
+            continue
+        outs = []
+        for o in c.outputs:
+            entry = {"type": o.output_type}
+            if o.output_type == "stream":
+                entry["text"] = o.text
+            elif o.output_type in ("execute_result", "display_data"):
+                entry["mimes"] = sorted(o.data.keys())
+                entry["text"] = o.data.get("text/plain", "")
+                if "image/png" in o.data:
+                    entry["size"] = png_size(base64.b64decode(o.data["image/png"]))
+            elif o.output_type == "error":
+                entry["ename"], entry["evalue"] = o.ename, o.evalue
+            outs.append(entry)
+        cells.append({"source": c.source, "outputs": outs})
+    print(json.dumps({"seconds": time.time() - t0, "cells": cells}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "protocol":
+        protocol(sys.argv[2])
+    elif sys.argv[1] == "notebook":
+        notebook(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: kernel_client.py protocol LOG | notebook IN OUT")

@@ -1,0 +1,197 @@
+-- The Jupyter kernel, driven as a notebook drives it: `lpar kernel install`
+-- writes a kernelspec under a temporary prefix, and jupyter_client (Debian's
+-- python3, spec/kernel_client.py) starts `lpar kernel -f ...` from it, sends
+-- the requests and reports what came back as JSON.
+local cjson = require "cjson"
+local helpers = require "helpers"
+
+local PYTHON = "/usr/bin/python3" -- Debian's, which has jupyter_client (not a pyenv one)
+local prefix
+
+local function sh(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+
+local function jupyter_env()
+  return "JUPYTER_PATH=" .. sh(prefix .. "/share/jupyter") .. " JUPYTER_DATA_DIR=" .. sh(prefix .. "/data")
+    .. " JUPYTER_RUNTIME_DIR=" .. sh(prefix .. "/runtime") .. " PYDEVD_DISABLE_FILE_VALIDATION=1"
+end
+
+--- Run the driver; returns its JSON report, or raises with its output.
+local function drive(args, timeout)
+  local out, code = helpers.run(string.format("cd %s && %s timeout %d %s -Xfrozen_modules=off %s/spec/kernel_client.py %s 2>%s/driver.err",
+    sh(prefix), jupyter_env(), timeout, PYTHON, sh(assert(os.getenv("PWD"))), args, sh(prefix)))
+  local last = out:match("([^\n]+)\n?$")
+  local ok, report = pcall(cjson.decode, last or "")
+  if code ~= 0 or not ok then
+    local f = io.open(prefix .. "/driver.err")
+    local err = f and f:read("a") or ""
+    if f then f:close() end
+    error(string.format("the driver failed (exit %s):\n%s\n%s", tostring(code), out, err:sub(-3000)), 2)
+  end
+  return report
+end
+
+local function kill_all(pids)
+  for _, pid in ipairs(pids or {}) do
+    if helpers.alive(pid) then require("luv").kill(pid, "sigkill") end
+  end
+end
+
+local function texts(result, kind)
+  local out = {}
+  for _, o in ipairs(result.outputs) do
+    if o.type == kind then out[#out + 1] = o.content.text or o.content.data["text/plain"] end
+  end
+  return out
+end
+
+describe("lpar kernel", function()
+  lazy_setup(function()
+    prefix = os.tmpname()
+    os.remove(prefix)
+    assert(os.execute("mkdir -p " .. sh(prefix)))
+    local out, code = helpers.run(helpers.lpar .. " kernel install --prefix " .. sh(prefix))
+    assert.equal(0, code, out)
+  end)
+  lazy_teardown(function()
+    os.execute("rm -rf " .. sh(prefix))
+  end)
+
+  describe("install", function()
+    it("writes a kernelspec that jupyter kernelspec list shows, and uninstall removes it", function()
+      local list = helpers.run(jupyter_env() .. " jupyter kernelspec list 2>&1")
+      assert.matches("lpar%s+" .. prefix:gsub("%p", "%%%0") .. "/share/jupyter/kernels/lpar", list)
+      local f = assert(io.open(prefix .. "/share/jupyter/kernels/lpar/kernel.json"))
+      local spec = cjson.decode(f:read("a"))
+      f:close()
+      assert.equal("Lua 5.4 (lpar)", spec.display_name)
+      assert.equal("lua", spec.language)
+      assert.matches("^/.*/lpar$", spec.argv[1])
+      assert.same({ "kernel", "-f", "{connection_file}" }, { spec.argv[2], spec.argv[3], spec.argv[4] })
+      local logo = assert(io.open(prefix .. "/share/jupyter/kernels/lpar/logo-64x64.png", "rb"))
+      local png = logo:read("a")
+      logo:close()
+      assert.equal("\137PNG", png:sub(1, 4))
+      local w, h = string.unpack(">I4I4", png, 17)
+      assert.same({ 64, 64 }, { w, h })
+
+      local other = prefix .. "/other"
+      local _, code = helpers.run(helpers.lpar .. " kernel install --prefix " .. sh(other) .. " --name lpar2")
+      assert.equal(0, code)
+      local env = "JUPYTER_PATH=" .. sh(other .. "/share/jupyter")
+      assert.matches("lpar2", (helpers.run(env .. " jupyter kernelspec list 2>&1")))
+      _, code = helpers.run(helpers.lpar .. " kernel uninstall --prefix " .. sh(other) .. " --name lpar2")
+      assert.equal(0, code)
+      assert.falsy((helpers.run(env .. " jupyter kernelspec list 2>&1")):find("lpar2"))
+      local msg
+      msg, code = helpers.run(helpers.lpar .. " kernel install --user --prefix /x 2>&1")
+      assert.equal(1, code)
+      assert.matches("choose one of", msg)
+    end)
+  end)
+
+  describe("over the protocol", function()
+    local seen
+    lazy_setup(function()
+      seen = drive("protocol " .. sh(prefix .. "/kernel.log"), 240)
+    end)
+    lazy_teardown(function()
+      if seen then kill_all(seen.engine_pids) end
+    end)
+
+    it("answers kernel_info as a Lua 5.4 kernel of protocol 5.3", function()
+      assert.equal("5.3", seen.kernel_info.protocol_version)
+      assert.equal("lua", seen.kernel_info.language_info.name)
+      assert.equal("lpar", seen.kernel_info.implementation)
+    end)
+
+    it("executes cells: values as execute_result, the last line's too, print as a stream", function()
+      assert.same({ "2" }, texts(seen.expression, "execute_result"))
+      assert.equal(1, seen.expression.reply.execution_count)
+      assert.same({ "hi\n" }, texts(seen.last_line, "stream"))
+      assert.same({ "6" }, texts(seen.last_line, "execute_result"))
+      -- silent: nothing published, and the count does not move
+      assert.same({}, seen.silent.outputs)
+      assert.equal(seen.last_line.reply.execution_count, seen.silent.reply.execution_count)
+      local ue = seen.user_expressions.reply.user_expressions
+      assert.equal("14", ue.double.data["text/plain"])
+      assert.equal("error", ue.bad.status)
+      assert.equal("error", seen.local_error.reply.status)
+      assert.matches("attempt to index a nil value", seen.local_error.reply.evalue)
+    end)
+
+    it("streams %px output from 4 engines, labelled by engine", function()
+      assert.same({ "4" }, texts(seen.cluster, "execute_result"))
+      local got = table.concat(texts(seen.streams, "stream"))
+      for id = 0, 3 do assert.matches("%[stdout:" .. id .. "%] engine " .. id .. "\n", got) end
+    end)
+
+    it("makes an engine's error the cell's error, naming the engine; identical ones grouped", function()
+      local r = seen.remote_error.reply
+      assert.equal("error", r.status)
+      assert.equal("RemoteError", r.ename)
+      assert.matches("^%[2:execute%] %[execute%]:1: boom", r.evalue)
+      assert.matches("%[2:execute%]", r.traceback[1])
+      local g = seen.grouped_error.reply
+      assert.equal("CompositeError", g.ename)
+      assert.equal("[0,1,2,3:execute] [execute]:1: same everywhere", g.traceback[1])
+    end)
+
+    it("shows engines' images inline as display_data with a PNG of the right size", function()
+      assert.equal("ok", seen.display.reply.status)
+      assert.equal(2, #seen.display.images) -- engines 0 and 2
+      for _, img in ipairs(seen.display.images) do
+        assert.same({ 96, 64 }, img.size) -- 16x24 drawn at scale 4
+        assert.matches("from engine [02]", img.text)
+      end
+      assert.same({ ["text/html"] = "<b>bold</b>", ["text/plain"] = "bold" }, seen.display_html[1])
+    end)
+
+    it("completes names and magics, tells complete code from incomplete, inspects", function()
+      assert.same({ "math.floor" }, seen.complete_math.matches)
+      assert.equal(4, seen.complete_math.cursor_start)
+      assert.equal(11, seen.complete_math.cursor_end)
+      assert.same({ "%px", "%pxresult" }, seen.complete_magic.matches)
+      assert.same({ ["for i = 1, 2 do"] = "incomplete", ["x = 1"] = "complete", ["x = = 1"] = "invalid",
+        ["%px x = 1"] = "complete" }, seen.is_complete)
+      assert.is_true(seen.inspect.found)
+      assert.matches("lpar.timeit: function\ndefined at .*timeit.lua:%d+", seen.inspect.data["text/plain"])
+      assert.equal(3, #seen.history.history)
+      assert.matches("^%%%%px %-%-targets 0::2\nlocal matrix", seen.history.history[2][3])
+      assert.same({}, seen.comm_info.comms)
+    end)
+
+    it("interrupts a running %px within 2 s by signal, keeping the engines' state", function()
+      assert.is_true(seen.interrupt_px.seconds < 2, "took " .. seen.interrupt_px.seconds .. " s")
+      assert.equal("error", seen.interrupt_px.reply.status)
+      assert.matches("interrupted", seen.interrupt_px.reply.evalue)
+      local got = table.concat(texts(seen.after_interrupt, "stream"))
+      for id = 0, 3 do assert.matches("%[stdout:" .. id .. "%] alive\t" .. id * 10, got) end
+    end)
+
+    it("interrupts local Lua by an interrupt_request on the control channel", function()
+      assert.is_true(seen.interrupt_local.seconds < 2, "took " .. seen.interrupt_local.seconds .. " s")
+      assert.equal("KeyboardInterrupt", seen.interrupt_local.reply.ename)
+      assert.equal("interrupt_reply", seen.interrupt_local.control_reply)
+    end)
+
+    it("drops a message with a wrong signature, logs it and goes on serving", function()
+      assert.same({ "true" }, texts(seen.after_forgery, "execute_result"))
+      assert.same({ "nil" }, texts(seen.forged_ran, "execute_result"))
+      local f = assert(io.open(prefix .. "/kernel.log"))
+      local log = f:read("a")
+      f:close()
+      assert.matches("dropped a message on shell: bad signature", log)
+    end)
+
+    it("shuts down on request, leaving no engine behind", function()
+      assert.is_false(seen.kernel_alive_after_shutdown)
+      assert.is_false(helpers.alive(seen.kernel_pid))
+      assert.equal(4, #seen.engine_pids)
+      local gone = helpers.poll(function()
+        for _, pid in ipairs(seen.engine_pids) do if helpers.alive(pid) then return false end end
+        return true
+      end, 5)
+      assert.is_true(gone, "engines outlived the kernel")
+    end)
+  end)
+end)
