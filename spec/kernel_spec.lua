@@ -17,8 +17,9 @@ end
 
 --- Run the driver; returns its JSON report, or raises with its output.
 local function drive(args, timeout)
-  local out, code = helpers.run(string.format("cd %s && %s timeout %d %s -Xfrozen_modules=off %s/spec/kernel_client.py %s 2>%s/driver.err",
-    sh(prefix), jupyter_env(), timeout, PYTHON, sh(assert(os.getenv("PWD"))), args, sh(prefix)))
+  local driver = sh(assert(os.getenv("PWD")) .. "/spec/kernel_client.py")
+  local out, code = helpers.run(string.format("cd %s && %s timeout %d %s -Xfrozen_modules=off %s %s 2>%s/driver.err",
+    sh(prefix), jupyter_env(), timeout, PYTHON, driver, args, sh(prefix)))
   local last = out:match("([^\n]+)\n?$")
   local ok, report = pcall(cjson.decode, last or "")
   if code ~= 0 or not ok then
@@ -192,6 +193,35 @@ describe("lpar kernel", function()
         return true
       end, 5)
       assert.is_true(gone, "engines outlived the kernel")
+    end)
+  end)
+
+  describe("with nbclient", function()
+    it("executes the tutorial notebook, with its outputs", function()
+      local report = drive("notebook " .. sh(assert(os.getenv("PWD")) .. "/examples/notebooks/tutorial.ipynb") ..
+        " " .. sh(prefix .. "/executed.ipynb"), 240)
+      local by_source = {}
+      for _, c in ipairs(report.cells) do
+        for _, o in ipairs(c.outputs) do
+          assert.are_not.equal("error", o.type, c.source .. ": " .. tostring(o.evalue))
+        end
+        by_source[c.source:match("^[^\n]*")] = c.outputs
+      end
+      assert.equal("{0, 1, 2, 3}", by_source["rc = lpar.Cluster{n = 4}:start_and_connect()"][1].text)
+      local px = {}
+      for _, o in ipairs(by_source["%%px --targets 0::2 --local"]) do px[#px + 1] = o.text end
+      table.sort(px)
+      assert.same({ "10\n", "[stdout:0] 10\n", "[stdout:2] 10\n" }, px)
+      local images = by_source["%%px --targets 0::2"]
+      assert.equal(2, #images)
+      for _, o in ipairs(images) do
+        assert.equal("display_data", o.type)
+        assert.same({ 250, 250 }, o.size)
+      end
+      assert.matches("^%d+ loops, best of 3: [%d.]+ %S+ per loop", by_source['%timeit dview:execute("")'][1].text)
+      local tiles = by_source["dview:push { B = B }"]
+      assert.matches("row tiles on 4 engines", tiles[1].text)
+      assert.equal("0.0", tiles[2].text)
     end)
   end)
 end)

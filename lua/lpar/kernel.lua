@@ -318,6 +318,7 @@ function Kernel:run_cell(code)
   for line in (code .. "\n"):gmatch("([^\n]*)\n") do
     if line:match("^%s*%%") then
       flush()
+      self.result = nil -- only the cell's last part shows its value
       self:magic(line:match("^%s*(.-)%s*$"))
     else
       pending[#pending + 1] = line
