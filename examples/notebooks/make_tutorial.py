@@ -28,7 +28,7 @@ cells = [
     code("dview:activate()"),
     md("## Pictures from the engines\n\n`lpar.plot.imshow` on an engine attaches a PNG "
        "to the task; the notebook shows it under the cell."),
-    code('%%px --targets 0::2\nrequire("lpar.plot").imshow(a, { cmap = "viridis" })\nreturn a.rows'),
+    code('%%px --targets 0::2\nlocal png = require("lpar.plot").imshow(a, { cmap = "viridis" })'),
     md("## The DirectView\n\n`dview` blocks; `rc[0]` does not, so `apply` hands back an AsyncResult."),
     code('dview:execute("c = a:dot(a)")\ndview:apply(function() return c:get(1, 1) end)'),
     code('ar = rc[0]:apply(function(x) return x end, "")\nar:get()'),

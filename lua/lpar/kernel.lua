@@ -89,43 +89,16 @@ function Kernel:display_output(o)
   self:display({ [o.type] = o.data, ["text/plain"] = text }, meta)
 end
 
---- Engines' errors with the same message and traceback shown once, labelled
--- with all their engines: [0,1,2,3:execute] boom.
-local function group_remote(list)
-  local groups, order = {}, {}
-  for _, e in ipairs(list) do
-    local key = getmetatable(e) == errors.RemoteError and (e.kind .. "\0" .. e.message .. "\0" ..
-      (e.traceback or "")) or tostring(e)
-    local g = groups[key]
-    if not g then
-      g = { err = e, engines = {} }
-      groups[key] = g
-      order[#order + 1] = g
-    end
-    if e.engine then g.engines[#g.engines + 1] = e.engine end
-  end
-  return order
-end
-
 --- ename, evalue and traceback lines for an error value.
 local function describe_error(err)
   local mt = getmetatable(err)
   if mt == errors.RemoteError or mt == errors.CompositeError then
     local list = mt == errors.CompositeError and err.errors or { err }
     local lines, first = {}, nil
-    for _, g in ipairs(group_remote(list)) do
-      local e = g.err
-      local text
-      if getmetatable(e) == errors.RemoteError then
-        local ids = {}
-        for i, id in ipairs(g.engines) do ids[i] = tostring(id) end
-        text = string.format("[%s:%s] %s", table.concat(ids, ","), e.kind, e.message)
-        lines[#lines + 1] = text
-        if e.traceback then lines[#lines + 1] = e.traceback end
-      else
-        text = tostring(e)
-        lines[#lines + 1] = text
-      end
+    for _, g in ipairs(px.group_errors(list)) do
+      local text = getmetatable(g.err) == errors.RemoteError and px.error_label(g) or tostring(g.err)
+      lines[#lines + 1] = text
+      if getmetatable(g.err) == errors.RemoteError and g.err.traceback then lines[#lines + 1] = g.err.traceback end
       first = first or text
     end
     if mt == errors.CompositeError then
@@ -142,19 +115,6 @@ local function describe_error(err)
   return "LuaError", text:match("^[^\n]*"), { text }
 end
 
---- A traceback cut where the user's chunk was called: the kernel's own
--- frames below it say nothing to the user.
-local function user_traceback(msg)
-  if type(msg) ~= "string" then return msg end -- an error object keeps its fields
-  local tb = debug.traceback(msg, 2)
-  local lines = {}
-  for line in tb:gmatch("[^\n]+") do
-    if line:find("lpar/kernel.lua", 1, true) or line:find("[C]: in function 'xpcall'", 1, true) then break end
-    lines[#lines + 1] = line
-  end
-  return table.concat(lines, "\n")
-end
-
 --- Raise `err` as the cell's error (the cell stops there).
 local function cell_error(err) error({ cell_error = err }, 0) end
 
@@ -163,21 +123,13 @@ local function cell_error(err) error({ cell_error = err }, 0) end
 --- Compile a Lua cell: an expression returns its values; so does a last
 -- line that is an expression after statements (IPython's rule).
 local function compile(code, name)
-  local f = load("return " .. code, name)
-  if f then return f end
-  local prefix, last = code:match("^(.*\n)([^\n]*%S)%s*$")
-  -- Only when what comes before is whole: "for ... do\n print(i) end" is not.
-  if last and not last:match("^%s*%-%-") and load(prefix, name) then
-    local g = load(prefix .. "return " .. last, name)
-    if g then return g end
-  end
-  return load(code, name)
+  return load(px.returning(code, name) or code, name)
 end
 
 function Kernel:run_lua(code)
   local f, err = compile(code, "=In[" .. self.count .. "]")
   if not f then cell_error(err) end
-  local results = table.pack(xpcall(f, user_traceback))
+  local results = table.pack(xpcall(f, prompt.user_traceback))
   if not results[1] then cell_error(results[2]) end
   if results.n > 1 then
     local parts = {}
@@ -207,8 +159,8 @@ function Kernel:px(code, opts)
   if failure then cell_error(failure) end
 end
 
-local function parse_px(args)
-  local ok, opts, rest = pcall(prompt.parse_px_options, args)
+local function parse_px(args, leading)
+  local ok, opts, rest = pcall(prompt.parse_px_options, args, leading)
   if not ok then cell_error(opts) end
   return opts, rest
 end
@@ -249,12 +201,8 @@ end
 function Kernel:magic(line, body)
   local name, args = line:match("^(%%%%?[%w_]+)%s*(.-)%s*$")
   if name == "%px" then
-    local opts, rest = parse_px(args)
-    if rest ~= args then
-      -- %px --targets 1 print(1): options first, then the code
-      return self:px(rest, opts)
-    end
-    return self:px(args)
+    local opts, code = parse_px(args, true) -- %px --targets 1 print(1)
+    return self:px(code, opts)
   elseif name == "%%px" then
     local opts, rest = parse_px(args)
     if rest ~= "" then cell_error(string.format("%%%%px: unknown option '%s'", rest)) end
