@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import struct
+import subprocess
 import shutil
 import sys
 import tempfile
@@ -126,6 +127,20 @@ def protocol(log_path):
         r = d.run("lpar.display{['text/html'] = '<b>bold</b>', ['text/plain'] = 'bold'}")
         seen["display_html"] = [o["content"]["data"] for o in r["outputs"] if o["type"] == "display_data"]
 
+        r = d.run("local png, w, h = require('lpar.plot').imshow(require('lpar.matrix').random(4, 4), {scale = 2})")
+        seen["local_image"] = [png_size(base64.b64decode(o["content"]["data"]["image/png"]))
+                               for o in r["outputs"] if o["type"] == "display_data"]
+        r = d.run("lb = rc:load_balanced_view()\n"
+                  "ar = lb:map(function(x) return x end, {1, 2, 3, 4, 5, 6, 7, 8})\n"
+                  "ar:wait_interactive()\n#ar:get()")
+        seen["progress"] = [{"type": o["type"], "text": o["content"]["data"]["text/plain"],
+                             "id": o["content"].get("transient", {}).get("display_id")}
+                            for o in r["outputs"] if o["type"] in ("display_data", "update_display_data")]
+        seen["autopx"] = [d.run("%autopx"), d.run("print('auto ' .. lpar.engine.id)"), d.run("%autopx"),
+                          d.run("print('back here')")]
+        seen["unknown_option"] = d.run("%%px --foo\nprint('ran here')")
+        seen["complete_rc"] = d.request("complete", code="rc:vi", cursor_pos=5)
+
         seen["complete_math"] = d.request("complete", code="x = math.fl", cursor_pos=11)
         seen["complete_magic"] = d.request("complete", code="%px", cursor_pos=3)
         seen["is_complete"] = {code: d.request("is_complete", code=code)["status"]
@@ -187,6 +202,29 @@ def protocol(log_path):
     print(json.dumps(seen))
 
 
+def standalone(lpar_dir):
+    """%cluster start, %px on it, %cluster list, %cluster stop."""
+    os.environ["LPAR_DIR"] = lpar_dir
+    seen = {}
+    km = KernelManager(kernel_name="lpar")
+    km.start_kernel(stderr=subprocess.DEVNULL)
+    kc = km.client()
+    kc.start_channels()
+    d = Driver(kc)
+    try:
+        kc.wait_for_ready(timeout=TIMEOUT)
+        seen["start"] = d.run("%cluster start -n 2 --profile kspec", timeout=60)
+        seen["px"] = d.run("%px print('standalone ' .. lpar.engine.id)")
+        seen["list"] = d.run("%cluster list")
+        seen["stop"] = d.run("%cluster stop --profile kspec", timeout=60)
+        km.shutdown_kernel(now=False)
+    finally:
+        kc.stop_channels()
+        if km.has_kernel and km.is_alive():
+            km.shutdown_kernel(now=True)
+    print(json.dumps(seen))
+
+
 def notebook(path, out_path):
     import nbformat
     from nbclient import NotebookClient
@@ -219,6 +257,8 @@ def notebook(path, out_path):
 if __name__ == "__main__":
     if sys.argv[1] == "protocol":
         protocol(sys.argv[2])
+    elif sys.argv[1] == "standalone":
+        standalone(sys.argv[2])
     elif sys.argv[1] == "notebook":
         notebook(sys.argv[2], sys.argv[3])
     else:

@@ -147,17 +147,43 @@ describe("lpar kernel", function()
       assert.same({ ["text/html"] = "<b>bold</b>", ["text/plain"] = "bold" }, seen.display_html[1])
     end)
 
+    it("shows a local image inline, and wait_interactive's progress updated in place", function()
+      assert.same({ { 8, 8 } }, seen.local_image)
+      local p = seen.progress
+      assert.is_true(#p >= 1)
+      assert.equal("display_data", p[1].type)
+      assert.matches("^8/8 tasks done in", p[#p].text)
+      for _, o in ipairs(p) do assert.equal(p[1].id, o.id) end
+      if #p > 1 then assert.equal("update_display_data", p[#p].type) end
+    end)
+
+    it("sends cells to the engines under %autopx, until %autopx again", function()
+      local on, auto, off, back = table.unpack(seen.autopx)
+      assert.matches("%%autopx enabled", table.concat(texts(on, "stream")))
+      local got = table.concat(texts(auto, "stream"))
+      for id = 0, 3 do assert.matches("%[stdout:" .. id .. "%] auto " .. id, got) end
+      assert.matches("%%autopx disabled", table.concat(texts(off, "stream")))
+      assert.same({ "back here\n" }, texts(back, "stream"))
+    end)
+
+    it("names an unknown %%px option as the cell's error, running nothing", function()
+      assert.equal("error", seen.unknown_option.reply.status)
+      assert.matches("unknown option '%-%-foo'", seen.unknown_option.reply.evalue)
+      assert.same({}, texts(seen.unknown_option, "stream"))
+    end)
+
     it("completes names and magics, tells complete code from incomplete, inspects", function()
       assert.same({ "math.floor" }, seen.complete_math.matches)
       assert.equal(4, seen.complete_math.cursor_start)
       assert.equal(11, seen.complete_math.cursor_end)
       assert.same({ "%px", "%pxresult" }, seen.complete_magic.matches)
+      assert.same({ "rc:view" }, seen.complete_rc.matches)
       assert.same({ ["for i = 1, 2 do"] = "incomplete", ["x = 1"] = "complete", ["x = = 1"] = "invalid",
         ["%px x = 1"] = "complete" }, seen.is_complete)
       assert.is_true(seen.inspect.found)
       assert.matches("lpar.timeit: function\ndefined at .*timeit.lua:%d+", seen.inspect.data["text/plain"])
       assert.equal(3, #seen.history.history)
-      assert.matches("^%%%%px %-%-targets 0::2\nlocal matrix", seen.history.history[2][3])
+      assert.equal("%%px --foo\nprint('ran here')", seen.history.history[3][3]) -- the whole cell
       assert.same({}, seen.comm_info.comms)
     end)
 
@@ -193,6 +219,29 @@ describe("lpar kernel", function()
         return true
       end, 5)
       assert.is_true(gone, "engines outlived the kernel")
+    end)
+  end)
+
+  describe("with standalone clusters", function()
+    local dir
+    lazy_setup(function()
+      dir = prefix .. "/lpar"
+      assert(os.execute("mkdir -p " .. sh(dir)))
+    end)
+    lazy_teardown(function()
+      helpers.run("LPAR_DIR=" .. sh(dir) .. " " .. helpers.lpar .. " cluster stop --all 2>&1")
+    end)
+
+    it("starts, uses, lists and stops one with %cluster", function()
+      local seen = drive("standalone " .. sh(dir), 120)
+      assert.matches('cluster "kspec": 2 engines', table.concat(texts(seen.start, "stream")))
+      local got = table.concat(texts(seen.px, "stream"))
+      assert.matches("%[stdout:0%] standalone 0", got)
+      assert.matches("%[stdout:1%] standalone 1", got)
+      assert.matches("kspec%s+%d+%s+2/2", table.concat(texts(seen.list, "stream")))
+      assert.matches('stopped cluster "kspec"', table.concat(texts(seen.stop, "stream")))
+      local list = helpers.run("LPAR_DIR=" .. sh(dir) .. " " .. helpers.lpar .. " cluster list 2>&1")
+      assert.matches("no clusters", list)
     end)
   end)
 

@@ -79,6 +79,28 @@ local function png_size(data)
   return string.unpack(">I4I4", data, 17)
 end
 
+--- ar:wait_interactive() in a cell: a progress line, updated in place
+-- (display_data, then update_display_data with the same display_id).
+function Kernel:progress(ar, done, total, seconds, final)
+  local width = 30
+  local fill = total > 0 and math.floor(width * done / total) or width
+  local rate = seconds > 0 and done / seconds or 0
+  local text = final and string.format("%d/%d tasks done in %.2fs", total, total, seconds)
+    or string.format("[%s%s] %d/%d tasks, %.1f/s", string.rep("#", fill), string.rep(" ", width - fill),
+      done, total, rate)
+  local ids = self.progress_ids
+  local id = ids[ar]
+  local content = { data = { ["text/plain"] = text }, metadata = {}, transient = { display_id = id } }
+  if id then
+    self:publish("update_display_data", content)
+  else
+    id = jupyter.Session().id -- a fresh random id
+    ids[ar] = id
+    content.transient.display_id = id
+    self:publish("display_data", content)
+  end
+end
+
 --- An engine's display output (lpar.plot.imshow there): shown inline.
 function Kernel:display_output(o)
   local w, h = png_size(o.data)
@@ -569,6 +591,8 @@ function kernel.run(path)
   function self.session.write(_, ...) io.stdout:write(...) end
   _G.lpar = lpar
   lpar.display = function(bundle, metadata) self:display(bundle, metadata) end
+  self.progress_ids = setmetatable({}, { __mode = "k" })
+  require("lpar.asyncresult").progress = function(...) self:progress(...) end
   local plot = require "lpar.plot"
   local imshow = plot.imshow
   plot.imshow = function(A, opts) -- a local image shows inline too
