@@ -37,6 +37,18 @@ local function kill_all(pids)
   end
 end
 
+--- Pids of lpar kernels whose connection file is under `dir`.
+local function kernels_under(dir)
+  local pids = {}
+  for pid in (helpers.run("ls /proc")):gmatch("%d+") do
+    local f = io.open("/proc/" .. pid .. "/cmdline")
+    local cmd = f and f:read("a") or ""
+    if f then f:close() end
+    if cmd:find("\0kernel\0-f\0" .. dir, 1, true) then pids[#pids + 1] = math.tointeger(tonumber(pid)) end
+  end
+  return pids
+end
+
 local function texts(result, kind)
   local out = {}
   for _, o in ipairs(result.outputs) do
@@ -246,9 +258,13 @@ describe("lpar kernel", function()
   end)
 
   describe("with nbclient", function()
-    it("executes the tutorial notebook, with its outputs", function()
-      local report = drive("notebook " .. sh(assert(os.getenv("PWD")) .. "/examples/notebooks/tutorial.ipynb") ..
+    local report
+    lazy_setup(function()
+      report = drive("notebook " .. sh(assert(os.getenv("PWD")) .. "/examples/notebooks/tutorial.ipynb") ..
         " " .. sh(prefix .. "/executed.ipynb"), 240)
+    end)
+
+    it("executes the tutorial notebook, with its outputs", function()
       local by_source = {}
       for _, c in ipairs(report.cells) do
         for _, o in ipairs(c.outputs) do
@@ -271,6 +287,51 @@ describe("lpar kernel", function()
       local tiles = by_source["dview:push { B = B }"]
       assert.matches("row tiles on 4 engines", tiles[1].text)
       assert.equal("0.0", tiles[2].text)
+    end)
+
+    describe("in Jupyter Notebook's page, read by headless Chromium", function()
+      local server_pid
+      local function read(path)
+        local f = io.open(path)
+        if not f then return "" end
+        local text = f:read("a")
+        f:close()
+        return text
+      end
+      lazy_teardown(function()
+        if server_pid then
+          -- SIGTERM: the server shuts its kernels down; then make sure.
+          require("luv").kill(server_pid, "sigterm")
+          if not helpers.poll(function() return not helpers.alive(server_pid) end, 10) then
+            require("luv").kill(server_pid, "sigkill")
+          end
+        end
+        -- A kernel the page started runs with a connection file under prefix.
+        for _, pid in ipairs(kernels_under(prefix)) do require("luv").kill(pid, "sigkill") end
+      end)
+
+      it("shows the notebook's inline images", function()
+        local log = prefix .. "/notebook.log"
+        local out = helpers.run(string.format("cd %s && %s JUPYTER_CONFIG_DIR=%s setsid jupyter notebook --no-browser "
+          .. "--allow-root --ip=127.0.0.1 --port=%d --port-retries=50 --NotebookApp.token=spec-token "
+          .. "--notebook-dir=%s >%s 2>&1 & echo $!", sh(prefix), jupyter_env(), sh(prefix .. "/config"),
+          20000 + math.random(20000), sh(prefix), sh(log)))
+        server_pid = math.tointeger(tonumber(out:match("%d+")))
+        assert.is_true(helpers.poll(function() return read(log):find("is running at") ~= nil end, 60),
+          "the notebook server did not start:\n" .. read(log))
+        local port = assert(read(log):match("http://127%.0%.0%.1:(%d+)/"))
+        local profile = prefix .. "/chromium"
+        local dom = helpers.run(string.format("timeout 90 chromium --headless --no-sandbox --disable-gpu "
+          .. "--disable-background-networking --no-first-run --user-data-dir=%s --virtual-time-budget=15000 "
+          .. "--dump-dom %s 2>/dev/null", sh(profile),
+          sh("http://127.0.0.1:" .. port .. "/notebooks/executed.ipynb?token=spec-token")))
+        local _, images = dom:gsub('<img src="data:image/png;base64,', "")
+        assert.equal(2, images, "inline images on the page:\n" .. dom:sub(1, 2000))
+        assert.truthy(dom:find("[stdout:0] 10", 1, true))
+        assert.truthy(dom:find("Lua 5.4 (lpar)", 1, true))
+        -- The page started a kernel for the notebook: it is ours, and it runs.
+        assert.is_true(helpers.poll(function() return #kernels_under(prefix) >= 1 end, 10))
+      end)
     end)
   end)
 end)
