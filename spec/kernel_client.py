@@ -105,6 +105,8 @@ def protocol(log_path):
         seen["silent"] = d.run("quiet = 42", silent=True)
         seen["user_expressions"] = d.run("x = 7", user_expressions={"double": "x * 2", "bad": "x +"})
         seen["local_error"] = d.run("local t = nil\nreturn t.field")
+        seen["binary_output"] = d.run("print('bad \\255 byte')")
+        seen["inspect_doc"] = d.request("inspect", code="lpar.px", cursor_pos=7, detail_level=0)
 
         seen["cluster"] = d.run("rc = lpar.Cluster{n = 4}:start_and_connect()\n"
                                 "dview = rc:view()\ndview.block = true\n#rc", timeout=60)

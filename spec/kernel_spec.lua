@@ -128,6 +128,7 @@ describe("lpar kernel", function()
       local ue = seen.user_expressions.reply.user_expressions
       assert.equal("14", ue.double.data["text/plain"])
       assert.equal("error", ue.bad.status)
+      assert.same({ "bad \u{FFFD} byte\n" }, texts(seen.binary_output, "stream")) -- bytes that are not UTF-8
       assert.equal("error", seen.local_error.reply.status)
       assert.matches("attempt to index a nil value", seen.local_error.reply.evalue)
     end)
@@ -193,6 +194,8 @@ describe("lpar kernel", function()
       assert.same({ ["for i = 1, 2 do"] = "incomplete", ["x = 1"] = "complete", ["x = = 1"] = "invalid",
         ["%px x = 1"] = "complete" }, seen.is_complete)
       assert.is_true(seen.inspect.found)
+      assert.matches("lpar.px: function\ndefined at .*init.lua:%d+\nRun code on the active view",
+        seen.inspect_doc.data["text/plain"])
       assert.matches("lpar.timeit: function\ndefined at .*timeit.lua:%d+", seen.inspect.data["text/plain"])
       assert.equal(3, #seen.history.history)
       assert.equal("%%px --foo\nprint('ran here')", seen.history.history[3][3]) -- the whole cell

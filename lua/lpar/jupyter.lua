@@ -27,7 +27,36 @@ local DELIMITER = "<IDS|MSG>"
 jupyter.EMPTY_LIST = "\1lpar-empty-list\1"
 local EMPTY_JSON = '"\\u0001lpar-empty-list\\u0001"'
 
+--- `s` with each byte that is not part of valid UTF-8 replaced by U+FFFD:
+-- JSON text is UTF-8, and a cell may print any bytes.
+local function valid_utf8(s)
+  if utf8.len(s) then return s end
+  local out, i = {}, 1
+  while i <= #s do
+    local ok, bad = utf8.len(s, i)
+    if ok then
+      out[#out + 1] = s:sub(i)
+      break
+    end
+    out[#out + 1] = s:sub(i, bad - 1)
+    out[#out + 1] = "\u{FFFD}"
+    i = bad + 1
+  end
+  return table.concat(out)
+end
+jupyter.valid_utf8 = valid_utf8
+
+local function clean(t, depth)
+  if depth > 20 then return end
+  for k, v in pairs(t) do
+    if type(v) == "string" then t[k] = valid_utf8(v)
+    elseif type(v) == "table" then clean(v, depth + 1) end
+  end
+end
+
+--- JSON text of a message part (its strings made valid UTF-8 in place).
 function jupyter.encode(value)
+  if type(value) == "table" then clean(value, 0) end
   local text = cjson.encode(value)
   if text:find(EMPTY_JSON, 1, true) then text = text:gsub(EMPTY_JSON:gsub("%p", "%%%0"), "[]") end
   -- cjson escapes every "/" as "\/"; JSON does not need it (and only that
