@@ -38,6 +38,25 @@ def wait_for(pred, timeout=TIMEOUT):
         time.sleep(0.01)
 
 
+def ready(kc):
+    """Wait for the kernel, and for iopub to carry its messages: a SUB socket
+    misses what was published before its subscription reached the kernel, so
+    kernel_info is asked until its idle status comes on iopub too."""
+    kc.wait_for_ready(timeout=TIMEOUT)
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        msg_id = kc.kernel_info()
+        try:
+            while True:
+                m = kc.get_iopub_msg(timeout=0.2)
+                if (m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status"
+                        and m["content"]["execution_state"] == "idle"):
+                    return
+        except Exception:
+            continue
+    raise TimeoutError("iopub never carried a status")
+
+
 class Driver:
     def __init__(self, kc):
         self.kc = kc
@@ -94,7 +113,7 @@ def protocol(log_path):
     kc.start_channels()
     d = Driver(kc)
     try:
-        kc.wait_for_ready(timeout=TIMEOUT)
+        ready(kc)
         seen["ready_seconds"] = time.time() - t0
         seen["kernel_pid"] = km.provisioner.process.pid
         info = d.reply(kc.kernel_info())["content"]
@@ -214,7 +233,7 @@ def standalone(lpar_dir):
     kc.start_channels()
     d = Driver(kc)
     try:
-        kc.wait_for_ready(timeout=TIMEOUT)
+        ready(kc)
         seen["start"] = d.run("%cluster start -n 2 --profile kspec", timeout=60)
         seen["px"] = d.run("%px print('standalone ' .. lpar.engine.id)")
         seen["list"] = d.run("%cluster list")
@@ -225,6 +244,25 @@ def standalone(lpar_dir):
         if km.has_kernel and km.is_alive():
             km.shutdown_kernel(now=True)
     print(json.dumps(seen))
+
+
+def orphan():
+    """Start a kernel with engines, report the pids, and die without a word."""
+    km = KernelManager(kernel_name="lpar")
+    km.start_kernel(stderr=subprocess.DEVNULL)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        ready(kc)
+        d = Driver(kc)
+        d.run("rc = lpar.Cluster{n = 2}:start_and_connect()")
+        r = d.run("print(rc:queue_status()[0].pid, rc:queue_status()[1].pid)")
+        pids = [int(p) for p in streams(r).split()]
+        print(json.dumps({"kernel_pid": km.provisioner.process.pid, "engine_pids": pids}), flush=True)
+    except BaseException:
+        km.shutdown_kernel(now=True)
+        raise
+    os._exit(0)  # no shutdown_request, no kill: the kernel must notice
 
 
 def notebook(path, out_path):
@@ -259,6 +297,8 @@ def notebook(path, out_path):
 if __name__ == "__main__":
     if sys.argv[1] == "protocol":
         protocol(sys.argv[2])
+    elif sys.argv[1] == "orphan":
+        orphan()
     elif sys.argv[1] == "standalone":
         standalone(sys.argv[2])
     elif sys.argv[1] == "notebook":

@@ -237,6 +237,24 @@ describe("lpar kernel", function()
     end)
   end)
 
+  describe("without its frontend", function()
+    local seen
+    lazy_teardown(function()
+      if seen then kill_all(seen.engine_pids) kill_all({ seen.kernel_pid }) end
+    end)
+
+    it("ends, with its engines, when the process that started it dies", function()
+      seen = drive("orphan", 60)
+      assert.equal(2, #seen.engine_pids)
+      local gone = helpers.poll(function()
+        if helpers.alive(seen.kernel_pid) then return false end
+        for _, pid in ipairs(seen.engine_pids) do if helpers.alive(pid) then return false end end
+        return true
+      end, 10)
+      assert.is_true(gone, "the kernel or its engines outlived the frontend")
+    end)
+  end)
+
   describe("with standalone clusters", function()
     local dir
     lazy_setup(function()

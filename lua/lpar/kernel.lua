@@ -607,6 +607,18 @@ function kernel.run(path)
   pipe:start("r", function()
     if zmq.drain_interrupts() > 0 then self:interrupt_engines() end
   end)
+  -- A kernel whose frontend died without shutting it down ends too (as
+  -- ipykernel's parent poller does): its parent is then someone else.
+  local parent = uv.os_getppid()
+  local orphan = uv.new_timer()
+  orphan:start(1000, 1000, function()
+    if uv.os_getppid() ~= parent and not self.done then
+      self.log("the frontend (pid " .. math.tointeger(parent) .. ") is gone: shutting down")
+      self.done = true
+      if self.cell then zmq.interrupt() end
+    end
+  end)
+  orphan:unref()
   jupyter.publish(conn, "status", { execution_state = "starting" })
   while not self.done do
     local msg = self:next_request()
@@ -619,6 +631,7 @@ function kernel.run(path)
   end
   pipe:stop()
   pipe:unref()
+  orphan:stop()
   jupyter.close(conn)
   -- Clusters this kernel started stop now, whatever cells kept them in.
   _G.rc, _G.dview = nil, nil
