@@ -95,8 +95,6 @@ static void *heartbeat_main(void *arg) {
       if (zmq_errno() == ETERM) break;
     }
   }
-  int linger = 0;
-  zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
   zmq_close(s);
   return NULL;
 }
@@ -108,6 +106,12 @@ static int l_heartbeat(lua_State *L) {
   if (c->nthreads >= 2) return luaL_error(L, "the heartbeat already runs");
   void *s = zmq_socket(c->ctx, ZMQ_REP);
   if (s == NULL) return push_zmq_error(L, "zmq_socket(REP)");
+  int linger = 0;
+  if (zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger) != 0) {
+    int n = push_zmq_error(L, "zmq_setsockopt(ZMQ_LINGER)");
+    zmq_close(s);
+    return n;
+  }
   if (zmq_bind(s, endpoint) != 0) {
     int n = push_zmq_error(L, "zmq_bind");
     zmq_close(s);
@@ -160,7 +164,10 @@ static int recv_frames(void *from, zmq_msg_t *frames, int *nframes) {
   int n = 0, more = 1, dropped = 0;
   while (more) {
     zmq_msg_t m;
-    zmq_msg_init(&m);
+    if (zmq_msg_init(&m) != 0) {
+      for (int i = 0; i < n; i++) zmq_msg_close(&frames[i]);
+      return -1;
+    }
     int rc;
     do rc = zmq_msg_recv(&m, from, 0);
     while (rc < 0 && zmq_errno() == EINTR);
@@ -277,6 +284,7 @@ static int l_control_relay(lua_State *L) {
   const char *failed = NULL;
   if (!outside || !inside || !u->s) failed = "zmq_socket";
   else if (zmq_setsockopt(outside, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
+           zmq_setsockopt(inside, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
            zmq_setsockopt(u->s, ZMQ_LINGER, &linger, sizeof linger) != 0)
     failed = "zmq_setsockopt(ZMQ_LINGER)";
   else if (zmq_bind(outside, endpoint) != 0) failed = "zmq_bind";
