@@ -133,6 +133,27 @@ def protocol(log_path):
                      "print(table.concat(p, ' '))")
         seen["engine_pids"] = [int(p) for p in streams(pids).split()]
         seen["streams"] = d.run("%px print('engine ' .. lpar.engine.id)\n%px a = lpar.engine.id * 10")
+        # Output streams while the cell runs: the engine's early line comes a
+        # second before the cell ends. (An engine sends its output on a write
+        # 50 ms after the last send, so a second line, 0.1 s later, sends both.)
+        msg_id = kc.execute("%%px --targets 1\nlocal function spin(s) local t = os.clock() "
+                            "while os.clock() - t < s do end end\n"
+                            "print('early') spin(0.1) print('tick') spin(1)")
+        early = None
+        while True:
+            m = kc.get_iopub_msg(timeout=TIMEOUT)
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            if m["msg_type"] == "stream" and "early" in m["content"]["text"] and early is None:
+                early = time.time()
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                break
+        done = time.time()
+        d.reply(msg_id)
+        seen["streaming"] = {"early_before_end": None if early is None else done - early}
+        r = d.run("for i = 1, 100000 do print(i) end")
+        seen["many_lines"] = {"messages": sum(1 for o in r["outputs"] if o["type"] == "stream"),
+                              "lines": streams(r).count("\n"), "last": streams(r)[-7:]}
         seen["remote_error"] = d.run("%px if lpar.engine.id == 2 then error('boom') end")
         seen["grouped_error"] = d.run("%px error('same everywhere')")
 

@@ -139,6 +139,15 @@ describe("lpar kernel", function()
       for id = 0, 3 do assert.matches("%[stdout:" .. id .. "%] engine " .. id .. "\n", got) end
     end)
 
+    it("streams engine output while the cell runs, and gathers many prints into few messages", function()
+      local early = seen.streaming.early_before_end
+      assert.is_truthy(early, "the engine's early line never came")
+      assert.is_true(early > 0.5, "the early line came only " .. early .. " s before the end")
+      assert.equal(100000, seen.many_lines.lines)
+      assert.equal("100000\n", seen.many_lines.last)
+      assert.is_true(seen.many_lines.messages < 200, seen.many_lines.messages .. " stream messages")
+    end)
+
     it("makes an engine's error the cell's error, naming the engine; identical ones grouped", function()
       local r = seen.remote_error.reply
       assert.equal("error", r.status)
@@ -295,9 +304,11 @@ describe("lpar kernel", function()
       end
       assert.equal("{0, 1, 2, 3}", by_source["rc = lpar.Cluster{n = 4}:start_and_connect()"][1].text)
       local px = {}
-      for _, o in ipairs(by_source["%%px --targets 0::2 --local"]) do px[#px + 1] = o.text end
+      for _, o in ipairs(by_source["%%px --targets 0::2 --local"]) do
+        for line in o.text:gmatch("[^\n]+") do px[#px + 1] = line end
+      end
       table.sort(px)
-      assert.same({ "10\n", "[stdout:0] 10\n", "[stdout:2] 10\n" }, px)
+      assert.same({ "10", "[stdout:0] 10", "[stdout:2] 10" }, px)
       local images = by_source["%%px --targets 0::2"]
       assert.equal(2, #images)
       for _, o in ipairs(images) do

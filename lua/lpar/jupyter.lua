@@ -19,6 +19,9 @@ local core = require "lpar.core"
 
 local jupyter = {}
 
+-- The process's stderr, for the kernel's log: a cell's io.stderr is its output.
+local stderr = io.stderr
+
 jupyter.PROTOCOL_VERSION = "5.3"
 local DELIMITER = "<IDS|MSG>"
 
@@ -216,12 +219,12 @@ function Channel:drain()
     while not self.closed and self.sock:readable() do
       local frames, err = self.sock:recv()
       if frames == nil then
-        io.stderr:write(string.format("lpar kernel: %s socket: %s\n", self.name, err))
+        stderr:write(string.format("lpar kernel: %s socket: %s\n", self.name, err))
         break
       end
       if not frames then break end
       local ok, herr = xpcall(self.on_message, debug.traceback, frames)
-      if not ok then io.stderr:write("lpar kernel: ", tostring(herr), "\n") end
+      if not ok then stderr:write("lpar kernel: ", tostring(herr), "\n") end
     end
   until not self.again or self.closed
   self.draining = false
@@ -230,7 +233,7 @@ end
 function Channel:send(frames)
   if self.closed then return nil, "closed" end
   local ok, err = self.sock:send(frames)
-  if not ok then io.stderr:write(string.format("lpar kernel: %s socket: %s\n", self.name, err)) end
+  if not ok then stderr:write(string.format("lpar kernel: %s socket: %s\n", self.name, err)) end
   self:drain() -- a send can consume the edge of a message that arrived meanwhile
   return ok, err
 end

@@ -35,11 +35,35 @@ Kernel.__index = Kernel
 --- Publish on iopub, caused by the request being served.
 function Kernel:publish(msg_type, content)
   if self.silent then return end
+  self:flush_stream() -- what was printed before comes first
   jupyter.publish(self.conn, msg_type, content, self.parent)
 end
 
+-- Output is gathered into one stream message per burst, as ipykernel does:
+-- sent when the other stream writes, when anything else is published, when
+-- 64 KiB are waiting, at the end of the cell, and every 50 ms while the
+-- cell waits on engines (the loop runs then). A cell printing a million
+-- lines sends a few hundred messages, not a million.
+local STREAM_FLUSH_BYTES, STREAM_FLUSH_MS = 65536, 50
+
+function Kernel:flush_stream()
+  local b = self.stream_buffer
+  if #b.parts == 0 then return end
+  local text = table.concat(b.parts)
+  b.parts, b.size = {}, 0
+  jupyter.publish(self.conn, "stream", { name = b.name, text = text }, self.parent)
+end
+
 function Kernel:stream(name, text)
-  if text ~= "" then self:publish("stream", { name = name, text = text }) end
+  if text == "" or self.silent then return end
+  local b = self.stream_buffer
+  if b.name ~= name then
+    self:flush_stream()
+    b.name = name
+  end
+  b.parts[#b.parts + 1] = text
+  b.size = b.size + #text
+  if b.size >= STREAM_FLUSH_BYTES then self:flush_stream() end
 end
 
 --- A file-like object whose writes become stream messages. The engines'
@@ -315,7 +339,10 @@ function Kernel:execute_code(code)
   local co = coroutine.create(function() return self:run_cell(code) end)
   self.cell = co
   zmq.interrupt_target(co, true)
+  self.flusher:again()
   local ok, err = coroutine.resume(co)
+  self.flusher:stop()
+  self:flush_stream()
   if ok and coroutine.status(co) ~= "dead" then
     ok, err = false, "a cell cannot yield at its top level"
   end
@@ -571,8 +598,10 @@ end
 
 --- Run the kernel until a shutdown request. Returns an exit status.
 function kernel.run(path)
-  local self = setmetatable({ queue = {}, history = {}, count = 0 }, Kernel)
-  self.log = function(text) io.stderr:write("lpar kernel: ", text, "\n") io.stderr:flush() end
+  local self = setmetatable({ queue = {}, history = {}, count = 0, stream_buffer = { parts = {}, size = 0 } },
+    Kernel)
+  local stderr = io.stderr
+  self.log = function(text) stderr:write("lpar kernel: ", text, "\n") stderr:flush() end
   local interrupts = assert(zmq.interrupt_pipe()) -- first: the control relay uses its handler
   local ok, conn = pcall(jupyter.open, path, {
     shell = function(msg) self:on_shell(msg) end,
@@ -591,6 +620,10 @@ function kernel.run(path)
   function self.session.write(_, ...) io.stdout:write(...) end
   _G.lpar = lpar
   lpar.display = function(bundle, metadata) self:display(bundle, metadata) end
+  self.flusher = uv.new_timer()
+  self.flusher:start(STREAM_FLUSH_MS, STREAM_FLUSH_MS, function() self:flush_stream() end)
+  self.flusher:stop() -- armed by each cell (timer:again)
+  self.flusher:unref()
   self.progress_ids = setmetatable({}, { __mode = "k" })
   require("lpar.asyncresult").progress = function(...) self:progress(...) end
   local plot = require "lpar.plot"
