@@ -181,6 +181,9 @@ def protocol(log_path):
         seen["autopx"] = [d.run("%autopx"), d.run("print('auto ' .. lpar.engine.id)"), d.run("%autopx"),
                           d.run("print('back here')")]
         seen["unknown_option"] = d.run("%%px --foo\nprint('ran here')")
+        seen["timeit_cell"] = d.run("%%timeit -n 10 -r 2\nlocal x = 1")
+        seen["help"] = d.run("%help")
+        seen["bad_request"] = d.request("complete", code=42, cursor_pos="x")
         seen["complete_rc"] = d.request("complete", code="rc:vi", cursor_pos=5)
 
         seen["complete_math"] = d.request("complete", code="x = math.fl", cursor_pos=11)
@@ -213,6 +216,15 @@ def protocol(log_path):
         cr = kc.get_control_msg(timeout=TIMEOUT)
         seen["interrupt_local"] = {"seconds": time.time() - t1, "reply": r["content"],
                                    "control_reply": cr["msg_type"]}
+        d.collect(msg_id)
+
+        # Interrupt local Lua by signal.
+        msg_id = kc.execute("io.open('%s/local2', 'w'):close()\nwhile true do end" % signs)
+        wait_for(lambda: os.path.exists(signs + "/local2"))
+        t1 = time.time()
+        km.interrupt_kernel()
+        r = d.reply(msg_id, timeout=10)
+        seen["interrupt_local_signal"] = {"seconds": time.time() - t1, "reply": r["content"]}
         d.collect(msg_id)
         shutil.rmtree(signs)
 

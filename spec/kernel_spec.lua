@@ -207,7 +207,9 @@ describe("lpar kernel", function()
         seen.inspect_doc.data["text/plain"])
       assert.matches("lpar.timeit: function\ndefined at .*timeit.lua:%d+", seen.inspect.data["text/plain"])
       assert.equal(3, #seen.history.history)
-      assert.equal("%%px --foo\nprint('ran here')", seen.history.history[3][3]) -- the whole cell
+      local inputs = {}
+      for _, h in ipairs(seen.history.history) do inputs[#inputs + 1] = h[3] end
+      assert.same({ "%%px --foo\nprint('ran here')", "%%timeit -n 10 -r 2\nlocal x = 1", "%help" }, inputs)
       assert.same({}, seen.comm_info.comms)
     end)
 
@@ -223,6 +225,17 @@ describe("lpar kernel", function()
       assert.is_true(seen.interrupt_local.seconds < 2, "took " .. seen.interrupt_local.seconds .. " s")
       assert.equal("KeyboardInterrupt", seen.interrupt_local.reply.ename)
       assert.equal("interrupt_reply", seen.interrupt_local.control_reply)
+    end)
+
+    it("interrupts local Lua by signal too", function()
+      assert.is_true(seen.interrupt_local_signal.seconds < 2)
+      assert.equal("KeyboardInterrupt", seen.interrupt_local_signal.reply.ename)
+    end)
+
+    it("runs %%timeit and %help, and answers a request it cannot serve with an error", function()
+      assert.matches("^10 loops, best of 2: [%d.]+ %S+ per loop\n$", table.concat(texts(seen.timeit_cell, "stream")))
+      assert.matches("%%cluster start %-n N", table.concat(texts(seen.help, "stream")))
+      assert.equal("error", seen.bad_request.status)
     end)
 
     it("drops a message with a wrong signature, logs it and goes on serving", function()

@@ -572,7 +572,15 @@ function Kernel:serve(msg)
   self.parent = msg
   jupyter.publish(self.conn, "status", { execution_state = "busy" }, msg)
   local ok, err = xpcall(handler, debug.traceback, self, msg)
-  if not ok then self.log("error serving " .. t .. ": " .. tostring(err)) end
+  if not ok then
+    -- A request the kernel failed to serve still gets its reply: a frontend
+    -- would wait for it forever.
+    self.log("error serving " .. t .. ": " .. tostring(err))
+    jupyter.reply(self.conn, msg, (t:gsub("_request$", "_reply")), {
+      status = "error", ename = "KernelError", evalue = tostring(err):match("^[^\n]*"),
+      traceback = { tostring(err) },
+    })
+  end
   jupyter.publish(self.conn, "status", { execution_state = "idle" }, msg)
   self.parent = nil
 end
