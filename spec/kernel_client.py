@@ -181,6 +181,14 @@ def protocol(log_path):
         seen["autopx"] = [d.run("%autopx"), d.run("print('auto ' .. lpar.engine.id)"), d.run("%autopx"),
                           d.run("print('back here')")]
         seen["unknown_option"] = d.run("%%px --foo\nprint('ran here')")
+        msg_id = kc.execute("io.write('name? ')\nanswer = io.read()\nprint('hello ' .. answer)",
+                            allow_stdin=True)
+        request = kc.get_stdin_msg(timeout=TIMEOUT)
+        kc.input("lpar")
+        outs = d.collect(msg_id)
+        seen["input"] = {"request": request["msg_type"], "reply": d.reply(msg_id)["content"],
+                         "outputs": outs}
+        seen["no_input"] = d.run("io.read()", allow_stdin=False)
         seen["timeit_cell"] = d.run("%%timeit -n 10 -r 2\nlocal x = 1")
         seen["help"] = d.run("%help")
         seen["bad_request"] = d.request("complete", code=42, cursor_pos="x")

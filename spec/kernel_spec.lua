@@ -209,7 +209,8 @@ describe("lpar kernel", function()
       assert.equal(3, #seen.history.history)
       local inputs = {}
       for _, h in ipairs(seen.history.history) do inputs[#inputs + 1] = h[3] end
-      assert.same({ "%%px --foo\nprint('ran here')", "%%timeit -n 10 -r 2\nlocal x = 1", "%help" }, inputs)
+      -- the last three cells, a two-line one whole
+      assert.same({ "io.read()", "%%timeit -n 10 -r 2\nlocal x = 1", "%help" }, inputs)
       assert.same({}, seen.comm_info.comms)
     end)
 
@@ -230,6 +231,14 @@ describe("lpar kernel", function()
     it("interrupts local Lua by signal too", function()
       assert.is_true(seen.interrupt_local_signal.seconds < 2)
       assert.equal("KeyboardInterrupt", seen.interrupt_local_signal.reply.ename)
+    end)
+
+    it("reads io.read's input from the frontend (input_request), when it takes input", function()
+      assert.equal("input_request", seen.input.request)
+      assert.equal("ok", seen.input.reply.status)
+      assert.same({ "name? ", "hello lpar\n" }, texts(seen.input, "stream"))
+      assert.equal("error", seen.no_input.reply.status)
+      assert.matches("takes no input", seen.no_input.reply.evalue)
     end)
 
     it("runs %%timeit and %help, and answers a request it cannot serve with an error", function()

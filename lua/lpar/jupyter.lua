@@ -2,7 +2,7 @@
 -- A connection file names five ports on one address; the kernel binds
 --   shell (ROUTER)   requests and their replies
 --   control (ROUTER) the same, served even while a cell runs (interrupt, shutdown)
---   stdin (ROUTER)   bound, unused: cells cannot read input yet
+--   stdin (ROUTER)   io.read in a cell: input_request, input_reply
 --   iopub (PUB)      status, streams, results, display data, errors
 --   hb (REP)         an echo, on a thread of its own (lpar.zmq's heartbeat)
 -- A message on the wire is [identities..., "<IDS|MSG>", signature, header,
@@ -284,6 +284,12 @@ end
 --- Reply to `msg` on the channel it came on.
 function jupyter.reply(conn, msg, msg_type, content)
   return conn[msg.channel]:send(conn.session:frames(msg_type, content, msg, msg.idents))
+end
+
+--- Send on `channel` to the frontend that sent `msg` (an input_request on
+-- stdin goes to the identity of the shell request that asked for it).
+function jupyter.reply_on(conn, name, msg, msg_type, content)
+  return conn[name]:send(conn.session:frames(msg_type, content, msg, msg.idents))
 end
 
 --- Publish on iopub, caused by `parent`.

@@ -323,8 +323,32 @@ end
 
 --- Run a cell in its own coroutine, with print and io.write going to iopub.
 -- Returns nil on success, else the error value.
+--- io.read in a cell: an input_request to the frontend on the stdin
+-- channel, and its input_reply's value (formats "l", "L", "n"; "a" reads one
+-- line too). A frontend that takes no input makes it an error.
+function Kernel:read_input(fmt)
+  local msg = self.parent
+  if not (msg and msg.content.allow_stdin) then
+    error("io.read: this frontend takes no input (allow_stdin is false)", 2)
+  end
+  self:flush_stream() -- the prompt the cell printed comes first
+  self.input = nil
+  jupyter.reply_on(self.conn, "stdin", msg, "input_request", { prompt = "", password = false })
+  require("lpar.wait").until_done(function() return self.input ~= nil end)
+  local value = self.input
+  self.input = nil
+  fmt = type(fmt) == "string" and fmt:gsub("^%*", "") or fmt
+  if fmt == "n" then return tonumber(value) end
+  if fmt == "L" then return value .. "\n" end
+  return value
+end
+
+function Kernel:on_stdin(msg)
+  if msg.header.msg_type == "input_reply" then self.input = tostring(msg.content.value or "") end
+end
+
 function Kernel:execute_code(code)
-  local saved = { print = print, stdout = io.stdout, stderr = io.stderr, write = io.write }
+  local saved = { print = print, stdout = io.stdout, stderr = io.stderr, write = io.write, read = io.read }
   local out, err_out = self:stream_file("stdout"), self:stream_file("stderr")
   _G.print = function(...)
     local parts = table.pack(...)
@@ -334,6 +358,7 @@ function Kernel:execute_code(code)
   -- luacheck: push ignore 122 (io's fields are the cell's output while it runs)
   io.stdout, io.stderr = out, err_out
   io.write = function(...) out:write(...) return out end
+  io.read = function(fmt) return self:read_input(fmt) end
   -- luacheck: pop
   self.result = nil
   local co = coroutine.create(function() return self:run_cell(code) end)
@@ -350,7 +375,7 @@ function Kernel:execute_code(code)
   self.cell = nil
   zmq.drain_interrupts() -- served: a late interrupt must not hit the next cell
   _G.print = saved.print
-  io.stdout, io.stderr, io.write = saved.stdout, saved.stderr, saved.write -- luacheck: ignore 122
+  io.stdout, io.stderr, io.write, io.read = saved.stdout, saved.stderr, saved.write, saved.read -- luacheck: ignore 122
   if ok then return nil end
   if type(err) == "table" and err.cell_error ~= nil then err = err.cell_error end
   return err
@@ -614,7 +639,7 @@ function kernel.run(path)
   local ok, conn = pcall(jupyter.open, path, {
     shell = function(msg) self:on_shell(msg) end,
     control = function(msg) self:serve(msg) end,
-    stdin = function() end,
+    stdin = function(msg) self:on_stdin(msg) end,
     log = self.log,
   })
   if not ok then
