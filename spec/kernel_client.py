@@ -279,6 +279,7 @@ def standalone(lpar_dir):
         seen["px"] = d.run("%px print('standalone ' .. lpar.engine.id)")
         seen["list"] = d.run("%cluster list")
         seen["stop"] = d.run("%cluster stop --profile kspec", timeout=60)
+        seen["after_stop"] = d.run("rc == nil")
         km.shutdown_kernel(now=False)
     finally:
         kc.stop_channels()

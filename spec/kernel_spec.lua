@@ -304,6 +304,7 @@ describe("lpar kernel", function()
       assert.matches("%[stdout:1%] standalone 1", got)
       assert.matches("kspec%s+%d+%s+2/2", table.concat(texts(seen.list, "stream")))
       assert.matches('stopped cluster "kspec"', table.concat(texts(seen.stop, "stream")))
+      assert.same({ "true" }, texts(seen.after_stop, "execute_result")) -- its Client was closed first
       local list = helpers.run("LPAR_DIR=" .. sh(dir) .. " " .. helpers.lpar .. " cluster list 2>&1")
       assert.matches("no clusters", list)
     end)

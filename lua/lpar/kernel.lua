@@ -230,12 +230,18 @@ function Kernel:cluster_magic(args)
     local pid, address = commands.start_daemon(name, { "-n", tostring(n) })
     if not pid then cell_error(address) end
     local rc = lpar.Client { profile = name }
+    self.cluster_clients[name] = rc
     _G.rc, _G.dview = rc, rc:view()
     _G.dview.block = true
     print(string.format("cluster %q: %d engines, controller pid %d on %s; rc is its Client, dview a blocking view",
       name, #rc, pid, address))
   elseif sub == "stop" then
-    if _G.rc and _G.rc._hub and _G.rc._hub.profile == name then pcall(_G.rc.close, _G.rc) end
+    local rc = self.cluster_clients[name] -- detach first: the cluster is going away
+    self.cluster_clients[name] = nil
+    if rc then
+      pcall(rc.close, rc)
+      if _G.rc == rc then _G.rc, _G.dview = nil, nil end
+    end
     local ok, said = pcall(commands.stop_cluster, name)
     if not ok then cell_error(said) end
     print(said)
@@ -321,8 +327,6 @@ function Kernel:run_cell(code)
   flush()
 end
 
---- Run a cell in its own coroutine, with print and io.write going to iopub.
--- Returns nil on success, else the error value.
 --- io.read in a cell: an input_request to the frontend on the stdin
 -- channel, and its input_reply's value (formats "l", "L", "n"; "a" reads one
 -- line too). A frontend that takes no input makes it an error.
@@ -347,6 +351,8 @@ function Kernel:on_stdin(msg)
   if msg.header.msg_type == "input_reply" then self.input = tostring(msg.content.value or "") end
 end
 
+--- Run a cell in its own coroutine, with print and io.write going to iopub.
+-- Returns nil on success, else the error value.
 function Kernel:execute_code(code)
   local saved = { print = print, stdout = io.stdout, stderr = io.stderr, write = io.write, read = io.read }
   local out, err_out = self:stream_file("stdout"), self:stream_file("stderr")
@@ -631,8 +637,8 @@ end
 
 --- Run the kernel until a shutdown request. Returns an exit status.
 function kernel.run(path)
-  local self = setmetatable({ queue = {}, history = {}, count = 0, stream_buffer = { parts = {}, size = 0 } },
-    Kernel)
+  local self = setmetatable({ queue = {}, history = {}, count = 0, stream_buffer = { parts = {}, size = 0 },
+    cluster_clients = {} }, Kernel)
   local stderr = io.stderr
   self.log = function(text) stderr:write("lpar kernel: ", text, "\n") stderr:flush() end
   local interrupts = assert(zmq.interrupt_pipe()) -- first: the control relay uses its handler
