@@ -241,6 +241,12 @@ def protocol(log_path):
         forger.send(kc.shell_channel.socket, "execute_request",
                     {"code": "forged = true", "silent": False, "store_history": True,
                      "user_expressions": {}, "allow_stdin": False})
+        # A forged interrupt on the control channel: the relay thread checks
+        # the signature before it stops anything, so the cell runs to its end.
+        msg_id = kc.execute("local t = os.clock() while os.clock() - t < 0.5 do end\n'finished'")
+        forger.send(kc.control_channel.socket, "interrupt_request", {})
+        outs = d.collect(msg_id)
+        seen["forged_interrupt"] = {"reply": d.reply(msg_id)["content"], "outputs": outs}
         seen["after_forgery"] = d.run("forged == nil")
         seen["forged_ran"] = d.run("forged")
 

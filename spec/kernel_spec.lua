@@ -250,10 +250,13 @@ describe("lpar kernel", function()
     it("drops a message with a wrong signature, logs it and goes on serving", function()
       assert.same({ "true" }, texts(seen.after_forgery, "execute_result"))
       assert.same({ "nil" }, texts(seen.forged_ran, "execute_result"))
+      assert.equal("ok", seen.forged_interrupt.reply.status) -- a forged interrupt stops nothing
+      assert.same({ '"finished"' }, texts(seen.forged_interrupt, "execute_result"))
       local f = assert(io.open(prefix .. "/kernel.log"))
       local log = f:read("a")
       f:close()
       assert.matches("dropped a message on shell: bad signature", log)
+      assert.matches("dropped a message on control: bad signature", log)
     end)
 
     it("shuts down on request, leaving no engine behind", function()
