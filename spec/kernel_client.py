@@ -214,6 +214,18 @@ def protocol(log_path):
         d.collect(msg_id)
         seen["after_interrupt"] = d.run("%px print('alive', a)")
 
+        # The same by message, on the control channel: the error still shows
+        # under the cell.
+        msg_id = kc.execute("%%px\nio.open('" + signs + "/again-' .. lpar.engine.id, 'w'):close()\n"
+                            "while true do end")
+        wait_for(lambda: len([f for f in os.listdir(signs) if f.startswith("again-")]) == 4)
+        t1 = time.time()
+        kc.control_channel.send(kc.session.msg("interrupt_request", {}))
+        r = d.reply(msg_id, timeout=10)
+        kc.get_control_msg(timeout=TIMEOUT)
+        seen["interrupt_px_message"] = {"seconds": time.time() - t1, "reply": r["content"],
+                                        "outputs": d.collect(msg_id)}
+
         # Interrupt local Lua by message, on the control channel.
         msg_id = kc.execute("io.open('%s/local', 'w'):close()\nwhile true do end" % signs)
         wait_for(lambda: os.path.exists(signs + "/local"))
@@ -223,8 +235,7 @@ def protocol(log_path):
         r = d.reply(msg_id, timeout=10)
         cr = kc.get_control_msg(timeout=TIMEOUT)
         seen["interrupt_local"] = {"seconds": time.time() - t1, "reply": r["content"],
-                                   "control_reply": cr["msg_type"]}
-        d.collect(msg_id)
+                                   "control_reply": cr["msg_type"], "outputs": d.collect(msg_id)}
 
         # Interrupt local Lua by signal.
         msg_id = kc.execute("io.open('%s/local2', 'w'):close()\nwhile true do end" % signs)

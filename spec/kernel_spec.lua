@@ -222,10 +222,26 @@ describe("lpar kernel", function()
       for id = 0, 3 do assert.matches("%[stdout:" .. id .. "%] alive\t" .. id * 10, got) end
     end)
 
+    it("interrupts a running %px by an interrupt_request too, the error shown under the cell", function()
+      assert.is_true(seen.interrupt_px_message.seconds < 2)
+      assert.matches("interrupted", seen.interrupt_px_message.reply.evalue)
+      local shown
+      for _, o in ipairs(seen.interrupt_px_message.outputs) do
+        if o.type == "error" then shown = o.content.evalue end
+      end
+      assert.matches("interrupted", shown)
+    end)
+
     it("interrupts local Lua by an interrupt_request on the control channel", function()
       assert.is_true(seen.interrupt_local.seconds < 2, "took " .. seen.interrupt_local.seconds .. " s")
       assert.equal("KeyboardInterrupt", seen.interrupt_local.reply.ename)
       assert.equal("interrupt_reply", seen.interrupt_local.control_reply)
+      -- the error is shown under the cell, though the interrupt came on another channel
+      local shown
+      for _, o in ipairs(seen.interrupt_local.outputs) do
+        if o.type == "error" then shown = o.content.ename end
+      end
+      assert.equal("KeyboardInterrupt", shown)
     end)
 
     it("interrupts local Lua by signal too", function()

@@ -600,6 +600,9 @@ function Kernel:serve(msg)
     self.log("ignored a " .. tostring(t) .. " message")
     return
   end
+  -- A control request served while a cell runs must not take the cell's
+  -- parent: the cell's output and error still belong under the cell.
+  local outer = self.parent
   self.parent = msg
   jupyter.publish(self.conn, "status", { execution_state = "busy" }, msg)
   local ok, err = xpcall(handler, debug.traceback, self, msg)
@@ -613,7 +616,7 @@ function Kernel:serve(msg)
     })
   end
   jupyter.publish(self.conn, "status", { execution_state = "idle" }, msg)
-  self.parent = nil
+  self.parent = outer
 end
 
 function Kernel:on_shell(msg)
