@@ -602,6 +602,7 @@ function Kernel:serve(msg)
   end
   -- A control request served while a cell runs must not take the cell's
   -- parent: the cell's output and error still belong under the cell.
+  self:flush_stream() -- buffered output goes out under its own cell
   local outer = self.parent
   self.parent = msg
   jupyter.publish(self.conn, "status", { execution_state = "busy" }, msg)
