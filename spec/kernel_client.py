@@ -237,6 +237,16 @@ def protocol(log_path):
         seen["interrupt_local"] = {"seconds": time.time() - t1, "reply": r["content"],
                                    "control_reply": cr["msg_type"], "outputs": d.collect(msg_id)}
 
+        # Interrupt a local wait on an engine's task: the task stops too.
+        msg_id = kc.execute("spin = rc[1]:execute(\"io.open('" + signs + "/spin', 'w'):close() "
+                            "while true do end\")\nspin:get()")
+        wait_for(lambda: os.path.exists(signs + "/spin"))
+        km.interrupt_kernel()
+        r = d.reply(msg_id, timeout=10)
+        d.collect(msg_id)
+        seen["interrupt_wait"] = {"reply": r["content"],
+                                  "after": d.run("rc[1]:apply_sync(function() return 'free' end)", timeout=5)}
+
         # Interrupt local Lua by signal.
         msg_id = kc.execute("io.open('%s/local2', 'w'):close()\nwhile true do end" % signs)
         wait_for(lambda: os.path.exists(signs + "/local2"))

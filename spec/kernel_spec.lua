@@ -244,6 +244,11 @@ describe("lpar kernel", function()
       assert.equal("KeyboardInterrupt", shown)
     end)
 
+    it("interrupts a local wait on an engine's task, and the task with it", function()
+      assert.equal("error", seen.interrupt_wait.reply.status)
+      assert.same({ '"free"' }, texts(seen.interrupt_wait.after, "execute_result"))
+    end)
+
     it("interrupts local Lua by signal too", function()
       assert.is_true(seen.interrupt_local_signal.seconds < 2)
       assert.equal("KeyboardInterrupt", seen.interrupt_local_signal.reply.ename)

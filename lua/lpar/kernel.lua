@@ -572,9 +572,17 @@ function Kernel:comm_info_request(msg)
   jupyter.reply(self.conn, msg, "comm_info_reply", { status = "ok", comms = {} })
 end
 
+--- The stop button while a cell runs: the tasks this kernel's client has
+-- running on the engines are interrupted too (only those: a standalone
+-- cluster's engines may be running another client's tasks).
 function Kernel:interrupt_engines()
+  if not self.cell then return end
   local view = px.active_view()
-  if view and self.px_running then pcall(view.client.interrupt, view.client) end
+  local hub = view and view.client._hub
+  if not hub then return end
+  for id, rec in pairs(hub.pending) do
+    if rec.engine then pcall(hub.interrupt_task, hub, rec.engine, id) end
+  end
 end
 
 function Kernel:interrupt_request(msg)
