@@ -95,6 +95,15 @@ describe("lpar kernel", function()
       _, code = helpers.run(helpers.lpar .. " kernel uninstall --prefix " .. sh(other) .. " --name lpar2")
       assert.equal(0, code)
       assert.falsy((helpers.run(env .. " jupyter kernelspec list 2>&1")):find("lpar2"))
+      -- --user: the user's Jupyter data directory
+      local data = "JUPYTER_DATA_DIR=" .. sh(prefix .. "/userdata")
+      _, code = helpers.run(data .. " " .. helpers.lpar .. " kernel install --user")
+      assert.equal(0, code)
+      assert.matches("lpar%s+" .. (prefix .. "/userdata/kernels/lpar"):gsub("%p", "%%%0"),
+        (helpers.run(data .. " jupyter kernelspec list 2>&1")))
+      _, code = helpers.run(data .. " " .. helpers.lpar .. " kernel uninstall --user")
+      assert.equal(0, code)
+      assert.falsy((helpers.run(data .. " jupyter kernelspec list 2>&1")):find("userdata", 1, true))
       local msg
       msg, code = helpers.run(helpers.lpar .. " kernel install --user --prefix /x 2>&1")
       assert.equal(1, code)
