@@ -189,6 +189,10 @@ def protocol(log_path):
         seen["input"] = {"request": request["msg_type"], "reply": d.reply(msg_id)["content"],
                          "outputs": outs}
         seen["no_input"] = d.run("io.read()", allow_stdin=False)
+        d.run("--- Twice x.\nfunction twice(x)\n  return 2 * x\nend")
+        seen["inspect_cell"] = d.request("inspect", code="twice(3)", cursor_pos=2, detail_level=1)
+        d.run("%%px --noblock\nprint('nb ' .. lpar.engine.id)\nlpar.engine.id * 2")
+        seen["pxresult"] = d.run("%pxresult")
         seen["timeit_cell"] = d.run("%%timeit -n 10 -r 2\nlocal x = 1")
         seen["help"] = d.run("%help")
         seen["bad_request"] = d.request("complete", code=42, cursor_pos="x")

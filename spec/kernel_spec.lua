@@ -219,7 +219,7 @@ describe("lpar kernel", function()
       local inputs = {}
       for _, h in ipairs(seen.history.history) do inputs[#inputs + 1] = h[3] end
       -- the last three cells, a two-line one whole
-      assert.same({ "io.read()", "%%timeit -n 10 -r 2\nlocal x = 1", "%help" }, inputs)
+      assert.same({ "%pxresult", "%%timeit -n 10 -r 2\nlocal x = 1", "%help" }, inputs)
       assert.same({}, seen.comm_info.comms)
     end)
 
@@ -269,6 +269,20 @@ describe("lpar kernel", function()
       assert.same({ "name? ", "hello lpar\n" }, texts(seen.input, "stream"))
       assert.equal("error", seen.no_input.reply.status)
       assert.matches("takes no input", seen.no_input.reply.evalue)
+    end)
+
+    it("inspects a function defined in a cell: its doc comment and, with ??, its source", function()
+      assert.is_true(seen.inspect_cell.found)
+      assert.matches("^twice: function\ndefined at In%[%d+%]:2\nTwice x%.\nfunction twice%(x%)\n  return 2 %* x\nend$",
+        seen.inspect_cell.data["text/plain"])
+    end)
+
+    it("shows a non-blocking %%px cell's output and values with %pxresult", function()
+      local got = table.concat(texts(seen.pxresult, "stream"))
+      for id = 0, 3 do
+        assert.matches("%[stdout:" .. id .. "%] nb " .. id, got)
+        assert.matches("Out%[" .. id .. "%]: " .. id * 2 .. "\n", got)
+      end
     end)
 
     it("runs %%timeit and %help, and answers a request it cannot serve with an error", function()

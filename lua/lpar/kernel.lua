@@ -378,8 +378,10 @@ function Kernel:execute_code(code)
     ok, err = false, "a cell cannot yield at its top level"
   end
   zmq.interrupt_target(nil, false)
+  -- An interrupt whose hook stopped the cell before the loop read the pipe
+  -- still reaches the engines; and none is left over for the next cell.
+  if zmq.drain_interrupts() > 0 then self:interrupt_engines() end
   self.cell = nil
-  zmq.drain_interrupts() -- served: a late interrupt must not hit the next cell
   _G.print = saved.print
   io.stdout, io.stderr, io.write, io.read = saved.stdout, saved.stderr, saved.write, saved.read -- luacheck: ignore 122
   if ok then return nil end
@@ -480,16 +482,21 @@ function Kernel:complete_request(msg)
   })
 end
 
---- The doc comment above line `line` of `path` (the "--" lines just before).
-local function doc_comment(path, line)
+--- The first `last` lines of file `path` (all when nil), or nil.
+local function read_lines(path, last)
   local f = io.open(path, "r")
   if not f then return nil end
   local lines = {}
   for l in f:lines() do
     lines[#lines + 1] = l
-    if #lines >= line then break end
+    if last and #lines >= last then break end
   end
   f:close()
+  return lines
+end
+
+--- The doc comment above line `line` of `lines` (the "--" lines just before).
+local function doc_comment(lines, line)
   local doc = {}
   for i = line - 1, 1, -1 do
     local text = lines[i] and lines[i]:match("^%s*%-%-%-?%s?(.*)$")
@@ -501,7 +508,9 @@ end
 
 --- What is known of the name at the cursor: its type, value, and for a
 -- function where it was defined and its doc comment.
-function kernel.describe(name)
+-- With `detail` 1 or more (Jupyter's ??), a Lua function's source too: from
+-- its file, or from the cell that defined it (`cells(n)` gives cell n).
+function kernel.describe(name, detail, cells)
   local value = _G
   for part in name:gmatch("[^%.:]+") do
     if type(value) ~= "table" and type(value) ~= "userdata" then return nil end
@@ -517,8 +526,13 @@ function kernel.describe(name)
     else
       local path = info.source:match("^@(.*)$")
       lines[#lines + 1] = string.format("defined at %s:%d", path or info.short_src, info.linedefined)
-      local doc = path and doc_comment(path, info.linedefined)
+      local text = path and read_lines(path, info.lastlinedefined)
+        or cells and cells(math.tointeger(tonumber(info.source:match("^=In%[(%d+)%]$"))))
+      local doc = text and doc_comment(text, info.linedefined)
       if doc then lines[#lines + 1] = doc end
+      if text and (detail or 0) >= 1 then
+        lines[#lines + 1] = table.concat(text, "\n", info.linedefined, math.min(#text, info.lastlinedefined))
+      end
     end
   else
     lines[#lines + 1] = show(value)
@@ -532,7 +546,15 @@ function Kernel:inspect_request(msg)
   local word = word_at(code, cursor)
   local byte = utf8.offset(code, cursor + 1) or (#code + 1)
   word = word .. (code:sub(byte):match("^[%w_]*") or "")
-  local text = word ~= "" and kernel.describe(word)
+  local text = word ~= "" and kernel.describe(word, math.tointeger(msg.content.detail_level), function(n)
+    for _, h in ipairs(self.history) do
+      if h[1] == n then
+        local lines = {}
+        for l in (h[2] .. "\n"):gmatch("([^\n]*)\n") do lines[#lines + 1] = l end
+        return lines
+      end
+    end
+  end)
   jupyter.reply(self.conn, msg, "inspect_reply", {
     status = "ok", found = text and true or false,
     data = text and { ["text/plain"] = text } or {}, metadata = {},
