@@ -204,7 +204,16 @@ end
 
 --- Wait while drawing a progress bar on the terminal (tasks done, rate,
 -- time left), redrawn in place; silent when stdout is not a terminal.
+-- AsyncResult.progress, when set (the Jupyter kernel sets it), draws the
+-- bar instead: progress(ar, done, total, seconds, final).
 function methods:wait_interactive(interval)
+  local progress = AsyncResult.progress
+  if progress then
+    local t0 = core.now()
+    while not self:wait(interval or 0.1) do progress(self, self._done, #self._slots, core.now() - t0, false) end
+    progress(self, #self._slots, #self._slots, core.now() - t0, true)
+    return true
+  end
   local uv = require "luv"
   local tty = uv.guess_handle(1) == "tty"
   local total = #self._slots

@@ -49,7 +49,7 @@ local function main_parser(steps)
   return p
 end
 
---- The parser of `lpar cluster ...` and `lpar engine ...`.
+--- The parser of `lpar cluster ...`, `lpar engine ...` and `lpar kernel ...`.
 local function command_parser()
   local p = argparse("lpar", "Standalone clusters: start, stop, list and clean them, or join one.")
   p:command_target("command")
@@ -70,6 +70,18 @@ local function command_parser()
   local engine = p:command("engine", "Start an engine that joins a running standalone cluster.")
   engine:mutex(engine:option("--profile", "Profile name (default: default)."):argname("P"),
     engine:option("--file", "The cluster's connection file."):argname("CONNECTION_FILE"))
+  local kernel = p:command("kernel", "The Jupyter kernel (lpar kernel -f FILE), and its kernelspec.")
+  kernel:command_target("action")
+  kernel:require_command(false)
+  kernel:option("-f", "Run the kernel on this Jupyter connection file."):argname("CONNECTION_FILE")
+  for _, name in ipairs { "install", "uninstall" } do
+    local c = kernel:command(name, name == "install" and "Install the kernelspec, for Jupyter to find."
+      or "Remove the kernelspec.")
+    c:mutex(c:flag("--user", "In the user's Jupyter data directory."),
+      c:option("--prefix", "In DIR/share/jupyter/kernels."):argname("DIR"),
+      c:flag("--sys-prefix", "In Python's sys.prefix (/usr/local here)."))
+    c:option("--name", "The kernelspec's name."):argname("NAME"):default("lpar")
+  end
   return p
 end
 
@@ -162,7 +174,7 @@ local function run_main(argv)
   return finish(0)
 end
 
---- Run `lpar cluster ...` or `lpar engine ...`: returns an exit status.
+--- Run `lpar cluster ...`, `lpar engine ...` or `lpar kernel ...`: returns an exit status.
 local function run_command(argv)
   local p = command_parser()
   local ok, opts = p:pparse(argv)
@@ -173,7 +185,7 @@ end
 --- The lpar command: `argv` is its arguments (without the program name).
 -- Returns the exit status.
 function cli.main(argv)
-  if argv[1] == "cluster" or argv[1] == "engine" then return run_command(argv) end
+  if argv[1] == "cluster" or argv[1] == "engine" or argv[1] == "kernel" then return run_command(argv) end
   return run_main(argv)
 end
 

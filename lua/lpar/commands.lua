@@ -378,6 +378,7 @@ local ACTIONS = { start = cluster_start, stop = cluster_stop, list = cluster_lis
 function commands.run(opts, args)
   local ok, status = pcall(function()
     if opts.command == "engine" then return engine_join(opts) end
+    if opts.command == "kernel" then return require("lpar.kernelspec").main(opts) end
     return ACTIONS[opts.action](opts, args)
   end)
   if not ok then return fail("%s", tostring(status)) end

@@ -59,22 +59,41 @@ local function show(v, depth, seen)
 end
 prompt.show = show
 
+--- A traceback cut where the user's chunk was called: the frames below it
+-- (the prompt's, the kernel's) say nothing to the user.
+local function user_traceback(msg)
+  if type(msg) ~= "string" then return msg end -- an error object keeps its fields
+  local lines = {}
+  for line in debug.traceback(msg, 2):gmatch("[^\n]+") do
+    if line:find("[C]: in function 'xpcall'", 1, true) then break end
+    lines[#lines + 1] = line
+  end
+  return table.concat(lines, "\n")
+end
+prompt.user_traceback = user_traceback
+
 local function lpar_dir()
   return os.getenv("LPAR_DIR") or ((os.getenv("HOME") or ".") .. "/.lpar")
 end
 
 --- Split "--targets 0::2 --local" style options off a magic's arguments.
-local function parse_px_options(args)
+-- Returns the options and the other words; with `leading` (a %px line),
+-- options are read only up to the first other word, and the rest of the
+-- line is returned as it is: the code.
+local function parse_px_options(args, leading)
   local opts, rest = { block = true }, {}
-  local words = {}
-  for w in args:gmatch("%S+") do words[#words + 1] = w end
-  local i = 1
-  while i <= #words do
-    local w = words[i]
+  local pos = 1
+  while true do
+    local start, w, stop = args:match("^%s*()(%S+)()", pos)
+    if not start then break end
+    local function value(what)
+      local _, v, after = args:match("^%s*()(%S+)()", stop)
+      if not v then error("%px: " .. what .. " needs a value", 0) end
+      stop = after
+      return v
+    end
     if w == "--targets" or w == "--target" or w == "-t" then
-      i = i + 1
-      local t = words[i]
-      if t == nil then error("%%px: --targets needs a value", 0) end
+      local t = value(w)
       opts.targets = (t == "all") and nil or (math.tointeger(tonumber(t)) or t)
     elseif w == "--local" then
       opts.locally = true
@@ -83,15 +102,16 @@ local function parse_px_options(args)
     elseif w == "--noblock" then
       opts.block = false
     elseif w == "--group-outputs" then
-      i = i + 1
-      opts.group_outputs = words[i]
+      opts.group_outputs = value(w)
       if opts.group_outputs ~= "engine" and opts.group_outputs ~= "order" then
-        error("%%px: --group-outputs takes engine or order", 0)
+        error("%px: --group-outputs takes engine or order", 0)
       end
+    elseif leading then
+      return opts, args:sub(start)
     else
       rest[#rest + 1] = w
     end
-    i = i + 1
+    pos = stop
   end
   return opts, table.concat(rest, " ")
 end
@@ -149,19 +169,28 @@ function Session:read_cell()
   while true do
     local line = self.rl.readline(">> ")
     if line == nil or line:match("^%s*$") then break end
+    self.rl.add_history(line) -- the whole cell comes back with Up, not its first line only
     lines[#lines + 1] = line
   end
   return table.concat(lines, "\n")
 end
 
-function Session:magic(line)
+--- Run a magic line; `body` is a %% magic's cell (read from the prompt when nil).
+function Session:magic(line, body)
   local name, args = line:match("^(%%%%?[%w_]+)%s*(.*)$")
   if name == "%px" then
-    self:px(args)
-  elseif name == "%%px" then
-    local ok, opts = pcall(parse_px_options, args)
+    local ok, opts, code = pcall(parse_px_options, args, true)
     if not ok then self:write(opts, "\n") return end
-    self:px(self:read_cell(), opts)
+    self:px(code, opts)
+  elseif name == "%%px" then
+    local ok, opts, rest = pcall(parse_px_options, args)
+    if ok and rest ~= "" then ok, opts = false, string.format("%%%%px: unknown option '%s'", rest) end
+    if not ok then
+      if not body then self:read_cell() end -- the cell is dropped, not run here
+      self:write(opts, "\n")
+      return
+    end
+    self:px(body or self:read_cell(), opts)
   elseif name == "%autopx" then
     self.autopx = not self.autopx
     self:write(self.autopx and "%autopx enabled: lines go to the engines\n" or "%autopx disabled\n")
@@ -170,10 +199,20 @@ function Session:magic(line)
     local ok, err = pcall(self.last_px.wait, self.last_px)
     if not ok then px.show_error(err) return end
     self.last_px:display_outputs()
-    if not self.last_px:successful() then pcall(self.last_px.get, self.last_px) end
+    if not self.last_px:successful() then
+      local _, failure = pcall(self.last_px.get, self.last_px)
+      px.show_error(failure)
+    end
+    for _, s in ipairs(self.last_px._slots) do -- the values too, as %px shows them
+      if s.ok and s.values and s.values.n > 0 then
+        local parts = {}
+        for i = 1, s.values.n do parts[i] = show(s.values[i]) end
+        self:write(string.format("Out[%d]: %s\n", s.engine, table.concat(parts, "\t")))
+      end
+    end
   elseif name == "%timeit" or name == "%%timeit" then
     local opts, code = parse_timeit_options(args)
-    if name == "%%timeit" then code = self:read_cell() end
+    if name == "%%timeit" then code = body or self:read_cell() end
     local f, err = load(code, "=timeit")
     if not f then self:write(err, "\n") return end
     local ok, terr = pcall(lpar.timeit, f, opts)
@@ -208,7 +247,7 @@ function Session:lua(first)
     self:write(err, "\n")
     return
   end
-  local results = table.pack(xpcall(f, debug.traceback))
+  local results = table.pack(xpcall(f, user_traceback))
   if not results[1] then
     local e = results[2]
     if type(e) == "table" and getmetatable(e) then px.show_error(e) else self:write(tostring(e), "\n") end
@@ -232,12 +271,14 @@ function Session:handle(line)
   return self:lua(line)
 end
 
---- Completion of globals and fields: "rc:vi" -> "rc:view", "math.s" -> ...
+--- Completion of globals, fields and methods: "rc:vi" -> "rc:view",
+-- "math.s" -> ... Names starting with "_" (internals, metamethods) are
+-- offered only when asked for; after a call ("rc:view():") nothing is known.
 local function completer(word)
   local base, sep, partial = word:match("^(.-)([%.:])([%w_]*)$")
   local t, prefix = _G, ""
   if base then
-    t = _G
+    if base == "" or base:match("[%.:]$") then return {} end
     for name in base:gmatch("[^%.:]+") do
       t = type(t) == "table" and rawget(t, name) or nil
       if t == nil then return {} end
@@ -251,7 +292,8 @@ local function completer(word)
     if type(tbl) ~= "table" then return end
     for k, v in pairs(tbl) do
       if type(k) == "string" and k:sub(1, #partial) == partial and not seen[k]
-          and (sep ~= ":" or type(v) == "function") then
+          and (sep ~= ":" or type(v) == "function")
+          and (k:sub(1, 1) ~= "_" or partial:sub(1, 1) == "_") then
         seen[k] = true
         out[#out + 1] = prefix .. k
       end
@@ -350,4 +392,6 @@ function prompt.main(opts)
 end
 
 prompt.completer = completer
+-- Shared with the Jupyter kernel (lpar.kernel), which runs the same magics.
+prompt.Session, prompt.MAGICS, prompt.parse_px_options = Session, MAGICS, parse_px_options
 return prompt

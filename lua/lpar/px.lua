@@ -21,18 +21,58 @@ function px.active_view(client)
   return nil
 end
 
---- Show an error object as IPython does: one block per engine.
+--- Errors with the same kind, message and traceback, one group each, in
+-- order: {err = the first, engines = {ids}}, for "[0,1,2,3:execute] boom".
+function px.group_errors(list)
+  local groups, order = {}, {}
+  for _, e in ipairs(list) do
+    local remote = getmetatable(e) == errors.RemoteError
+    local key = remote and table.concat({ e.kind, e.message, e.traceback or "" }, "\0") or e
+    local g = groups[key]
+    if not g then
+      g = { err = e, engines = {} }
+      groups[key] = g
+      order[#order + 1] = g
+    end
+    if remote then g.engines[#g.engines + 1] = e.engine end
+  end
+  return order
+end
+
+--- The label of a group of remote errors: "[0,1,2,3:execute] message".
+function px.error_label(group)
+  return string.format("[%s:%s] %s", table.concat(group.engines, ","), group.err.kind, group.err.message)
+end
+
+--- Show an error object as IPython does: one block per engine, the same
+-- error from several engines once.
 function px.show_error(err, out)
   out = out or io.stdout
   local list = getmetatable(err) == errors.CompositeError and err.errors or { err }
-  for _, e in ipairs(list) do
-    if getmetatable(e) == errors.RemoteError then
-      out:write(string.format("[%d:%s] %s\n", e.engine, e.kind, e.message))
-      if e.traceback then out:write(e.traceback, "\n") end
+  for _, g in ipairs(px.group_errors(list)) do
+    if getmetatable(g.err) == errors.RemoteError then
+      out:write(px.error_label(g), "\n")
+      if g.err.traceback then out:write(g.err.traceback, "\n") end
     else
-      out:write(tostring(e), "\n")
+      out:write(tostring(g.err), "\n")
     end
   end
+end
+
+--- `code` made to return its values, when it has any: an expression, a
+-- chunk whose last line is an expression after whole statements (IPython's
+-- rule: "local y = 3" then "y * 2"), or one ending in a return. Nil for
+-- plain statements.
+function px.returning(code, name)
+  if load("return " .. code, name) then return "return " .. code end
+  local prefix, last = code:match("^(.*\n)([^\n]*%S)%s*$")
+  -- Only when what comes before is whole: "for ... do\n print(i) end" is not.
+  if last and not last:match("^%s*%-%-") and load(prefix, name) and load(prefix .. "return " .. last, name) then
+    return prefix .. "return " .. last
+  end
+  local tail = last or code
+  if (tail:match("^%s*return[%s(]") or tail:match("^%s*return$")) and load(code, name) then return code end
+  return nil
 end
 
 local function label_lines(engine, name, text, out)
@@ -44,7 +84,8 @@ end
 --- Run `code` on the active view (or opts.targets of `client`).
 -- opts: targets, block (default true), locally (also run it here),
 -- group_outputs ("engine": each engine's output together, after the end;
--- "order": as it arrives, the default), out (a file to write to).
+-- "order": as it arrives, the default), out (a file to write to),
+-- on_error(err) and on_display(output) (instead of printing them).
 -- Returns the AsyncResult; errors are shown, not raised, when blocking.
 function px.run(code, opts, client)
   opts = opts or {}
@@ -56,10 +97,11 @@ function px.run(code, opts, client)
   local block = opts.block
   if block == nil then block = true end
   -- An expression's values come back and show as Out[ID:n], as in IPython.
-  local expression = load("return " .. code, "=[execute]") ~= nil
+  local source = px.returning(code, "=[execute]")
+  local expression = source ~= nil
   local ar
   if expression then
-    ar = view:apply_async(function(c) return assert(load("return " .. c, "=[execute]"))() end, code)
+    ar = view:apply_async(function(c) return assert(load(c, "=[execute]"))() end, source)
     ar._kind = "execute"
     for _, slot in ipairs(ar._slots) do slot.kind = "execute" end
   else
@@ -93,7 +135,9 @@ function px.run(code, opts, client)
       end
     end
   end
-  if #ar.outputs > 0 then -- images: saved, and listed as [output:ID] PATH (WxH)
+  if opts.on_display then -- the Jupyter kernel shows them inline
+    for _, o in ipairs(ar.outputs) do opts.on_display(o) end
+  elseif #ar.outputs > 0 then -- images: saved, and listed as [output:ID] PATH (WxH)
     ar:display_outputs { out = { write = function(_, ...)
       local line = table.concat { ... }
       if line:match("^%[output:") then out:write(line) end
@@ -104,7 +148,8 @@ function px.run(code, opts, client)
     for _, s in ipairs(ar._slots) do
       if not s.ok then failures[#failures + 1] = s.error end
     end
-    px.show_error(#failures == 1 and failures[1] or errors.CompositeError.new(failures), out)
+    local failure = #failures == 1 and failures[1] or errors.CompositeError.new(failures)
+    if opts.on_error then opts.on_error(failure) else px.show_error(failure, out) end
   end
   if expression then
     local show = require("lpar.prompt").show
