@@ -249,7 +249,7 @@ def protocol(log_path):
         r = d.reply(msg_id, timeout=10)
         d.collect(msg_id)
         seen["interrupt_wait"] = {"reply": r["content"],
-                                  "after": d.run("rc[1]:apply_sync(function() return 'free' end)", timeout=5)}
+                                  "after": d.run("rc[1]:apply_sync(function() return 'free' end)", timeout=15)}
 
         # Interrupt local Lua by signal.
         msg_id = kc.execute("io.open('%s/local2', 'w'):close()\nwhile true do end" % signs)
