@@ -106,7 +106,8 @@ function Task:fail(err)
   self.ar:_settle(self.slot, false, nil, nil, err)
 end
 
---- Send `task` to `engine`; false when it could not be sent (then failed).
+--- Send `task` to `engine`: "sent", "failed" (it cannot be sent anywhere,
+-- and is failed), or "gone" (the engine is gone: the task is untouched).
 function Scheduler:send(task, engine)
   local rec = { ar = task, kind = task.slot.kind } -- the one shape of a request record
   local ok, err = self.hub:submit(engine, APPLY, "args", rec, task.f,
@@ -114,16 +115,16 @@ function Scheduler:send(task, engine)
   if not ok then
     if type(err) == "string" then
       task:fail(errors.RemoteError.new(engine, "apply", { message = err }))
-      return false
+      return "failed"
     end
-    return false -- the engine is gone: leave the task queued
+    return "gone"
   end
   task.engine, task.id, task.running = engine, rec.id, true
   task.slot.engine = engine
   self.load[engine] = (self.load[engine] or 0) + 1
   self.tick = self.tick + 1
   self.last[engine] = self.tick
-  return true
+  return "sent"
 end
 
 --- Place queued tasks on engines with room, in submission order.
@@ -162,18 +163,21 @@ function Scheduler:place(task, ids, from_queue)
     if from_queue then self.held[#self.held + 1] = task end
     return from_queue
   end
-  local engine = pick(self, task, ids)
-  if engine == nil then
-    -- No room anywhere it may go. A constrained task steps aside so the
-    -- tasks behind it can use the engines it cannot.
-    if from_queue and (task.targets or task.follow) then
-      self.held[#self.held + 1] = task
-      return true
+  while true do
+    local engine = pick(self, task, ids)
+    if engine == nil then
+      -- No room anywhere it may go. A constrained task steps aside so the
+      -- tasks behind it can use the engines it cannot.
+      if from_queue and (task.targets or task.follow) then
+        self.held[#self.held + 1] = task
+        return true
+      end
+      return false
     end
-    return false
+    if self:send(task, engine) ~= "gone" then return true end
+    -- That engine's link closed under us: it is no longer among the ids.
+    ids = self.hub:ids_shared()
   end
-  self:send(task, engine)
-  return true
 end
 
 function Scheduler:enqueue(task)

@@ -136,7 +136,7 @@ end
 --- The reason `engine` cannot take a request, or nil when it can.
 function Hub:unavailable(engine)
   local e = self.engines[engine]
-  if self.core and e and e.state ~= "dead" then return nil end
+  if self.core and e and e.state ~= "dead" and e.state ~= "lost" then return nil end
   local how = self.unreachable or (not self.core and "is stopped") or (not e and "does not exist")
     or (e.how .. "; Cluster:restart_engines brings it back")
   return errors.EngineError.new(engine, nil, how)
@@ -151,14 +151,19 @@ function Hub:submit(engine, mtype, root, record, ...)
   local id = self.next_id
   local ok, err, code = self.core:send(engine, mtype, id, root, ...)
   if not ok then
-    if code == core.EDEAD and not core.loop_running() then
-      -- Its socket closed just before its exit was seen: wait a moment for
-      -- the exit, so the error says how the engine ended.
-      wait.until_done(function() return self.engines[engine].state == "dead" end, 1)
-      gone = self:unavailable(engine)
-      if gone then return nil, gone end
+    if code ~= core.EDEAD then return nil, err end
+    -- Its socket closed before its exit was seen: it takes nothing more
+    -- (load-balanced tasks go elsewhere), and when we may run the loop,
+    -- wait a moment for the exit so the error says how the engine ended.
+    local e = self.engines[engine]
+    if e.state == "ready" then
+      e.state, e.how = "lost", "lost its connection (" .. err .. ")"
+      self.ids_cache = nil
     end
-    return nil, err
+    if not core.loop_running() then
+      wait.until_done(function() return self.engines[engine].state == "dead" end, 1)
+    end
+    return nil, errors.EngineError.new(engine, nil, self.engines[engine].how)
   end
   record.engine, record.id = engine, id
   self.pending[id] = record
@@ -378,7 +383,8 @@ function Hub:restart(ids, n, timeout, level)
     return -- the answer follows the engines' hellos on the same link
   end
   for _, id in ipairs(ids) do
-    if self:engine_state(id) ~= "dead" then self:signal(id, "KILL") end
+    -- A lost engine may have exited already: its exit is on the way.
+    if self:engine_state(id) ~= "dead" then pcall(self.signal, self, id, "KILL") end
   end
   wait.until_done(function()
     for _, id in ipairs(ids) do
