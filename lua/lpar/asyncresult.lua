@@ -139,7 +139,14 @@ end
 function methods:get(opts)
   local timeout, return_errors = opts, false
   if type(opts) == "table" then timeout, return_errors = opts.timeout, opts.return_errors end
-  if not self:wait(timeout) then
+  local ready, stuck = wait.until_done(function() return self:ready() end, timeout,
+    function(fn) self._waiters[#self._waiters + 1] = fn end, 2)
+  if not ready then
+    if stuck then
+      error(errors.TimeoutError.new(string.format(
+        "%s result can never be ready: nothing is left that could finish it (%d/%d done)",
+        self._kind, self._done, #self._slots)), 2)
+    end
     error(errors.TimeoutError.new(string.format("%s result not ready after %gs (%d/%d done)",
       self._kind, timeout, self._done, #self._slots)), 2)
   end

@@ -18,6 +18,11 @@ local wait = require "lpar.wait"
 
 local APPLY = core.APPLY
 
+-- Seconds a task waits when no engine it may run on is up (or starting),
+-- before it fails: restart_engines within that time brings them back in
+-- time, and nothing waits forever on engines that never come back.
+local STRANDED_GRACE = 3
+
 -- The scheduler: one per connection (hub), shared by its balanced views.
 
 local Scheduler = {}
@@ -27,7 +32,7 @@ local function scheduler_of(hub)
   local s = hub.scheduler
   if s then return s end
   s = setmetatable({ hub = hub, head = 1, tail = 0, queue = {}, held = {}, load = {},
-                     last = {}, tick = 0 }, Scheduler)
+                     last = {}, tick = 0, grace = STRANDED_GRACE }, Scheduler)
   hub.scheduler = s
   -- An engine that comes up (or goes) changes where tasks can go.
   hub.on_ready[#hub.on_ready + 1] = function() s:dispatch() end
@@ -73,6 +78,24 @@ local function candidates(self, task, ids)
   end
   if #out == 0 then out = fallback end
   return out
+end
+
+--- Is some engine that `task` may run on up or starting, busy or not?
+local function has_live_engine(self, task)
+  local hub = self.hub
+  for _, id in ipairs(task.targets or hub:all_ids()) do
+    local st = hub:engine_state(id)
+    if st == "ready" or st == "starting" then
+      local ok = true
+      for _, ar in ipairs(task.follow or {}) do
+        local ran = false
+        for _, e in ipairs(ar.engine_ids) do ran = ran or e == id end
+        ok = ok and ran
+      end
+      if ok then return true end
+    end
+  end
+  return false
 end
 
 local function pick(self, task, ids)
@@ -127,6 +150,32 @@ function Scheduler:send(task, engine)
   return "sent"
 end
 
+--- A task that could not be placed: true when it is failed because no
+-- engine it may run on has been up for the grace period; else it waits,
+-- with a timer to look again when its grace runs out.
+function Scheduler:stranded(task, now)
+  if has_live_engine(self, task) then
+    task.stranded_since = nil
+    return false
+  end
+  now = now or core.now()
+  task.stranded_since = task.stranded_since or now
+  local left = task.stranded_since + self.grace - now
+  if left <= 0 then
+    task:fail(errors.TaskError.new("no engine", string.format(
+      "no engine it may run on was up for %gs%s", self.grace,
+      task.last_error and ("; its last attempt: " .. tostring(task.last_error)) or ""), nil))
+    return true
+  end
+  if not self.strand_timer then
+    self.strand_timer = wait.acquire_timer(left, function()
+      self.strand_timer = nil
+      self:dispatch()
+    end, true)
+  end
+  return false
+end
+
 --- Place queued tasks on engines with room, in submission order.
 function Scheduler:dispatch()
   if self.dispatching then return end
@@ -135,12 +184,14 @@ function Scheduler:dispatch()
   -- Tasks held back by dependencies or placement go first once free.
   local still = {}
   for _, task in ipairs(self.held) do
-    if not task.done and not self:place(task, ids) then still[#still + 1] = task end
+    if not task.done and not self:place(task, ids) and not self:stranded(task) then
+      still[#still + 1] = task
+    end
   end
   self.held = still
   while self.head <= self.tail do
     local task = self.queue[self.head]
-    if not task.done and not self:place(task, ids, true) then break end
+    if not task.done and not self:place(task, ids, true) and not self:stranded(task) then break end
     self.queue[self.head] = nil
     self.head = self.head + 1
   end
@@ -200,6 +251,7 @@ function Task:_settle(rec, ok, started, completed, value)
       string.format("task ran past its timeout of %gs and was interrupted", self.timeout), rec.id)
   elseif not ok and self.retries > 0 then
     self.retries = self.retries - 1
+    self.last_error = value
     self.excluded = self.excluded or {}
     self.excluded[rec.engine] = true
     s.held[#s.held + 1] = self
@@ -242,6 +294,10 @@ function LoadBalancedView.new(client, spec)
                               queue_depth = 2 }, LoadBalancedView)
   if spec ~= nil then
     self.targets = client._hub:resolve_targets(spec, 3)
+    if #self.targets == 0 then
+      error(string.format("load_balanced_view: no engines in targets %s (engines up: %s)",
+        viewflags.describe_spec(spec), table.concat(client._hub:ids_shared(), " ")), 3)
+    end
   else
     self.targets = "all"
   end

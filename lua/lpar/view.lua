@@ -25,7 +25,7 @@ function DirectView.new(client, spec)
     self.targets = "all"
   else
     local ids = client._hub:resolve_targets(spec, 3)
-    self._ids = ids
+    self._ids, self._spec = ids, spec
     self.targets = math.type(spec) == "integer" and ids[1] or ids
   end
   return self
@@ -44,7 +44,16 @@ local function flag(self, opts, name)
 end
 
 function DirectView:_targets(level)
-  if self._ids then return self._ids end
+  if self._ids then
+    -- A slice may name no engine (as Python's may be empty), but a call
+    -- sent to no engine would do nothing silently.
+    if #self._ids == 0 then
+      error(string.format("no engines in targets %s (engines up: %s)",
+        viewflags.describe_spec(self._spec), table.concat(self.client._hub:ids_shared(), " ")),
+        level + 1)
+    end
+    return self._ids
+  end
   local ids = self.client._hub:ids_shared()
   if #ids == 0 then error("no engines are running", level + 1) end
   return ids

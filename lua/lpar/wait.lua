@@ -13,18 +13,25 @@ local wait = {}
 -- process ended. Pooled timers are unref'd, so they keep no loop alive.
 local idle_timers = {}
 
-local function acquire_timer(seconds, fn)
+--- A timer calling fn once after `seconds`, from now: libuv caches the
+-- loop's time, which is stale after the client ran Lua code, so it is
+-- brought up to date first. `keep_alive`: the timer holds the loop open
+-- (a bounded wait must not end early because nothing else is left).
+local function acquire_timer(seconds, fn, keep_alive)
   local t = table.remove(idle_timers)
   if not t then
     t = uv.new_timer()
     t:unref()
   end
-  t:start(math.max(0, math.floor(seconds * 1000)), 0, fn)
+  if keep_alive then t:ref() end
+  uv.update_time()
+  t:start(math.max(0, math.ceil(seconds * 1000)), 0, fn)
   return t
 end
 
 local function release_timer(t)
   t:stop()
+  t:unref()
   idle_timers[#idle_timers + 1] = t
 end
 
@@ -49,8 +56,12 @@ end
 --- Run the loop until done() is true or `timeout` seconds pass.
 -- `subscribe(fn)` registers fn to be called when done() may have changed;
 -- it is only needed to wait from a coroutine inside a luv callback.
--- Returns done().
+-- Returns done(), and true as a second value when the wait ended because
+-- nothing left on the loop could finish it.
 function wait.until_done(done, timeout, subscribe, level)
+  if timeout ~= nil and type(timeout) ~= "number" then
+    error("timeout must be a number of seconds or nil, got " .. type(timeout), (level or 1) + 1)
+  end
   if done() then return true end
   if timeout and timeout <= 0 then return false end
   if core.loop_running() then
@@ -61,16 +72,27 @@ function wait.until_done(done, timeout, subscribe, level)
     error("cannot wait for a result inside a luv callback (uv.run is not re-entrant): "
       .. "check ar:ready(), or wait from a coroutine", (level or 1) + 1)
   end
-  local timer, expired = nil, false
-  if timeout then timer = acquire_timer(timeout, function() expired = true end) end
+  -- A timer or a settle that ends the wait also ends the loop's run, so
+  -- uv.run does not go back to polling for something else.
+  local timer, expired, active = nil, false, true
+  if subscribe then subscribe(function() if active then uv.stop() end end) end
+  if timeout then
+    timer = acquire_timer(timeout, function()
+      expired = true
+      uv.stop()
+    end, true)
+  end
+  local stuck = false
   while not done() and not expired do
-    if not uv.run("once") and not done() then
+    if not uv.run("once") and not done() and not expired then
       -- The loop has nothing left that could finish this wait.
+      stuck = true
       break
     end
   end
+  active = false
   if timer then release_timer(timer) end
-  return done()
+  return done(), stuck
 end
 
 return wait

@@ -1,0 +1,175 @@
+-- Reliability (issue 18): no hang, no lost task, no stale clock.
+local lpar = require "lpar"
+local uv = require "luv"
+
+local function spin(seconds)
+  local t = os.clock()
+  while os.clock() - t < seconds do end
+end
+
+local function seconds_since(t0) return (uv.hrtime() - t0) / 1e9 end
+
+describe("reliability", function()
+  local cluster, rc
+
+  before_each(function()
+    cluster = lpar.Cluster { n = 4 }
+    rc = cluster:start_and_connect()
+  end)
+
+  after_each(function()
+    -- A stopped engine cannot exit: let it go on before the cluster stops.
+    pcall(cluster.signal_engines, cluster, "CONT")
+    rc:close()
+    cluster:stop()
+  end)
+
+  it("loses no task of a retried map when an engine dies under it", function()
+    local lb = rc:load_balanced_view()
+    lb.retries = 3
+    local list = {}
+    for i = 1, 1000 do list[i] = i end
+    local ar = lb:map_async(function(x) return x * 2 end, list)
+    -- The client is busy while engine 2 answers and dies: its replies and
+    -- its end wait unread, and settling them hands it more tasks.
+    local victim = rc:queue_status()[2].pid
+    uv.sleep(100)
+    uv.kill(victim, "sigkill")
+    uv.sleep(50)
+    local ok, out = pcall(ar.get, ar, 60)
+    assert.is_true(ok, tostring(out))
+    assert.equal(1000, #out)
+    for i = 1, 1000 do assert.equal(2 * i, out[i]) end
+    assert.equal("dead", rc:queue_status()[2].state)
+  end)
+
+  it("loses no task when an engine is killed 100 ms into a map", function()
+    local lb = rc:load_balanced_view()
+    lb.retries = 3
+    local list = {}
+    for i = 1, 1000 do list[i] = i end
+    local ar = lb:map_async(function(x)
+      local t = os.clock() while os.clock() - t < 0.001 do end
+      return x * 2
+    end, list)
+    local victim = rc:queue_status()[1].pid
+    local killer = uv.new_timer()
+    killer:start(100, 0, function() uv.kill(victim, "sigkill") end)
+    local ok, out = pcall(ar.get, ar, 60)
+    killer:stop()
+    killer:close()
+    uv.run("nowait")
+    assert.is_true(ok, tostring(out))
+    assert.equal(1000, #out)
+    for i = 1, 1000 do assert.equal(2 * i, out[i]) end
+  end)
+
+  it("times a wait from now, not from the loop's last wake-up", function()
+    local ar = rc[0]:apply_async(function()
+      local t = os.clock() while os.clock() - t < 3 do end
+      return "late"
+    end)
+    spin(0.5) -- the client computes; libuv's cached time goes stale
+    local t0 = uv.hrtime()
+    local ok, err = pcall(ar.get, ar, 0.1)
+    local waited = seconds_since(t0)
+    assert.is_false(ok)
+    assert.equal(lpar.TimeoutError, getmetatable(err))
+    assert.is_true(waited < 1, "get(0.1) returned after " .. waited .. " s")
+    assert.is_true(waited >= 0.09, "get(0.1) returned after " .. waited .. " s")
+  end)
+
+  it("waits the whole timeout on a stopped engine after client compute", function()
+    cluster:signal_engines("STOP", { 1 })
+    local ar = rc[1]:apply_async(function() return 1 end)
+    spin(0.5)
+    local t0 = uv.hrtime()
+    local ok = pcall(ar.get, ar, 1)
+    local waited = seconds_since(t0)
+    assert.is_false(ok)
+    assert.is_true(waited >= 0.95, "get(1) gave up after " .. waited .. " s")
+    assert.is_true(waited < 3, "get(1) gave up after " .. waited .. " s")
+  end)
+
+  it("fails a queued task on its timeout measured from submission", function()
+    local lb = rc:load_balanced_view({ 0 })
+    lb.queue_depth = 1
+    local blocker = lb:apply(function() local t = os.clock() while os.clock() - t < 2 do end end)
+    spin(0.5)
+    local t0 = uv.hrtime()
+    local queued = lb:with { timeout = 0.3 }:apply(function() return 1 end)
+    local ok, err = pcall(queued.get, queued, 5)
+    local waited = seconds_since(t0)
+    assert.is_false(ok)
+    assert.matches("did not start within its timeout", tostring(err))
+    assert.is_true(waited >= 0.25, "the timeout came after " .. waited .. " s")
+    assert.is_true(waited < 1.5, "the timeout came after " .. waited .. " s")
+    blocker:wait(5)
+  end)
+
+  it("fails a reply with more values than a Lua stack holds, and carries on", function()
+    local ar = rc[0]:apply_async(function()
+      local t = {}
+      for i = 1, 999000 do t[i] = i end
+      return table.unpack(t)
+    end)
+    local t0 = uv.hrtime()
+    local ok, err = pcall(ar.get, ar, 20)
+    assert.is_false(ok)
+    assert.is_true(seconds_since(t0) < 15)
+    assert.not_equal(lpar.TimeoutError, getmetatable(err))
+    assert.matches("could not be decoded", tostring(err))
+    assert.equal(0, rc[0]:apply_sync(function() return lpar.engine.id end))
+  end)
+
+  it("refuses a load-balanced view over no engines", function()
+    local ok, err = pcall(rc.load_balanced_view, rc, {})
+    assert.is_false(ok)
+    assert.matches("no engines", tostring(err))
+  end)
+
+  it("refuses a call on a view whose slice names no engine", function()
+    local v = rc:view("5:9")
+    local ok, err = pcall(v.execute, v, "x = 1")
+    assert.is_false(ok)
+    assert.matches('no engines in targets "5:9"', tostring(err))
+  end)
+
+  it("fails a retried task whose engines can never come back", function()
+    local lb = rc:load_balanced_view({ 3 })
+    lb.retries = 2
+    local ar = lb:apply(function() os.exit(5) end)
+    local t0 = uv.hrtime()
+    local ok, err = pcall(ar.get, ar, 10)
+    assert.is_false(ok)
+    assert.is_true(seconds_since(t0) < 9, "failed after " .. seconds_since(t0) .. " s")
+    assert.not_equal(lpar.TimeoutError, getmetatable(err))
+    assert.matches("engine 3 exited with status 5", tostring(err))
+    assert.matches("no engine", tostring(err))
+  end)
+
+  it("names a timeout that is not a number", function()
+    local ar = rc[0]:apply_async(function() return 1 end)
+    local ok, err = pcall(ar.get, ar, "x")
+    assert.is_false(ok)
+    assert.matches("timeout must be a number", tostring(err))
+    assert.equal(1, ar:get(5))
+  end)
+end)
+
+describe("a wait on an empty loop", function()
+  it("waits the whole timeout when nothing on the loop can end the wait", function()
+    -- A result no event will settle: nothing is pending anywhere.
+    local ar = require("lpar.asyncresult").new("apply", { single = true })
+    ar:_slot(0)
+    local t0 = uv.hrtime()
+    local ok, err = pcall(ar.get, ar, 0.5)
+    assert.is_false(ok)
+    assert.matches("not ready after 0.5s", tostring(err))
+    assert.is_true(seconds_since(t0) >= 0.45, "gave up after " .. seconds_since(t0) .. " s")
+    -- Without a timeout, it says the wait could never end instead of hanging.
+    local ok2, err2 = pcall(ar.get, ar)
+    assert.is_false(ok2)
+    assert.matches("can never be ready", tostring(err2))
+  end)
+end)
