@@ -6,6 +6,8 @@
 ** path and needs no event loop. It exits on EOF (its controller went away)
 ** and, through PR_SET_PDEATHSIG, when its parent dies while it is busy.
 */
+#include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -326,7 +328,15 @@ int main(void) {
   int status = 0;
   lparB_init(&in);
   lparB_init(&enc);
+  lparE_heartbeat_init(st.fd, env_int("LPAR_HEARTBEAT_MS", LPAR_HEARTBEAT_MS));
   for (;;) {
+    /* Idle until a request comes; SIGALRM wakes it to send a heartbeat. */
+    struct pollfd pfd = {.fd = st.fd, .events = POLLIN};
+    if (poll(&pfd, 1, -1) < 0) {
+      if (errno != EINTR) break;
+      if (lparE_beat_due() && lparW_send(st.fd, LPAR_MSG_HEARTBEAT, 0, 0, NULL, 0) < 0) break;
+      continue;
+    }
     lparW_header h;
     const char *reason = "";
     int rc = lparW_recv(st.fd, &h, &in, &reason);

@@ -1,6 +1,7 @@
 -- Reliability (issue 18): no hang, no lost task, no stale clock.
 local lpar = require "lpar"
 local uv = require "luv"
+local helpers = require "helpers"
 
 local function spin(seconds)
   local t = os.clock()
@@ -146,6 +147,25 @@ describe("reliability", function()
     assert.not_equal(lpar.TimeoutError, getmetatable(err))
     assert.matches("engine 3 exited with status 5", tostring(err))
     assert.matches("no engine", tostring(err))
+  end)
+
+  it("shows a stopped engine as not responding, a busy one as ready, and balances around it", function()
+    cluster:signal_engines("STOP", { 1 })
+    local busy = rc[0]:apply(function() local t = os.clock() while os.clock() - t < 1.5 do end return 0 end)
+    assert.is_true(helpers.wait_until(function()
+      return rc:queue_status()[1].state == "not responding"
+    end, 5), "engine 1 still shows as " .. rc:queue_status()[1].state)
+    assert.equal("ready", rc:queue_status()[0].state) -- busy in Lua, still beating
+    local list = {}
+    for i = 1, 40 do list[i] = i end
+    local ar = rc:load_balanced_view():map(function() return lpar.engine.id end, list)
+    local ran = ar:get(10)
+    assert.equal(40, #ran)
+    for _, id in ipairs(ran) do assert.not_equal(1, id) end
+    assert.equal(0, busy:get(5))
+    cluster:signal_engines("CONT", { 1 })
+    assert.is_true(helpers.wait_until(function() return rc:queue_status()[1].state == "ready" end, 5))
+    assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
   end)
 
   it("names a timeout that is not a number", function()

@@ -316,6 +316,20 @@ describe("the authenticated socket", function()
 end)
 
 describe("cluster controls on a standalone cluster", function()
+  it("shows a stopped engine as not responding, in queue_status and lpar cluster list", function()
+    local rc <close> = lpar.Client { profile = "main" }
+    local pid = rc:queue_status()[1].pid
+    uv.kill(pid, "sigstop")
+    local ok, err = pcall(function()
+      assert.is_true(helpers.poll(function() return rc:queue_status()[1].state == "not responding" end, 5))
+      assert.equal("ready", rc:queue_status()[0].state)
+      assert.matches("1/2 %(1 not responding%)", (sh(helpers.lpar .. " cluster list")))
+    end)
+    uv.kill(pid, "sigcont")
+    assert(ok, err)
+    assert.is_true(helpers.poll(function() return rc:queue_status()[1].state == "ready" end, 5))
+  end)
+
   it("queue_status counts every client's tasks; abort, interrupt and engine death work", function()
     local rc <close> = lpar.Client { profile = "main" }
     local started = os.tmpname()

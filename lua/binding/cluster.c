@@ -444,6 +444,15 @@ static int l_pid(lua_State *L) {
   return 1;
 }
 
+/* c:silence(id): ms since local engine id last sent anything; nil, msg when not local. */
+static int l_silence(lua_State *L) {
+  cluster_ud *u = check_cluster(L);
+  int64_t ms = lpar_cluster_silence_ms(u->c, (int)luaL_checkinteger(L, 2));
+  if (ms < 0) return lparC_push_failure(L, (int)ms, NULL);
+  lua_pushinteger(L, (lua_Integer)ms);
+  return 1;
+}
+
 static int l_stats(lua_State *L) {
   cluster_ud *u = luaL_checkudata(L, 1, CLUSTER_MT);
   lua_createtable(L, 0, 4);
@@ -483,7 +492,7 @@ static int l_stop(lua_State *L) {
 static const luaL_Reg cluster_methods[] = {
   {"spawn", l_spawn},         {"send", l_send},           {"send_bytes", l_send_bytes},
   {"send_raw", l_send_raw},   {"seal", l_seal},           {"signal", l_signal},
-  {"interrupt", l_interrupt}, {"pid", l_pid},             {"stats", l_stats},
+  {"interrupt", l_interrupt}, {"pid", l_pid}, {"silence", l_silence},             {"stats", l_stats},
   {"is_open", l_is_open},     {"stop", l_stop},           {NULL, NULL}};
 
 void lparC_open_cluster(lua_State *L) {

@@ -157,7 +157,8 @@ int luaopen_lpar_core(lua_State *L) {
                {"SIGNAL", LPAR_MSG_SIGNAL},   {"INTERRUPT", LPAR_MSG_INTERRUPT},
                {"STDOUT", LPAR_MSG_STDOUT},   {"STDERR", LPAR_MSG_STDERR},
                {"DISPLAY", LPAR_MSG_DISPLAY}, {"FLAG_INLINE", LPAR_FLAG_INLINE},
-               {"ECLOSED", LPAR_ECLOSED},     {"EDEAD", LPAR_EDEAD}};
+               {"ECLOSED", LPAR_ECLOSED},     {"EDEAD", LPAR_EDEAD},
+               {"HEARTBEAT", LPAR_MSG_HEARTBEAT}, {"HEARTBEAT_MS", LPAR_HEARTBEAT_MS}};
   for (size_t i = 0; i < sizeof types / sizeof *types; i++) {
     lua_pushinteger(L, types[i].value);
     lua_setfield(L, -2, types[i].name);

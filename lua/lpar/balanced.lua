@@ -176,11 +176,35 @@ function Scheduler:stranded(task, now)
   return false
 end
 
+--- The engines up that answer their heartbeats: a stopped or wedged one
+-- gets no task (its queue would wait). While one is left out and work
+-- waits, look again soon, for it may be back.
+function Scheduler:responsive_ids()
+  local hub = self.hub
+  local ids = hub:ids_shared()
+  if hub.controller then return ids end
+  local out
+  for i, id in ipairs(ids) do
+    if hub:not_responding(id) then
+      if not out then out = table.move(ids, 1, i - 1, 1, {}) end
+    elseif out then
+      out[#out + 1] = id
+    end
+  end
+  if out and not self.recheck_timer and (self.head <= self.tail or #self.held > 0) then
+    self.recheck_timer = wait.acquire_timer(2 * core.HEARTBEAT_MS / 1000, function()
+      self.recheck_timer = nil
+      self:dispatch()
+    end)
+  end
+  return out or ids
+end
+
 --- Place queued tasks on engines with room, in submission order.
 function Scheduler:dispatch()
   if self.dispatching then return end
   self.dispatching = true
-  local ids = self.hub:ids_shared()
+  local ids = self:responsive_ids()
   -- Tasks held back by dependencies or placement go first once free.
   local still = {}
   for _, task in ipairs(self.held) do
@@ -227,7 +251,7 @@ function Scheduler:place(task, ids, from_queue)
     end
     if self:send(task, engine) ~= "gone" then return true end
     -- That engine's link closed under us: it is no longer among the ids.
-    ids = self.hub:ids_shared()
+    ids = self:responsive_ids()
   end
 end
 

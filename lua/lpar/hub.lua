@@ -15,6 +15,10 @@ Hub.__index = Hub
 
 local CALL_TIMEOUT = 10
 
+-- Engines send a heartbeat every core.HEARTBEAT_MS, busy or idle; a ready
+-- engine silent ten times that long is stopped or wedged: "not responding".
+Hub.NOT_RESPONDING_MS = 10 * core.HEARTBEAT_MS
+
 local signal_names = {
   [1] = "SIGHUP", [2] = "SIGINT", [3] = "SIGQUIT", [4] = "SIGILL", [6] = "SIGABRT",
   [7] = "SIGBUS", [8] = "SIGFPE", [9] = "SIGKILL", [11] = "SIGSEGV", [13] = "SIGPIPE",
@@ -396,6 +400,14 @@ function Hub:restart(ids, n, timeout, level)
   self:wait_ready(ids, timeout, level + 1)
 end
 
+--- Is ready local engine `id` silent past the limit (stopped or wedged)?
+-- Engines behind a controller are watched there (its status says).
+function Hub:not_responding(id)
+  if self.controller or not self.core then return false end
+  local ms = self.core:silence(id)
+  return ms ~= nil and ms > Hub.NOT_RESPONDING_MS
+end
+
 --- Per engine: requests in flight and state; plus what was dropped.
 function Hub:queue_status()
   local stats = self.core and self.core:stats() or { bad_messages = 0, undecodable = 0 }
@@ -403,11 +415,18 @@ function Hub:queue_status()
   if self.controller and self.core then
     local st, err = self:call("status")
     if not st then error("queue_status: " .. tostring(err), 3) end
-    for id, e in pairs(st.engines) do status[id] = { queue = e.queue, state = e.state, pid = e.pid } end
+    for id, e in pairs(st.engines) do
+      status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms }
+    end
     status.bad_messages, status.refused, status.disconnected, status.clients =
       st.bad_messages, st.refused, st.disconnected, st.clients
   else
-    for id, e in pairs(self.engines) do status[id] = { queue = 0, state = e.state, pid = e.pid } end
+    for id, e in pairs(self.engines) do
+      local state = e.state
+      if state == "ready" and self:not_responding(id) then state = "not responding" end
+      status[id] = { queue = 0, state = state, pid = e.pid,
+                     silent_ms = e.state == "ready" and self.core:silence(id) or nil }
+    end
     for _, rec in pairs(self.pending) do
       local s = status[rec.engine]
       if s then s.queue = s.queue + 1 end
