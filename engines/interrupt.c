@@ -32,6 +32,9 @@ static lua_State *interruptible;
 static volatile sig_atomic_t task_running;
 static volatile uint64_t running_task; /* aligned 64-bit: read whole on the platforms we run on */
 static volatile sig_atomic_t interrupt_wanted, beat_wanted;
+/* An interrupt for a request that had not started (it waits in the socket):
+   it applies when that request begins. */
+static volatile uint64_t pending_interrupt;
 static int beat_fd = -1;
 
 static void step_hook(lua_State *L, lua_Debug *ar) {
@@ -54,8 +57,13 @@ static void set_step_hook(void) {
 static void on_sigint(int sig, siginfo_t *info, void *context) {
   (void)sig;
   (void)context;
-  if (info->si_code == SI_QUEUE && (uint64_t)(uintptr_t)info->si_value.sival_ptr != running_task)
-    return;
+  if (info->si_code == SI_QUEUE) {
+    uint64_t id = (uint64_t)(uintptr_t)info->si_value.sival_ptr;
+    if (!task_running || id != running_task) {
+      pending_interrupt = id;
+      return;
+    }
+  }
   if (task_running && interruptible) {
     interrupt_wanted = 1;
     set_step_hook();
@@ -100,6 +108,11 @@ void lparE_interrupt_init(lua_State *L) {
 void lparE_task_begin(uint64_t task) {
   running_task = task;
   task_running = 1;
+  if (task != 0 && pending_interrupt == task) {
+    pending_interrupt = 0;
+    interrupt_wanted = 1;
+    set_step_hook();
+  }
 }
 
 void lparE_task_end(lua_State *L) {

@@ -168,6 +168,31 @@ describe("reliability", function()
     assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
   end)
 
+  it("ends a wait on Ctrl-C, interrupting that call's tasks, and the engines keep their state", function()
+    local wait = require "lpar.wait"
+    rc:view():execute("kept = 7", { block = true })
+    local ctrl_c = uv.new_timer()
+    ctrl_c:start(300, 0, wait.interrupt)
+    local ar = rc:view():execute("while true do end")
+    local ok, err = pcall(ar.get, ar, 10)
+    assert.is_false(ok)
+    assert.matches("interrupted", tostring(err))
+    -- A load-balanced map: running tasks interrupted and not retried, queued ones dropped.
+    local lb = rc:load_balanced_view()
+    lb.retries = 5
+    local list = {}
+    for i = 1, 20 do list[i] = i end
+    local m = lb:map_async(function() while true do end end, list)
+    ctrl_c:start(300, 0, wait.interrupt)
+    local t0 = uv.hrtime()
+    local ok2, err2 = pcall(m.get, m, 10)
+    helpers.close(ctrl_c)
+    assert.is_false(ok2)
+    assert.matches("interrupted", tostring(err2))
+    assert.is_true(seconds_since(t0) < 5)
+    assert.same({ 7, 7, 7, 7 }, rc:view():pull("kept"):get(5))
+  end)
+
   it("names a timeout that is not a number", function()
     local ar = rc[0]:apply_async(function() return 1 end)
     local ok, err = pcall(ar.get, ar, "x")

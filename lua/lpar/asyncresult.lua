@@ -117,10 +117,16 @@ function methods:successful()
   return true
 end
 
+--- Ctrl-C during a wait on this result: its views set `_interrupt` to
+-- stop its tasks (interrupt the running ones, drop the queued ones).
+local function interrupter(self)
+  return function() if self._interrupt then self._interrupt(self) end end
+end
+
 --- Wait up to `timeout` seconds (forever when nil); true when ready.
 function methods:wait(timeout)
-  return wait.until_done(function() return self:ready() end, timeout,
-    function(fn) self._waiters[#self._waiters + 1] = fn end, 2)
+  return (wait.until_done(function() return self:ready() end, timeout,
+    function(fn) self._waiters[#self._waiters + 1] = fn end, 2, interrupter(self)))
 end
 
 local function raise_errors(self)
@@ -140,7 +146,7 @@ function methods:get(opts)
   local timeout, return_errors = opts, false
   if type(opts) == "table" then timeout, return_errors = opts.timeout, opts.return_errors end
   local ready, stuck = wait.until_done(function() return self:ready() end, timeout,
-    function(fn) self._waiters[#self._waiters + 1] = fn end, 2)
+    function(fn) self._waiters[#self._waiters + 1] = fn end, 2, interrupter(self))
   if not ready then
     if stuck then
       error(errors.TimeoutError.new(string.format(
@@ -165,7 +171,8 @@ function methods:get(opts)
 end
 
 local function wait_for(self, pred)
-  wait.until_done(pred, nil, function(fn) self._waiters[#self._waiters + 1] = fn end, 3)
+  wait.until_done(pred, nil, function(fn) self._waiters[#self._waiters + 1] = fn end, 3,
+    interrupter(self))
 end
 
 --- Iterate over the results as they arrive: (engine id, first value or

@@ -126,6 +126,7 @@ function Task:fail(err)
   self.done = true
   if self.timer then wait.release_timer(self.timer) end
   self.timer = nil
+  self.slot.task = nil
   self.ar:_settle(self.slot, false, nil, nil, err)
 end
 
@@ -266,6 +267,23 @@ end
 function Task:_stream(_, name, text) self.ar:_stream(self.slot, name, text) end
 function Task:_display(_, output) self.ar:_display(self.slot, output) end
 
+--- Ctrl-C while waiting on `ar`: its running tasks are interrupted (and
+-- not retried), its queued ones fail without running.
+local function interrupt_tasks(ar)
+  ar._interrupting = true
+  for _, s in ipairs(ar._slots) do
+    local task = not s.done and s.task
+    if task and not task.done then
+      task.retries = 0
+      if task.running then
+        task.sched.hub:interrupt_task(task.engine, task.id)
+      else
+        task:fail(errors.TaskError.new("aborted", "interrupted before it ran", nil))
+      end
+    end
+  end
+end
+
 function Task:_settle(rec, ok, started, completed, value)
   local s = self.sched
   s.load[rec.engine] = math.max(0, (s.load[rec.engine] or 1) - 1)
@@ -285,7 +303,10 @@ function Task:_settle(rec, ok, started, completed, value)
   self.done = true
   if self.timer then wait.release_timer(self.timer) end
   self.timer = nil
+  self.slot.task = nil
   self.ar:_settle(self.slot, ok, started, completed, value)
+  -- Interrupting: the task queued behind this one on its engine starts now.
+  if self.ar._interrupting then interrupt_tasks(self.ar) end
   s:dispatch()
 end
 
@@ -356,6 +377,8 @@ local function submit_task(self, ar, slot, f, args)
   if task.timeout then
     task.timer = wait.acquire_timer(task.timeout, function() task:on_timeout() end)
   end
+  slot.task = task -- while it is pending: for Ctrl-C (interrupt_tasks)
+  ar._interrupt = interrupt_tasks
   sched:enqueue(task)
   return task
 end

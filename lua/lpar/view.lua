@@ -72,6 +72,11 @@ local function submit(self, kind, mtype, root, finish, per_target, ...)
     if gone then error(gone, 3) end
   end
   local ar = AsyncResult.new(kind, { single = single(self), finish = finish })
+  ar._interrupt = function(a)
+    for _, s in ipairs(a._slots) do
+      if not s.done and s.id then hub:interrupt_task(s.engine, s.id) end
+    end
+  end
   for i, id in ipairs(ids) do
     local slot = ar:_slot(id)
     local ok, err
