@@ -3,6 +3,7 @@
 -- returns a view with flags changed, and fixed-arity methods take a
 -- trailing options table for one call: `dview:execute(code, {block = true})`.
 local core = require "lpar.core"
+local errors = require "lpar.errors"
 local viewflags = require "lpar.viewflags"
 local AsyncResult = require "lpar.asyncresult"
 local wait = require "lpar.wait"
@@ -151,8 +152,26 @@ function DirectView:push(values, opts)
   return finish_call(self, ar, opts)
 end
 
+--- Raise a NameError (a RemoteError per engine, several in a
+-- CompositeError) for the names in `list` that an engine does not have.
+local function check_defined(slots, list)
+  local missing = {}
+  for _, s in ipairs(slots) do
+    for i, name in ipairs(list) do
+      if s.values[i] == nil then
+        missing[#missing + 1] = errors.RemoteError.new(s.engine, "pull",
+          { message = string.format("NameError: name '%s' is not defined", name) }, s.id)
+        break
+      end
+    end
+  end
+  if #missing == 1 then error(missing[1], 0) end
+  if #missing > 1 then error(errors.CompositeError.new(missing), 0) end
+end
+
 --- Read globals: a name gives its value, a list of names a list of values;
--- per engine on a multi-engine view.
+-- per engine on a multi-engine view. A name not defined (nil) on an engine
+-- raises a NameError naming it, as in ipyparallel.
 function DirectView:pull(names, opts)
   local list = type(names) == "table" and names or { names }
   for i, n in ipairs(list) do
@@ -160,6 +179,7 @@ function DirectView:pull(names, opts)
   end
   local many = type(names) == "table"
   local finish = function(slots, one)
+    check_defined(slots, list)
     local function value(s)
       if many then return table.move(s.values, 1, s.values.n, 1, {}) end
       return s.values[1]
