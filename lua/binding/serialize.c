@@ -1060,14 +1060,14 @@ static int dec_table(dec *D, int has_mt, const unsigned char *at) {
   lua_State *L = D->L;
   int rc = dec_enter(D, at);
   if (rc) return rc;
-  uint64_t n;
+  uint64_t n = 0;
   if (has_mt) {
     if ((rc = get_len(D, &n, "metatable name", at)) != 0) return rc;
     const char *name = (const char *)D->p;
     D->p += n;
     if ((rc = dec_metatable(D, name, (size_t)n, at)) != 0) return rc;
   }
-  uint64_t narr;
+  uint64_t narr = 0;
   if ((rc = get_uv(D, &narr, "array length")) != 0) return rc;
   if (narr > left(D) || narr > INT_MAX)
     return bad(D, "bad array length %llu at offset %zu (only %zu bytes left)",
@@ -1110,7 +1110,7 @@ static int is_lua_function(lua_State *L, int idx) {
 static int dec_join(dec *D, int f, int n) {
   lua_State *L = D->L;
   const unsigned char *at = D->p++;
-  uint64_t r, k;
+  uint64_t r = 0, k = 0;
   int rc = get_uv(D, &r, "reference");
   if (rc || (rc = get_uv(D, &k, "upvalue number")) != 0) return rc;
   if (r < 1 || r > (uint64_t)D->nrefs)
@@ -1133,7 +1133,7 @@ static int dec_func(dec *D, const unsigned char *at) {
     return bad(D, "bytecode not allowed from this peer (function at offset %zu)",
                offset(D, at));
   int rc = dec_enter(D, at);
-  uint64_t len, nups;
+  uint64_t len = 0, nups = 0;
   if (rc || (rc = get_len(D, &len, "bytecode", at)) != 0) return rc;
   chunk c = {(const char *)D->p, (size_t)len};
   int st = lua_load(L, chunk_reader, &c, "=remote", "b");
@@ -1250,7 +1250,7 @@ static int resolve(lua_State *L, const char *s, size_t n, int want) {
 }
 
 static int dec_named(dec *D, int tag, const unsigned char *at) {
-  uint64_t n;
+  uint64_t n = 0;
   int rc = get_len(D, &n, "name", at);
   if (rc) return rc;
   const char *s = (const char *)D->p;
@@ -1296,7 +1296,7 @@ static lparM_storage *dec_shm_storage(dec *D, uint64_t slot, uint64_t off, uint6
 }
 
 static int dec_matrix(dec *D, const unsigned char *at) {
-  uint64_t rows, cols, kind, slot, off = 0;
+  uint64_t rows = 0, cols = 0, kind = 0, slot = 0, off = 0;
   int rc;
   if ((rc = get_uv(D, &rows, "matrix rows")) || (rc = get_uv(D, &cols, "matrix columns")) ||
       (rc = get_uv(D, &kind, "matrix kind")))
@@ -1338,7 +1338,7 @@ static int dec_value(dec *D) {
   const unsigned char *at = D->p;
   if (at == D->end) return bad(D, "truncated input at offset %zu: value expected", offset(D, at));
   unsigned tag = *D->p++;
-  uint64_t u;
+  uint64_t u = 0;
   int rc;
   if (tag >= T_SMALLINT) {
     lua_pushinteger(L, (lua_Integer)(tag - T_SMALLINT));
@@ -1406,7 +1406,7 @@ int lparS_decode_shm(lua_State *L, const void *data, size_t len, unsigned flags,
   if (*D.p != FORMAT_VERSION)
     return bad(&D, "unsupported encoding version %u (expected %d)", *D.p, FORMAT_VERSION);
   D.p++;
-  uint64_t n;
+  uint64_t n = 0;
   int rc = get_uv(&D, &n, "value count");
   if (rc) return rc;
   if (n > left(&D))
