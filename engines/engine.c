@@ -100,8 +100,17 @@ static void reply_values(lua_State *L, lparE_state *st, int type, double started
   lparS_shm shm = {.min_bytes = st->side >= 0 && !st->inline_reply ? LPARM_SHM_MIN_BYTES : 0};
   enc->len = 0;
   lparB_append(enc, stamps, sizeof stamps);
-  if (lparS_encode_shm(L, first, count, type == LPAR_MSG_RESULT ? "result" : "error", enc,
-                       &shm, err, sizeof err) < 0) {
+  int rc = lparS_encode_shm(L, first, count, type == LPAR_MSG_RESULT ? "result" : "error", enc,
+                            &shm, err, sizeof err);
+  if (rc == 0 && enc->len - sizeof stamps > LPAR_MAX_PAYLOAD) {
+    /* Sent, it would cost this engine its connection (and its globals). */
+    snprintf(err, sizeof err, "cannot send the %s: %zu bytes, more than the 1 GiB a message may carry",
+             type == LPAR_MSG_RESULT ? "result" : "error", enc->len - sizeof stamps);
+    lparS_shm_done(&shm);
+    shm = (lparS_shm){.nfds = 0};
+    rc = -1;
+  }
+  if (rc < 0) {
     /* The result cannot travel: say so instead. */
     lua_createtable(L, 0, 1);
     lua_pushstring(L, err);

@@ -7,6 +7,7 @@
 ** the policy (results, views, errors) lives in the Lua modules under lua/lpar.
 ** Recoverable failures return nil, message, code, as luv does.
 */
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -119,6 +120,12 @@ static int keep_going_pcall(lua_State *L, int nargs, int nresults, int flags) {
   return nresults == LUA_MULTRET ? lua_gettop(L) - base + 1 : nresults;
 }
 
+/* trim(): give freed heap back to the system (glibc keeps it); true if some went. */
+static int l_trim(lua_State *L) {
+  lua_pushboolean(L, malloc_trim(0));
+  return 1;
+}
+
 static const luaL_Reg functions[] = {
   {"encode", l_encode},
   {"decode", l_decode},
@@ -126,6 +133,7 @@ static const luaL_Reg functions[] = {
   {"keygen", l_keygen},
   {"loop_running", l_loop_running},
   {"now", l_now},
+  {"trim", l_trim},
   {NULL, NULL}};
 
 int luaopen_lpar_core(lua_State *L) {

@@ -13,6 +13,26 @@ local wait = require "lpar.wait"
 local Hub = {}
 Hub.__index = Hub
 
+-- When a collection has freed much of the Lua heap (a big map released),
+-- give the memory back to the system: glibc keeps freed heap otherwise. A
+-- finalizer that makes its successor runs once per collection cycle.
+do
+  local peak = 0
+  local function watch()
+    setmetatable({}, { __gc = function()
+      local kb = collectgarbage("count")
+      if kb > peak then
+        peak = kb
+      elseif peak - kb > 64 * 1024 then
+        core.trim()
+        peak = kb
+      end
+      watch()
+    end })
+  end
+  watch()
+end
+
 local CALL_TIMEOUT = 10
 
 -- Engines send a heartbeat every core.HEARTBEAT_MS, busy or idle; a ready
