@@ -214,6 +214,30 @@ do
   collectgarbage()
   report("embedded", stats, rss0, rss_mb())
   if rss_mb() - rss0 > 100 then fail("embedded: client RSS grew by %.1f MB", rss_mb() - rss0) end
+  -- A big map, released: the client's memory must come back.
+  local big = opts.seconds >= 600 and 1000000 or 100000
+  local before = rss_mb()
+  local peak = (function()
+    local list = {}
+    for i = 1, big do list[i] = i end
+    local t0 = now()
+    local ar = rc:load_balanced_view():map_async(function(x) return x + 1 end, list)
+    local ok, out = pcall(ar.get, ar, 10 * MAP_BOUND)
+    if not ok then fail("embedded: the %d-task map failed: %s", big, tostring(out))
+    else
+      local bad = 0
+      for i = 1, big do if out[i] ~= i + 1 then bad = bad + 1 end end
+      if bad > 0 then fail("embedded: %d of the %d-task map wrong", bad, big) end
+    end
+    print(string.format("embedded: a %d-task map in %.1f s", big, now() - t0))
+    return rss_mb()
+  end)()
+  collectgarbage()
+  collectgarbage()
+  local after = rss_mb()
+  print(string.format("embedded: client RSS %.1f MB before a %d-task map, %.1f MB with its result, "
+    .. "%.1f MB once released", before, big, peak, after))
+  if after - before > 100 then fail("embedded: %.1f MB stayed after the map was released", after - before) end
   rc:close()
   cluster:stop()
 end
