@@ -47,6 +47,7 @@ typedef struct engine {
   int alive;   /* process not yet reaped */
   int retired; /* slot released; freed once its handles have closed */
   int open;    /* handles not yet closed: the poll, the route */
+  uint64_t last_seen; /* uv_now when it last sent a frame */
 } engine;
 
 /* What a connected cluster knows of an engine behind its controller. */
@@ -191,6 +192,9 @@ static void engine_frame(lparR_route *r, const lparW_header *h, const char *payl
                          int nfds, void *ud) {
   (void)r;
   engine *e = ud;
+  uv_update_time(e->c->loop); /* the loop's time may be stale after Lua ran */
+  e->last_seen = uv_now(e->c->loop);
+  if (h->type == LPAR_MSG_HEARTBEAT) return; /* only a sign of life */
   lpar_event ev = {.kind = h->type == LPAR_MSG_HELLO ? LPAR_EV_READY : LPAR_EV_MESSAGE,
                    .engine = e->id, .type = h->type, .flags = h->flags, .id = h->id,
                    .payload = payload, .len = (size_t)h->len, .fds = fds, .nfds = nfds};
@@ -370,7 +374,9 @@ int lpar_cluster_spawn(lpar_cluster *c, int id, int n) {
     free(e);
     return fail(c, pidfd < 0 ? LPAR_ESYS : LPAR_ENOMEM, "cannot watch engine %d", id);
   }
-  *e = (engine){.c = c, .id = id, .pid = pid, .pidfd = pidfd, .alive = 1};
+  uv_update_time(c->loop);
+  *e = (engine){.c = c, .id = id, .pid = pid, .pidfd = pidfd, .alive = 1,
+                .last_seen = uv_now(c->loop)};
   if (lparR_open(c->loop, LPARR_ENGINE, sv[0], side[0], NULL, 0, &engine_handlers, e, &e->route) < 0) {
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
@@ -523,6 +529,16 @@ int lpar_cluster_interrupt(lpar_cluster *c, int id, uint64_t mid) {
   if (!e->alive) return LPAR_EDEAD;
   union sigval v = {.sival_ptr = (void *)(uintptr_t)mid};
   return sigqueue(e->pid, SIGINT, v) == 0 ? LPAR_OK : LPAR_ESYS;
+}
+
+int64_t lpar_cluster_silence_ms(const lpar_cluster *c, int id) {
+  if (c->link || c->remote) return LPAR_ENOENGINE;
+  engine *e = find_engine(c, id);
+  if (e == NULL) return LPAR_ENOENGINE;
+  if (!e->alive || e->route == NULL) return LPAR_EDEAD;
+  uv_update_time(c->loop);
+  uint64_t now = uv_now(c->loop);
+  return now > e->last_seen ? (int64_t)(now - e->last_seen) : 0;
 }
 
 int lpar_cluster_pid(lpar_cluster *c, int id) {

@@ -9,7 +9,7 @@ const char *lpar_strerror(int code) {
   case LPAR_ENOMEM: return "out of memory";
   case LPAR_EINVAL: return "invalid argument";
   case LPAR_EBADMSG: return "malformed message";
-  case LPAR_ETOOBIG: return "message too large";
+  case LPAR_ETOOBIG: return "message too large (more than the 1 GiB limit)";
   case LPAR_EDEPTH: return "value nested too deeply";
   case LPAR_EUNSENDABLE: return "value cannot be sent";
   case LPAR_ESPAWN: return "engine could not be started";

@@ -87,8 +87,14 @@ enum lpar_msg_type {
   LPAR_MSG_CONTROL = 12,   /* either way: (operation, args...) and its answer, same id */
   LPAR_MSG_SIGNAL = 13,    /* client -> controller: raw signal number, for the engine */
   LPAR_MSG_INTERRUPT = 14, /* client -> controller: interrupt request `id` on the engine */
-  LPAR_MSG_MAX_ = 15
+  LPAR_MSG_HEARTBEAT = 15, /* engine -> host: empty, "my Lua is stepping"; never an event */
+  LPAR_MSG_MAX_ = 16
 };
+
+/* An engine's heartbeat period, in milliseconds (LPAR_HEARTBEAT_MS in its
+   environment overrides it; 0 turns heartbeats off). */
+#define LPAR_HEARTBEAT_MS 100
+
 
 /*
 ** Message flags. LPAR_FLAG_TEXT asks an engine to answer in plain text: a
@@ -210,6 +216,13 @@ LPAR_API int lpar_cluster_interrupt(lpar_cluster *c, int engine, uint64_t id);
 
 /* Process id of engine `id` (as its hello said), or a negative code. */
 LPAR_API int lpar_cluster_pid(lpar_cluster *c, int engine);
+
+/*
+** Milliseconds since local engine `id` last sent a frame (a heartbeat, at
+** least every LPAR_HEARTBEAT_MS while its Lua runs or it idles: a stopped
+** or wedged engine goes silent), or a negative code (not a local engine).
+*/
+int64_t lpar_cluster_silence_ms(const lpar_cluster *c, int engine);
 
 /* Frames dropped as malformed from local engines since the cluster started. */
 LPAR_API uint64_t lpar_cluster_bad_messages(const lpar_cluster *c);

@@ -407,7 +407,12 @@ int lparY_engine(const lparY_relay *y, int id, lparY_engine_info *out) {
   const yengine *e = known_engine(y, id);
   if (e == NULL) return LPAR_ENOENGINE;
   *out = (lparY_engine_info){.state = e->state, .joined = e->joined, .pid = e->pid,
-                             .status = e->status, .signal = e->signal, .in_flight = e->in_flight};
+                             .status = e->status, .signal = e->signal, .in_flight = e->in_flight,
+                             .silent_ms = -1};
+  if (!e->joined && e->state == LPARY_READY) {
+    int64_t ms = lpar_cluster_silence_ms(y->local, id);
+    if (ms >= 0) out->silent_ms = ms;
+  }
   return LPAR_OK;
 }
 

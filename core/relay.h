@@ -75,6 +75,7 @@ typedef struct lparY_engine_info {
   int pid;
   int status, signal; /* how it ended (DEAD) */
   uint64_t in_flight; /* requests sent, not answered */
+  int64_t silent_ms;  /* since a local engine last sent a frame; -1 when not known */
 } lparY_engine_info;
 
 typedef struct lparY_stats {

@@ -6,6 +6,8 @@
 ** path and needs no event loop. It exits on EOF (its controller went away)
 ** and, through PR_SET_PDEATHSIG, when its parent dies while it is busy.
 */
+#include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,8 +100,17 @@ static void reply_values(lua_State *L, lparE_state *st, int type, double started
   lparS_shm shm = {.min_bytes = st->side >= 0 && !st->inline_reply ? LPARM_SHM_MIN_BYTES : 0};
   enc->len = 0;
   lparB_append(enc, stamps, sizeof stamps);
-  if (lparS_encode_shm(L, first, count, type == LPAR_MSG_RESULT ? "result" : "error", enc,
-                       &shm, err, sizeof err) < 0) {
+  int rc = lparS_encode_shm(L, first, count, type == LPAR_MSG_RESULT ? "result" : "error", enc,
+                            &shm, err, sizeof err);
+  if (rc == 0 && enc->len - sizeof stamps > LPAR_MAX_PAYLOAD) {
+    /* Sent, it would cost this engine its connection (and its globals). */
+    snprintf(err, sizeof err, "cannot send the %s: %zu bytes, more than the 1 GiB a message may carry",
+             type == LPAR_MSG_RESULT ? "result" : "error", enc->len - sizeof stamps);
+    lparS_shm_done(&shm);
+    shm = (lparS_shm){.nfds = 0};
+    rc = -1;
+  }
+  if (rc < 0) {
     /* The result cannot travel: say so instead. */
     lua_createtable(L, 0, 1);
     lua_pushstring(L, err);
@@ -326,7 +337,15 @@ int main(void) {
   int status = 0;
   lparB_init(&in);
   lparB_init(&enc);
+  lparE_heartbeat_init(st.fd, env_int("LPAR_HEARTBEAT_MS", LPAR_HEARTBEAT_MS));
   for (;;) {
+    /* Idle until a request comes; SIGALRM wakes it to send a heartbeat. */
+    struct pollfd pfd = {.fd = st.fd, .events = POLLIN};
+    if (poll(&pfd, 1, -1) < 0) {
+      if (errno != EINTR) break;
+      if (lparE_beat_due() && lparW_send(st.fd, LPAR_MSG_HEARTBEAT, 0, 0, NULL, 0) < 0) break;
+      continue;
+    }
     lparW_header h;
     const char *reason = "";
     int rc = lparW_recv(st.fd, &h, &in, &reason);

@@ -33,5 +33,9 @@ void lparE_flush_output(lparE_state *st);
 void lparE_interrupt_init(lua_State *L);
 void lparE_task_begin(uint64_t task);
 void lparE_task_end(lua_State *L);
+/* SIGALRM every `ms` ms: a HEARTBEAT frame on `fd` while a task's Lua runs;
+   idle, the main loop sends one when lparE_beat_due() says so. */
+void lparE_heartbeat_init(int fd, int ms);
+int lparE_beat_due(void);
 
 #endif

@@ -119,6 +119,18 @@ describe("the prompt", function()
     wait_for("%[stdout:1%] alive%s+10")
   end)
 
+  it("interrupts a blocking call typed as plain Lua with Ctrl-C, twice in a row", function()
+    for round = 1, 2 do
+      type_line("os.execute('clear')")
+      type_line('dview:execute("while true do end")')
+      os.execute("sleep 0.3")
+      keys("C-c")
+      wait_for("%[[%d,]+:execute%] interrupted", 3) -- engines with the same error are shown once
+      type_line(string.format("%%px print('alive%d', a)", round))
+      wait_for("%[stdout:1%] alive" .. round .. "%s+10")
+    end
+  end)
+
   it("clears the line on Ctrl-C at an idle prompt", function()
     wait_for("lpar> %s*$") -- idle: the last cell's output is all out
     keys("half typed", "C-c")
@@ -135,6 +147,23 @@ describe("the prompt", function()
     wait_for("lpar %d")
     keys("Up")
     wait_for("lpar> remember_me = 1")
+    keys("C-u")
+  end)
+
+  it("keeps the history of a prompt that was killed", function()
+    type_line("killed_but_kept = 2")
+    wait_for("lpar> killed_but_kept = 2\nlpar> ")
+    -- SIGKILL the prompt (the pane's shell runs it): no clean exit.
+    local shell = helpers.run("tmux list-panes -t " .. session .. " -F '#{pane_pid}'"):match("%d+")
+    local pid = helpers.run("pgrep -P " .. shell):match("%d+")
+    os.execute("kill -KILL " .. pid)
+    assert.is_true(helpers.poll(function() return not helpers.alive(tonumber(pid)) end, 5))
+    stop()
+    start("")
+    wait_for("lpar %d.-\nlpar> ") -- line editing is up: keys are not lost
+    os.execute("sleep 0.2")
+    keys("Up")
+    wait_for("lpar> killed_but_kept = 2")
     keys("C-u")
   end)
 end)

@@ -160,7 +160,8 @@ describe("several clients", function()
     local rc <close> = lpar.Client { profile = "main" }
     assert.same({ 42, 42 }, rc:view():pull("set_by_killed", { block = true }))
     assert.is_true(helpers.wait_until(function()
-      return rc[1]:pull("finished_after_kill", { block = true }) == true
+      local ok, v = pcall(rc[1].pull, rc[1], "finished_after_kill", { block = true })
+      return ok and v == true
     end, 5))
     assert.same({ 0, 1 }, rc.ids)
   end)
@@ -287,6 +288,20 @@ describe("the authenticated socket", function()
 end)
 
 describe("cluster controls on a standalone cluster", function()
+  it("shows a stopped engine as not responding, in queue_status and lpar cluster list", function()
+    local rc <close> = lpar.Client { profile = "main" }
+    local pid = rc:queue_status()[1].pid
+    uv.kill(pid, "sigstop")
+    local ok, err = pcall(function()
+      assert.is_true(helpers.poll(function() return rc:queue_status()[1].state == "not responding" end, 5))
+      assert.equal("ready", rc:queue_status()[0].state)
+      assert.matches("1/2 %(1 not responding%)", (sh(helpers.lpar .. " cluster list")))
+    end)
+    uv.kill(pid, "sigcont")
+    assert(ok, err)
+    assert.is_true(helpers.poll(function() return rc:queue_status()[1].state == "ready" end, 5))
+  end)
+
   it("queue_status counts every client's tasks; abort, interrupt and engine death work", function()
     local rc <close> = lpar.Client { profile = "main" }
     local started = os.tmpname()
@@ -332,7 +347,7 @@ describe("cluster controls on a standalone cluster", function()
     cluster:restart_engines() -- all of them: this cluster has 2, not Cluster's default 4
     cluster:wait_for_engines(5)
     assert.same({ 0, 1 }, rc.ids)
-    assert.same({}, rc:view():pull("before_restart", { block = true }))
+    assert.is_false(pcall(rc:view().pull, rc:view(), "before_restart", { block = true }))
     assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
   end)
 

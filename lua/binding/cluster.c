@@ -37,6 +37,11 @@
 
 #define CLUSTER_MT "lpar.cluster"
 #define STAMPS_SIZE (2 * sizeof(double))
+/*
+** Values one reply may hand over: the handler passes them on through a few
+** vararg calls, each a copy on a Lua stack of at most LUAI_MAXSTACK slots.
+*/
+#define MAX_REPLY_VALUES 200000
 
 typedef struct cluster_ud {
   lpar_cluster *c;
@@ -79,6 +84,9 @@ static int push_reply(lua_State *L, const lpar_event *ev) {
   if (lparS_decode_shm(L, ev->payload + STAMPS_SIZE, ev->len - STAMPS_SIZE, LPARS_ALLOW_CODE,
                        &shm, &n, err, sizeof err) < 0)
     return luaL_error(L, "%s", err);
+  if (n > MAX_REPLY_VALUES)
+    return luaL_error(L, "it holds %d values, more than the %d a reply may (return a table)", n,
+                      MAX_REPLY_VALUES);
   return n + 2;
 }
 
@@ -193,8 +201,21 @@ static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
     lua_pushstring(L, why);
   }
   int nargs = lua_gettop(L) - (top + 2);
-  if (lua_pcall(L, nargs, 0, top + 1) != LUA_OK)
+  if (lua_pcall(L, nargs, 0, top + 1) != LUA_OK) {
     fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
+    /* A reply the handler could not take must still end its request. */
+    if (ev->kind == LPAR_EV_MESSAGE && !u->raw &&
+        (ev->type == LPAR_MSG_RESULT || ev->type == LPAR_MSG_ERROR)) {
+      lua_settop(L, top);
+      lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
+      lua_pushstring(L, "undecodable");
+      lua_pushinteger(L, ev->engine);
+      lua_pushinteger(L, (lua_Integer)ev->id);
+      lua_pushstring(L, "the event handler failed on it");
+      if (lua_pcall(L, 4, 0, 0) != LUA_OK)
+        fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
+    }
+  }
   lua_settop(L, top);
 }
 
@@ -423,6 +444,15 @@ static int l_pid(lua_State *L) {
   return 1;
 }
 
+/* c:silence(id): ms since local engine id last sent anything; nil, msg when not local. */
+static int l_silence(lua_State *L) {
+  cluster_ud *u = check_cluster(L);
+  int64_t ms = lpar_cluster_silence_ms(u->c, (int)luaL_checkinteger(L, 2));
+  if (ms < 0) return lparC_push_failure(L, (int)ms, NULL);
+  lua_pushinteger(L, (lua_Integer)ms);
+  return 1;
+}
+
 static int l_stats(lua_State *L) {
   cluster_ud *u = luaL_checkudata(L, 1, CLUSTER_MT);
   lua_createtable(L, 0, 4);
@@ -459,7 +489,7 @@ static int l_stop(lua_State *L) {
 static const luaL_Reg cluster_methods[] = {
   {"spawn", l_spawn},         {"send", l_send},           {"send_bytes", l_send_bytes},
   {"send_raw", l_send_raw},   {"seal", l_seal},           {"signal", l_signal},
-  {"interrupt", l_interrupt}, {"pid", l_pid},             {"stats", l_stats},
+  {"interrupt", l_interrupt}, {"pid", l_pid}, {"silence", l_silence},             {"stats", l_stats},
   {"is_open", l_is_open},     {"stop", l_stop},           {NULL, NULL}};
 
 void lparC_open_cluster(lua_State *L) {

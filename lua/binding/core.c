@@ -10,6 +10,7 @@
 ** cluster; the policy (results, views, errors) lives in the Lua modules
 ** under lua/lpar. Recoverable failures return nil, message, code, as luv does.
 */
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -128,6 +129,12 @@ static int keep_going_pcall(lua_State *L, int nargs, int nresults, int flags) {
   return nresults == LUA_MULTRET ? lua_gettop(L) - base + 1 : nresults;
 }
 
+/* trim(): give freed heap back to the system (glibc keeps it); true if some went. */
+static int l_trim(lua_State *L) {
+  lua_pushboolean(L, malloc_trim(0));
+  return 1;
+}
+
 static const luaL_Reg functions[] = {
   {"encode", l_encode},
   {"decode", l_decode},
@@ -135,6 +142,7 @@ static const luaL_Reg functions[] = {
   {"keygen", l_keygen},
   {"loop_running", l_loop_running},
   {"now", l_now},
+  {"trim", l_trim},
   {NULL, NULL}};
 
 int luaopen_lpar_core(lua_State *L) {
@@ -166,7 +174,8 @@ int luaopen_lpar_core(lua_State *L) {
                {"SIGNAL", LPAR_MSG_SIGNAL},   {"INTERRUPT", LPAR_MSG_INTERRUPT},
                {"STDOUT", LPAR_MSG_STDOUT},   {"STDERR", LPAR_MSG_STDERR},
                {"DISPLAY", LPAR_MSG_DISPLAY}, {"FLAG_INLINE", LPAR_FLAG_INLINE},
-               {"ECLOSED", LPAR_ECLOSED},     {"EDEAD", LPAR_EDEAD}};
+               {"ECLOSED", LPAR_ECLOSED},     {"EDEAD", LPAR_EDEAD},
+               {"HEARTBEAT", LPAR_MSG_HEARTBEAT}, {"HEARTBEAT_MS", LPAR_HEARTBEAT_MS}};
   for (size_t i = 0; i < sizeof types / sizeof *types; i++) {
     lua_pushinteger(L, types[i].value);
     lua_setfield(L, -2, types[i].name);

@@ -231,6 +231,10 @@ static int l_engine(lua_State *L) {
   lua_setfield(L, -2, "signal");
   lua_pushinteger(L, (lua_Integer)e.in_flight);
   lua_setfield(L, -2, "queue");
+  if (e.silent_ms >= 0) {
+    lua_pushinteger(L, (lua_Integer)e.silent_ms);
+    lua_setfield(L, -2, "silent_ms");
+  }
   return 1;
 }
 

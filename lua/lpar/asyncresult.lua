@@ -120,10 +120,16 @@ function methods:successful()
   return true
 end
 
+--- Ctrl-C during a wait on this result: its views set `_interrupt` to
+-- stop its tasks (interrupt the running ones, drop the queued ones).
+local function interrupter(self)
+  return function() if self._interrupt then self._interrupt(self) end end
+end
+
 --- Wait up to `timeout` seconds (forever when nil); true when ready.
 function methods:wait(timeout)
-  return wait.until_done(function() return self:ready() end, timeout,
-    function(fn) self._waiters[#self._waiters + 1] = fn end, 2)
+  return (wait.until_done(function() return self:ready() end, timeout,
+    function(fn) self._waiters[#self._waiters + 1] = fn end, 2, interrupter(self)))
 end
 
 local function raise_errors(self)
@@ -145,7 +151,14 @@ function methods:get(opts)
     require("lpar.options").check("get", opts, { timeout = true, return_errors = true })
     timeout, return_errors = opts.timeout, opts.return_errors
   end
-  if not self:wait(timeout) then
+  local ready, stuck = wait.until_done(function() return self:ready() end, timeout,
+    function(fn) self._waiters[#self._waiters + 1] = fn end, 2, interrupter(self))
+  if not ready then
+    if stuck then
+      error(errors.TimeoutError.new(string.format(
+        "%s result can never be ready: nothing is left that could finish it (%d/%d done)",
+        self._kind, self._done, #self._slots)), 2)
+    end
     error(errors.TimeoutError.new(string.format("%s result not ready after %gs (%d/%d done)",
       self._kind, timeout, self._done, #self._slots)), 2)
   end
@@ -164,7 +177,8 @@ function methods:get(opts)
 end
 
 local function wait_for(self, pred)
-  wait.until_done(pred, nil, function(fn) self._waiters[#self._waiters + 1] = fn end, 3)
+  wait.until_done(pred, nil, function(fn) self._waiters[#self._waiters + 1] = fn end, 3,
+    interrupter(self))
 end
 
 --- Iterate over the results as they arrive: (engine id, first value or

@@ -18,6 +18,11 @@ local wait = require "lpar.wait"
 
 local APPLY = core.APPLY
 
+-- Seconds a task waits when no engine it may run on is up (or starting),
+-- before it fails: restart_engines within that time brings them back in
+-- time, and nothing waits forever on engines that never come back.
+local STRANDED_GRACE = 3
+
 -- The scheduler: one per connection (hub), shared by its balanced views.
 
 local Scheduler = {}
@@ -27,7 +32,7 @@ local function scheduler_of(hub)
   local s = hub.scheduler
   if s then return s end
   s = setmetatable({ hub = hub, head = 1, tail = 0, queue = {}, held = {}, load = {},
-                     last = {}, tick = 0 }, Scheduler)
+                     last = {}, tick = 0, grace = STRANDED_GRACE }, Scheduler)
   hub.scheduler = s
   -- An engine that comes up (or goes) changes where tasks can go.
   hub.on_ready[#hub.on_ready + 1] = function() s:dispatch() end
@@ -75,6 +80,24 @@ local function candidates(self, task, ids)
   return out
 end
 
+--- Is some engine that `task` may run on up or starting, busy or not?
+local function has_live_engine(self, task)
+  local hub = self.hub
+  for _, id in ipairs(task.targets or hub:all_ids()) do
+    local st = hub:engine_state(id)
+    if st == "ready" or st == "starting" then
+      local ok = true
+      for _, ar in ipairs(task.follow or {}) do
+        local ran = false
+        for _, e in ipairs(ar.engine_ids) do ran = ran or e == id end
+        ok = ok and ran
+      end
+      if ok then return true end
+    end
+  end
+  return false
+end
+
 local function pick(self, task, ids)
   local c = candidates(self, task, ids)
   if #c == 0 then return nil end
@@ -103,10 +126,12 @@ function Task:fail(err)
   self.done = true
   if self.timer then wait.release_timer(self.timer) end
   self.timer = nil
+  self.slot.task = nil
   self.ar:_settle(self.slot, false, nil, nil, err)
 end
 
---- Send `task` to `engine`; false when it could not be sent (then failed).
+--- Send `task` to `engine`: "sent", "failed" (it cannot be sent anywhere,
+-- and is failed), or "gone" (the engine is gone: the task is untouched).
 function Scheduler:send(task, engine)
   local rec = { ar = task, kind = task.slot.kind } -- the one shape of a request record
   local ok, err = self.hub:submit(engine, APPLY, "args", rec, task.f,
@@ -114,32 +139,84 @@ function Scheduler:send(task, engine)
   if not ok then
     if type(err) == "string" then
       task:fail(errors.RemoteError.new(engine, "apply", { message = err }))
-      return false
+      return "failed"
     end
-    return false -- the engine is gone: leave the task queued
+    return "gone"
   end
   task.engine, task.id, task.running = engine, rec.id, true
   task.slot.engine = engine
   self.load[engine] = (self.load[engine] or 0) + 1
   self.tick = self.tick + 1
   self.last[engine] = self.tick
-  return true
+  return "sent"
+end
+
+--- A task that could not be placed: true when it is failed because no
+-- engine it may run on has been up for the grace period; else it waits,
+-- with a timer to look again when its grace runs out.
+function Scheduler:stranded(task, now)
+  if has_live_engine(self, task) then
+    task.stranded_since = nil
+    return false
+  end
+  now = now or core.now()
+  task.stranded_since = task.stranded_since or now
+  local left = task.stranded_since + self.grace - now
+  if left <= 0 then
+    task:fail(errors.TaskError.new("no engine", string.format(
+      "no engine it may run on was up for %gs%s", self.grace,
+      task.last_error and ("; its last attempt: " .. tostring(task.last_error)) or ""), nil))
+    return true
+  end
+  if not self.strand_timer then
+    self.strand_timer = wait.acquire_timer(left, function()
+      self.strand_timer = nil
+      self:dispatch()
+    end, true)
+  end
+  return false
+end
+
+--- The engines up that answer their heartbeats: a stopped or wedged one
+-- gets no task (its queue would wait). While one is left out and work
+-- waits, look again soon, for it may be back.
+function Scheduler:responsive_ids()
+  local hub = self.hub
+  local ids = hub:ids_shared()
+  if hub.controller then return ids end
+  local out
+  for i, id in ipairs(ids) do
+    if hub:not_responding(id) then
+      if not out then out = table.move(ids, 1, i - 1, 1, {}) end
+    elseif out then
+      out[#out + 1] = id
+    end
+  end
+  if out and not self.recheck_timer and (self.head <= self.tail or #self.held > 0) then
+    self.recheck_timer = wait.acquire_timer(2 * core.HEARTBEAT_MS / 1000, function()
+      self.recheck_timer = nil
+      self:dispatch()
+    end)
+  end
+  return out or ids
 end
 
 --- Place queued tasks on engines with room, in submission order.
 function Scheduler:dispatch()
   if self.dispatching then return end
   self.dispatching = true
-  local ids = self.hub:ids_shared()
+  local ids = self:responsive_ids()
   -- Tasks held back by dependencies or placement go first once free.
   local still = {}
   for _, task in ipairs(self.held) do
-    if not task.done and not self:place(task, ids) then still[#still + 1] = task end
+    if not task.done and not self:place(task, ids) and not self:stranded(task) then
+      still[#still + 1] = task
+    end
   end
   self.held = still
   while self.head <= self.tail do
     local task = self.queue[self.head]
-    if not task.done and not self:place(task, ids, true) then break end
+    if not task.done and not self:place(task, ids, true) and not self:stranded(task) then break end
     self.queue[self.head] = nil
     self.head = self.head + 1
   end
@@ -162,18 +239,21 @@ function Scheduler:place(task, ids, from_queue)
     if from_queue then self.held[#self.held + 1] = task end
     return from_queue
   end
-  local engine = pick(self, task, ids)
-  if engine == nil then
-    -- No room anywhere it may go. A constrained task steps aside so the
-    -- tasks behind it can use the engines it cannot.
-    if from_queue and (task.targets or task.follow) then
-      self.held[#self.held + 1] = task
-      return true
+  while true do
+    local engine = pick(self, task, ids)
+    if engine == nil then
+      -- No room anywhere it may go. A constrained task steps aside so the
+      -- tasks behind it can use the engines it cannot.
+      if from_queue and (task.targets or task.follow) then
+        self.held[#self.held + 1] = task
+        return true
+      end
+      return false
     end
-    return false
+    if self:send(task, engine) ~= "gone" then return true end
+    -- That engine's link closed under us: it is no longer among the ids.
+    ids = self:responsive_ids()
   end
-  self:send(task, engine)
-  return true
 end
 
 function Scheduler:enqueue(task)
@@ -187,6 +267,23 @@ end
 function Task:_stream(_, name, text) self.ar:_stream(self.slot, name, text) end
 function Task:_display(_, output) self.ar:_display(self.slot, output) end
 
+--- Ctrl-C while waiting on `ar`: its running tasks are interrupted (and
+-- not retried), its queued ones fail without running.
+local function interrupt_tasks(ar)
+  ar._interrupting = true
+  for _, s in ipairs(ar._slots) do
+    local task = not s.done and s.task
+    if task and not task.done then
+      task.retries = 0
+      if task.running then
+        task.sched.hub:interrupt_task(task.engine, task.id)
+      else
+        task:fail(errors.TaskError.new("aborted", "interrupted before it ran", nil))
+      end
+    end
+  end
+end
+
 function Task:_settle(rec, ok, started, completed, value)
   local s = self.sched
   s.load[rec.engine] = math.max(0, (s.load[rec.engine] or 1) - 1)
@@ -196,6 +293,7 @@ function Task:_settle(rec, ok, started, completed, value)
       string.format("task ran past its timeout of %gs and was interrupted", self.timeout), rec.id)
   elseif not ok and self.retries > 0 then
     self.retries = self.retries - 1
+    self.last_error = value
     self.excluded = self.excluded or {}
     self.excluded[rec.engine] = true
     s.held[#s.held + 1] = self
@@ -205,7 +303,10 @@ function Task:_settle(rec, ok, started, completed, value)
   self.done = true
   if self.timer then wait.release_timer(self.timer) end
   self.timer = nil
+  self.slot.task = nil
   self.ar:_settle(self.slot, ok, started, completed, value)
+  -- Interrupting: the task queued behind this one on its engine starts now.
+  if self.ar._interrupting then interrupt_tasks(self.ar) end
   s:dispatch()
 end
 
@@ -242,6 +343,10 @@ function LoadBalancedView.new(client, spec)
                               queue_depth = 2 }, LoadBalancedView)
   if spec ~= nil then
     self.targets = client._hub:resolve_targets(spec, 3)
+    if #self.targets == 0 then
+      error(string.format("load_balanced_view: no engines in targets %s (engines up: %s)",
+        viewflags.describe_spec(spec), table.concat(client._hub:ids_shared(), " ")), 3)
+    end
   else
     self.targets = "all"
   end
@@ -276,6 +381,8 @@ local function submit_task(self, ar, slot, f, args)
   if task.timeout then
     task.timer = wait.acquire_timer(task.timeout, function() task:on_timeout() end)
   end
+  slot.task = task -- while it is pending: for Ctrl-C (interrupt_tasks)
+  ar._interrupt = interrupt_tasks
   sched:enqueue(task)
   return task
 end

@@ -259,12 +259,15 @@ local function cluster_list()
       local st = remote.ask(info, "status")
       local address = info.socket .. (info.port and string.format(" %s:%d", info.ip, info.port) or "")
       if st then
-        local ready, total = 0, 0
+        local ready, total, silent = 0, 0, 0
         for _, e in pairs(st.engines) do
           total = total + 1
           if e.state == "ready" then ready = ready + 1 end
+          if e.state == "not responding" then silent = silent + 1 end
         end
-        rows[#rows + 1] = { name, tostring(info.pid), string.format("%d/%d", ready, total), address,
+        local count = string.format("%d/%d", ready, total)
+        if silent > 0 then count = count .. string.format(" (%d not responding)", silent) end
+        rows[#rows + 1] = { name, tostring(info.pid), count, address,
           duration(st.uptime), string.format("%d (%d cut off)", st.refused, st.disconnected) }
       else
         rows[#rows + 1] = { name, tostring(info.pid), "?", address .. " (not answering)", "-", "-" }

@@ -15,6 +15,10 @@ local core = require "lpar.core"
 -- matrix.blas_info) before any engine is spawned, so the engines inherit it.
 require "lpar.matrix"
 
+-- Engines send a heartbeat every core.HEARTBEAT_MS; silent ten times that
+-- long, a ready engine is stopped or wedged.
+local NOT_RESPONDING_MS = 10 * core.HEARTBEAT_MS
+
 local Controller = {}
 Controller.__index = Controller
 
@@ -96,7 +100,12 @@ function Controller:status()
   local engines, stats = {}, self.relay:stats()
   for eid = 0, stats.engines - 1 do
     local e = self.relay:engine(eid)
-    if e then engines[eid] = { queue = e.queue, state = e.state, pid = e.pid, kind = e.kind } end
+    if e then
+      -- A ready engine silent for ten heartbeats is stopped or wedged.
+      local state = e.state
+      if state == "ready" and (e.silent_ms or 0) > NOT_RESPONDING_MS then state = "not responding" end
+      engines[eid] = { queue = e.queue, state = state, pid = e.pid, kind = e.kind, silent_ms = e.silent_ms }
+    end
   end
   return {
     engines = engines, refused = stats.refused, disconnected = stats.disconnected, clients = stats.clients,

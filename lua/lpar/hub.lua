@@ -16,7 +16,31 @@ require "lpar.matrix"
 local Hub = {}
 Hub.__index = Hub
 
+-- When a collection has freed much of the Lua heap (a big map released),
+-- give the memory back to the system: glibc keeps freed heap otherwise. A
+-- finalizer that makes its successor runs once per collection cycle.
+do
+  local peak = 0
+  local function watch()
+    setmetatable({}, { __gc = function()
+      local kb = collectgarbage("count")
+      if kb > peak then
+        peak = kb
+      elseif peak - kb > 64 * 1024 then
+        core.trim()
+        peak = kb
+      end
+      watch()
+    end })
+  end
+  watch()
+end
+
 local CALL_TIMEOUT = 10
+
+-- Engines send a heartbeat every core.HEARTBEAT_MS, busy or idle; a ready
+-- engine silent ten times that long is stopped or wedged: "not responding".
+Hub.NOT_RESPONDING_MS = 10 * core.HEARTBEAT_MS
 
 local signal_names = {
   [1] = "SIGHUP", [2] = "SIGINT", [3] = "SIGQUIT", [4] = "SIGILL", [6] = "SIGABRT",
@@ -139,7 +163,7 @@ end
 --- The reason `engine` cannot take a request, or nil when it can.
 function Hub:unavailable(engine)
   local e = self.engines[engine]
-  if self.core and e and e.state ~= "dead" then return nil end
+  if self.core and e and e.state ~= "dead" and e.state ~= "lost" then return nil end
   local how = self.unreachable or (not self.core and "is stopped") or (not e and "does not exist")
     or (e.how .. "; Cluster:restart_engines brings it back")
   return errors.EngineError.new(engine, nil, how)
@@ -154,14 +178,19 @@ function Hub:submit(engine, mtype, root, record, ...)
   local id = self.next_id
   local ok, err, code = self.core:send(engine, mtype, id, root, ...)
   if not ok then
-    if code == core.EDEAD and not core.loop_running() then
-      -- Its socket closed just before its exit was seen: wait a moment for
-      -- the exit, so the error says how the engine ended.
-      wait.until_done(function() return self.engines[engine].state == "dead" end, 1)
-      gone = self:unavailable(engine)
-      if gone then return nil, gone end
+    if code ~= core.EDEAD then return nil, err end
+    -- Its socket closed before its exit was seen: it takes nothing more
+    -- (load-balanced tasks go elsewhere), and when we may run the loop,
+    -- wait a moment for the exit so the error says how the engine ended.
+    local e = self.engines[engine]
+    if e.state == "ready" then
+      e.state, e.how = "lost", "lost its connection (" .. err .. ")"
+      self.ids_cache = nil
     end
-    return nil, err
+    if not core.loop_running() then
+      wait.until_done(function() return self.engines[engine].state == "dead" end, 1)
+    end
+    return nil, errors.EngineError.new(engine, nil, self.engines[engine].how)
   end
   record.engine, record.id = engine, id
   self.pending[id] = record
@@ -381,7 +410,8 @@ function Hub:restart(ids, n, timeout, level)
     return -- the answer follows the engines' hellos on the same link
   end
   for _, id in ipairs(ids) do
-    if self:engine_state(id) ~= "dead" then self:signal(id, "KILL") end
+    -- A lost engine may have exited already: its exit is on the way.
+    if self:engine_state(id) ~= "dead" then pcall(self.signal, self, id, "KILL") end
   end
   wait.until_done(function()
     for _, id in ipairs(ids) do
@@ -393,6 +423,14 @@ function Hub:restart(ids, n, timeout, level)
   self:wait_ready(ids, timeout, level + 1)
 end
 
+--- Is ready local engine `id` silent past the limit (stopped or wedged)?
+-- Engines behind a controller are watched there (its status says).
+function Hub:not_responding(id)
+  if self.controller or not self.core then return false end
+  local ms = self.core:silence(id)
+  return ms ~= nil and ms > Hub.NOT_RESPONDING_MS
+end
+
 --- Per engine: requests in flight and state; plus what was dropped.
 function Hub:queue_status()
   local stats = self.core and self.core:stats() or { bad_messages = 0, undecodable = 0 }
@@ -400,11 +438,18 @@ function Hub:queue_status()
   if self.controller and self.core then
     local st, err = self:call("status")
     if not st then error("queue_status: " .. tostring(err), 3) end
-    for id, e in pairs(st.engines) do status[id] = { queue = e.queue, state = e.state, pid = e.pid } end
+    for id, e in pairs(st.engines) do
+      status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms }
+    end
     status.bad_messages, status.refused, status.disconnected, status.clients =
       st.bad_messages, st.refused, st.disconnected, st.clients
   else
-    for id, e in pairs(self.engines) do status[id] = { queue = 0, state = e.state, pid = e.pid } end
+    for id, e in pairs(self.engines) do
+      local state = e.state
+      if state == "ready" and self:not_responding(id) then state = "not responding" end
+      status[id] = { queue = 0, state = state, pid = e.pid,
+                     silent_ms = e.state == "ready" and self.core:silence(id) or nil }
+    end
     for _, rec in pairs(self.pending) do
       local s = status[rec.engine]
       if s then s.queue = s.queue + 1 end

@@ -6,6 +6,7 @@
 local lpar = require "lpar"
 local px = require "lpar.px"
 local uv = require "luv"
+local wait = require "lpar.wait"
 
 local prompt = {}
 
@@ -150,10 +151,8 @@ function Session:px(code, opts)
     return
   end
   opts = opts or { block = true }
-  -- Ctrl-C while a blocking cell runs interrupts the engines' code.
-  self.waiting_targets = opts.targets or "all"
+  -- Ctrl-C while a blocking cell runs interrupts the engines' code (the wait does).
   local ok, ar = pcall(px.run, code, opts, self.rc)
-  self.waiting_targets = nil
   if not ok then
     px.show_error(ar)
     return
@@ -366,12 +365,15 @@ function prompt.main(opts)
     self:write(string.format("lpar %s, Lua 5.4 (%%help for the magics; `lpar -n 4` starts engines)\n",
       lpar.version))
   end
-  -- Ctrl-C while a cell runs on the engines interrupts them; at the prompt
-  -- it is left to line editing.
+  -- Ctrl-C while the prompt waits (get(), wait(), a blocking view call,
+  -- %px, %timeit) interrupts the engines' tasks of that call and ends the
+  -- wait; the engines keep their state. The tasks are interrupted by the
+  -- wait itself, outside this callback, where it may talk to a controller.
+  -- At the prompt, Ctrl-C is left to line editing.
   local sigint = uv.new_signal()
   sigint:start("sigint", function()
-    if self.waiting_targets and self.rc then
-      pcall(self.rc.interrupt, self.rc, self.waiting_targets ~= "all" and self.waiting_targets or nil)
+    if wait.waiting() then
+      wait.interrupt()
       self:write("\nKeyboardInterrupt: interrupting the engines\n")
     end
   end)
@@ -380,7 +382,10 @@ function prompt.main(opts)
     if line == nil and not interrupted then break end
     line = line or "" -- Ctrl-C at the prompt drops the line, as usual
     if interrupted then self:write("\n") end
-    if line:match("%S") then rl.add_history(line) end
+    if line:match("%S") then
+      rl.add_history(line)
+      rl.write_history(history) -- as it goes: a killed prompt keeps its history
+    end
     local ok, err = xpcall(self.handle, debug.traceback, self, line)
     if not ok then self:write(tostring(err), "\n") end
     uv.run("nowait") -- serve what arrived meanwhile (timers, late output)

@@ -3,6 +3,7 @@
 -- returns a view with flags changed, and fixed-arity methods take a
 -- trailing options table for one call: `dview:execute(code, {block = true})`.
 local core = require "lpar.core"
+local errors = require "lpar.errors"
 local viewflags = require "lpar.viewflags"
 local AsyncResult = require "lpar.asyncresult"
 local wait = require "lpar.wait"
@@ -26,7 +27,7 @@ function DirectView.new(client, spec)
     self.targets = "all"
   else
     local ids = client._hub:resolve_targets(spec, 3)
-    self._ids = ids
+    self._ids, self._spec = ids, spec
     self.targets = math.type(spec) == "integer" and ids[1] or ids
   end
   return self
@@ -45,7 +46,16 @@ local function flag(self, opts, name)
 end
 
 function DirectView:_targets(level)
-  if self._ids then return self._ids end
+  if self._ids then
+    -- A slice may name no engine (as Python's may be empty), but a call
+    -- sent to no engine would do nothing silently.
+    if #self._ids == 0 then
+      error(string.format("no engines in targets %s (engines up: %s)",
+        viewflags.describe_spec(self._spec), table.concat(self.client._hub:ids_shared(), " ")),
+        level + 1)
+    end
+    return self._ids
+  end
   local ids = self.client._hub:ids_shared()
   if #ids == 0 then error("no engines are running", level + 1) end
   return ids
@@ -64,6 +74,11 @@ local function submit(self, kind, mtype, root, finish, per_target, ...)
     if gone then error(gone, 3) end
   end
   local ar = AsyncResult.new(kind, { single = single(self), finish = finish })
+  ar._interrupt = function(a)
+    for _, s in ipairs(a._slots) do
+      if not s.done and s.id then hub:interrupt_task(s.engine, s.id) end
+    end
+  end
   for i, id in ipairs(ids) do
     local slot = ar:_slot(id)
     local ok, err
@@ -143,8 +158,26 @@ function DirectView:push(values, opts)
   return finish_call(self, ar, opts)
 end
 
+--- Raise a NameError (a RemoteError per engine, several in a
+-- CompositeError) for the names in `list` that an engine does not have.
+local function check_defined(slots, list)
+  local missing = {}
+  for _, s in ipairs(slots) do
+    for i, name in ipairs(list) do
+      if s.values[i] == nil then
+        missing[#missing + 1] = errors.RemoteError.new(s.engine, "pull",
+          { message = string.format("NameError: name '%s' is not defined", name) }, s.id)
+        break
+      end
+    end
+  end
+  if #missing == 1 then error(missing[1], 0) end
+  if #missing > 1 then error(errors.CompositeError.new(missing), 0) end
+end
+
 --- Read globals: a name gives its value, a list of names a list of values;
--- per engine on a multi-engine view.
+-- per engine on a multi-engine view. A name not defined (nil) on an engine
+-- raises a NameError naming it, as in ipyparallel.
 function DirectView:pull(names, opts)
   options.check("pull", opts, FLAGS)
   local list = type(names) == "table" and names or { names }
@@ -153,6 +186,7 @@ function DirectView:pull(names, opts)
   end
   local many = type(names) == "table"
   local finish = function(slots, one)
+    check_defined(slots, list)
     local function value(s)
       if many then return table.move(s.values, 1, s.values.n, 1, {}) end
       return s.values[1]

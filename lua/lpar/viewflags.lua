@@ -20,4 +20,15 @@ function viewflags.describe(kind, targets)
   return string.format("<%s %s>", kind, tostring(targets))
 end
 
+--- A target spec as the user wrote it: {0, 2}, "5:9", 3.
+function viewflags.describe_spec(spec)
+  if type(spec) == "table" then
+    local parts = {}
+    for i, v in ipairs(spec) do parts[i] = tostring(v) end
+    return "{" .. table.concat(parts, ", ") .. "}"
+  end
+  if type(spec) == "string" then return string.format("%q", spec) end
+  return tostring(spec)
+end
+
 return viewflags

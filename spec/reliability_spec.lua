@@ -1,0 +1,241 @@
+-- Reliability (issue 18): no hang, no lost task, no stale clock.
+local lpar = require "lpar"
+local uv = require "luv"
+local helpers = require "helpers"
+
+local function spin(seconds)
+  local t = os.clock()
+  while os.clock() - t < seconds do end
+end
+
+local function seconds_since(t0) return (uv.hrtime() - t0) / 1e9 end
+
+describe("reliability", function()
+  local cluster, rc
+
+  before_each(function()
+    cluster = lpar.Cluster { n = 4 }
+    rc = cluster:start_and_connect()
+  end)
+
+  after_each(function()
+    -- A stopped engine cannot exit: let it go on before the cluster stops.
+    pcall(cluster.signal_engines, cluster, "CONT")
+    rc:close()
+    cluster:stop()
+  end)
+
+  it("loses no task of a retried map when an engine dies under it", function()
+    local lb = rc:load_balanced_view()
+    lb.retries = 3
+    local list = {}
+    for i = 1, 1000 do list[i] = i end
+    local ar = lb:map_async(function(x) return x * 2 end, list)
+    -- The client is busy while engine 2 answers and dies: its replies and
+    -- its end wait unread, and settling them hands it more tasks.
+    local victim = rc:queue_status()[2].pid
+    uv.sleep(100)
+    uv.kill(victim, "sigkill")
+    uv.sleep(50)
+    local ok, out = pcall(ar.get, ar, 60)
+    assert.is_true(ok, tostring(out))
+    assert.equal(1000, #out)
+    for i = 1, 1000 do assert.equal(2 * i, out[i]) end
+    assert.equal("dead", rc:queue_status()[2].state)
+  end)
+
+  it("loses no task when an engine is killed 100 ms into a map", function()
+    local lb = rc:load_balanced_view()
+    lb.retries = 3
+    local list = {}
+    for i = 1, 1000 do list[i] = i end
+    local ar = lb:map_async(function(x)
+      local t = os.clock() while os.clock() - t < 0.001 do end
+      return x * 2
+    end, list)
+    local victim = rc:queue_status()[1].pid
+    local killer = uv.new_timer()
+    killer:start(100, 0, function() uv.kill(victim, "sigkill") end)
+    local ok, out = pcall(ar.get, ar, 60)
+    killer:stop()
+    killer:close()
+    uv.run("nowait")
+    assert.is_true(ok, tostring(out))
+    assert.equal(1000, #out)
+    for i = 1, 1000 do assert.equal(2 * i, out[i]) end
+  end)
+
+  it("times a wait from now, not from the loop's last wake-up", function()
+    local ar = rc[0]:apply_async(function()
+      local t = os.clock() while os.clock() - t < 3 do end
+      return "late"
+    end)
+    spin(0.5) -- the client computes; libuv's cached time goes stale
+    local t0 = uv.hrtime()
+    local ok, err = pcall(ar.get, ar, 0.1)
+    local waited = seconds_since(t0)
+    assert.is_false(ok)
+    assert.equal(lpar.TimeoutError, getmetatable(err))
+    assert.is_true(waited < 1, "get(0.1) returned after " .. waited .. " s")
+    assert.is_true(waited >= 0.09, "get(0.1) returned after " .. waited .. " s")
+  end)
+
+  it("waits the whole timeout on a stopped engine after client compute", function()
+    cluster:signal_engines("STOP", { 1 })
+    local ar = rc[1]:apply_async(function() return 1 end)
+    spin(0.5)
+    local t0 = uv.hrtime()
+    local ok = pcall(ar.get, ar, 1)
+    local waited = seconds_since(t0)
+    assert.is_false(ok)
+    assert.is_true(waited >= 0.95, "get(1) gave up after " .. waited .. " s")
+    assert.is_true(waited < 3, "get(1) gave up after " .. waited .. " s")
+  end)
+
+  it("fails a queued task on its timeout measured from submission", function()
+    local lb = rc:load_balanced_view({ 0 })
+    lb.queue_depth = 1
+    local blocker = lb:apply(function() local t = os.clock() while os.clock() - t < 2 do end end)
+    spin(0.5)
+    local t0 = uv.hrtime()
+    local queued = lb:with { timeout = 0.3 }:apply(function() return 1 end)
+    local ok, err = pcall(queued.get, queued, 5)
+    local waited = seconds_since(t0)
+    assert.is_false(ok)
+    assert.matches("did not start within its timeout", tostring(err))
+    assert.is_true(waited >= 0.25, "the timeout came after " .. waited .. " s")
+    assert.is_true(waited < 1.5, "the timeout came after " .. waited .. " s")
+    blocker:wait(5)
+  end)
+
+  it("fails a reply with more values than a Lua stack holds, and carries on", function()
+    local ar = rc[0]:apply_async(function()
+      local t = {}
+      for i = 1, 999000 do t[i] = i end
+      return table.unpack(t)
+    end)
+    local t0 = uv.hrtime()
+    local ok, err = pcall(ar.get, ar, 20)
+    assert.is_false(ok)
+    assert.is_true(seconds_since(t0) < 15)
+    assert.not_equal(lpar.TimeoutError, getmetatable(err))
+    assert.matches("could not be decoded", tostring(err))
+    assert.equal(0, rc[0]:apply_sync(function() return lpar.engine.id end))
+  end)
+
+  it("refuses a load-balanced view over no engines", function()
+    local ok, err = pcall(rc.load_balanced_view, rc, {})
+    assert.is_false(ok)
+    assert.matches("no engines", tostring(err))
+  end)
+
+  it("refuses a call on a view whose slice names no engine", function()
+    local v = rc:view("5:9")
+    local ok, err = pcall(v.execute, v, "x = 1")
+    assert.is_false(ok)
+    assert.matches('no engines in targets "5:9"', tostring(err))
+  end)
+
+  it("fails a retried task whose engines can never come back", function()
+    local lb = rc:load_balanced_view({ 3 })
+    lb.retries = 2
+    local ar = lb:apply(function() os.exit(5) end)
+    local t0 = uv.hrtime()
+    local ok, err = pcall(ar.get, ar, 10)
+    assert.is_false(ok)
+    assert.is_true(seconds_since(t0) < 9, "failed after " .. seconds_since(t0) .. " s")
+    assert.not_equal(lpar.TimeoutError, getmetatable(err))
+    assert.matches("engine 3 exited with status 5", tostring(err))
+    assert.matches("no engine", tostring(err))
+  end)
+
+  it("shows a stopped engine as not responding, a busy one as ready, and balances around it", function()
+    cluster:signal_engines("STOP", { 1 })
+    local busy = rc[0]:apply(function() local t = os.clock() while os.clock() - t < 1.5 do end return 0 end)
+    assert.is_true(helpers.wait_until(function()
+      return rc:queue_status()[1].state == "not responding"
+    end, 5), "engine 1 still shows as " .. rc:queue_status()[1].state)
+    assert.equal("ready", rc:queue_status()[0].state) -- busy in Lua, still beating
+    local list = {}
+    for i = 1, 40 do list[i] = i end
+    local ar = rc:load_balanced_view():map(function() return lpar.engine.id end, list)
+    local ran = ar:get(10)
+    assert.equal(40, #ran)
+    for _, id in ipairs(ran) do assert.not_equal(1, id) end
+    assert.equal(0, busy:get(5))
+    cluster:signal_engines("CONT", { 1 })
+    assert.is_true(helpers.wait_until(function() return rc:queue_status()[1].state == "ready" end, 5))
+    assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
+  end)
+
+  it("ends a wait on Ctrl-C, interrupting that call's tasks, and the engines keep their state", function()
+    local wait = require "lpar.wait"
+    rc:view():execute("kept = 7", { block = true })
+    local ctrl_c = uv.new_timer()
+    ctrl_c:start(300, 0, wait.interrupt)
+    local ar = rc:view():execute("while true do end")
+    local ok, err = pcall(ar.get, ar, 10)
+    assert.is_false(ok)
+    assert.matches("interrupted", tostring(err))
+    -- A load-balanced map: running tasks interrupted and not retried, queued ones dropped.
+    local lb = rc:load_balanced_view()
+    lb.retries = 5
+    local list = {}
+    for i = 1, 20 do list[i] = i end
+    local m = lb:map_async(function() while true do end end, list)
+    ctrl_c:start(300, 0, wait.interrupt)
+    local t0 = uv.hrtime()
+    local ok2, err2 = pcall(m.get, m, 10)
+    helpers.close(ctrl_c)
+    assert.is_false(ok2)
+    assert.matches("interrupted", tostring(err2))
+    assert.is_true(seconds_since(t0) < 5)
+    assert.same({ 7, 7, 7, 7 }, rc:view():pull("kept"):get(5))
+  end)
+
+  it("raises a NameError naming a name pull finds undefined", function()
+    rc[1]:execute("only_here = 1", { block = true })
+    local ok, err = pcall(function() return rc:view("0:2"):pull("only_here"):get(5) end)
+    assert.is_false(ok)
+    assert.matches("%[0:pull%] NameError: name 'only_here' is not defined", tostring(err))
+    assert.equal(1, rc[1]:pull("only_here"):get(5))
+    local ok2, err2 = pcall(function() return rc[1]:pull({ "only_here", "nope" }):get(5) end)
+    assert.is_false(ok2)
+    assert.matches("name 'nope' is not defined", tostring(err2))
+  end)
+
+  it("refuses, on the engine, a result over 1 GiB, and the engine keeps its globals", function()
+    rc[0]:execute("kept_big = 5", { block = true })
+    local ok, err = pcall(function()
+      return rc[0]:apply(function() return string.rep("x", (1 << 30) + 1) end):get(60)
+    end)
+    assert.is_false(ok)
+    assert.matches("cannot send the result: %d+ bytes, more than the 1 GiB", tostring(err))
+    assert.equal(5, rc[0]:pull("kept_big"):get(5))
+  end)
+
+  it("names a timeout that is not a number", function()
+    local ar = rc[0]:apply_async(function() return 1 end)
+    local ok, err = pcall(ar.get, ar, "x")
+    assert.is_false(ok)
+    assert.matches("timeout must be a number", tostring(err))
+    assert.equal(1, ar:get(5))
+  end)
+end)
+
+describe("a wait on an empty loop", function()
+  it("waits the whole timeout when nothing on the loop can end the wait", function()
+    -- A result no event will settle: nothing is pending anywhere.
+    local ar = require("lpar.asyncresult").new("apply", { single = true })
+    ar:_slot(0)
+    local t0 = uv.hrtime()
+    local ok, err = pcall(ar.get, ar, 0.5)
+    assert.is_false(ok)
+    assert.matches("not ready after 0.5s", tostring(err))
+    assert.is_true(seconds_since(t0) >= 0.45, "gave up after " .. seconds_since(t0) .. " s")
+    -- Without a timeout, it says the wait could never end instead of hanging.
+    local ok2, err2 = pcall(ar.get, ar)
+    assert.is_false(ok2)
+    assert.matches("can never be ready", tostring(err2))
+  end)
+end)
