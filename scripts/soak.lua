@@ -258,8 +258,8 @@ do
   if not ok then
     fail("standalone: the cluster did not start: %s", out)
   else
-    local conn = io.open(dir .. "/profile_soak/connection.lua"):read("a")
-    local controller = math.tointeger(tonumber(conn:match("pid = (%d+)")))
+    local conn = require("dkjson").decode(io.open(dir .. "/profile_soak/connection.json"):read("a"))
+    local controller = math.tointeger(conn.pid)
     local rc = lpar.Client { profile = "soak" }
     -- A client that runs maps and checks them, until it is killed.
     local client_src = os.tmpname()
