@@ -336,8 +336,27 @@ local function duration(seconds)
   return string.format("%dh%02dm", seconds // 3600, seconds % 3600 // 60)
 end
 
+--- Under a cluster's row, one line per host: its engines, their states and pids.
+local function hosts_lines(engines)
+  local by_host, order = {}, {}
+  for id = 0, math.huge do
+    local e = engines[id]
+    if not e then break end
+    local host = e.host or "?"
+    if not by_host[host] then by_host[host], order[#order + 1] = {}, host end
+    local list = by_host[host]
+    list[#list + 1] = string.format("%d (%s, pid %s)", id, e.state, tostring(e.pid))
+  end
+  local lines = {}
+  for _, host in ipairs(order) do
+    lines[#lines + 1] = "  host " .. host .. ": engines " .. table.concat(by_host[host], ", ")
+  end
+  return lines
+end
+
 local function cluster_list(args)
   parse(args, 3, {}, {})
+  local engine_lines = {}
   local rows = { { "PROFILE", "PID", "ENGINES", "ADDRESS", "UPTIME", "REFUSED" } }
   for _, name in ipairs(profile.list()) do
     local ok, info = pcall(profile.read, profile.connection_file(name), name)
@@ -356,6 +375,7 @@ local function cluster_list(args)
         end
         rows[#rows + 1] = { name, tostring(info.pid), string.format("%d/%d", ready, total), address,
           duration(st.uptime), string.format("%d (%d cut off)", st.refused, st.disconnected) }
+        engine_lines[#rows] = hosts_lines(st.engines)
       else
         rows[#rows + 1] = { name, tostring(info.pid), "?", address .. " (not answering)", "-", "-" }
       end
@@ -369,10 +389,11 @@ local function cluster_list(args)
   for _, row in ipairs(rows) do
     for i, cell in ipairs(row) do widths[i] = math.max(widths[i] or 0, #cell) end
   end
-  for _, row in ipairs(rows) do
+  for r, row in ipairs(rows) do
     local cells = {}
     for i, cell in ipairs(row) do cells[i] = cell .. string.rep(" ", widths[i] - #cell) end
     print((table.concat(cells, "  "):gsub("%s+$", "")))
+    for _, line in ipairs(engine_lines[r] or {}) do print(line) end
   end
   return 0
 end
