@@ -299,12 +299,21 @@ function commands.stop_cluster(name)
     return string.format("cluster %q was not running (pid %d is gone); removed its stale files", name, info.pid)
   end
   remote.ask(info, "shutdown")
-  local gone = wait.until_done(function() return not profile.alive(info.pid) end, 5)
-  if not gone then
-    uv.kill(info.pid, "sigterm")
-    gone = wait.until_done(function() return not profile.alive(info.pid) end, 3)
-    if not gone then uv.kill(info.pid, "sigkill") end
+  -- Nothing else may keep the loop running while we wait (a wait on an
+  -- empty loop returns at once): a ticking timer looks again every 10 ms.
+  local tick = uv.new_timer()
+  tick:start(10, 10, function() end)
+  local function gone_within(seconds)
+    return wait.until_done(function() return not profile.alive(info.pid) end, seconds)
   end
+  -- A controller stops its engines elsewhere first (their links close, its launcher's processes end).
+  if not gone_within(8) then
+    uv.kill(info.pid, "sigterm")
+    if not gone_within(3) then uv.kill(info.pid, "sigkill") end
+  end
+  tick:stop()
+  tick:close()
+  uv.run("nowait")
   profile.remove_files(name)
   return string.format("stopped cluster %q (controller pid %d)", name, info.pid)
 end

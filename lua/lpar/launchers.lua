@@ -167,7 +167,7 @@ function Job:stop(grace)
     for _, p in ipairs(self.procs) do if not p.exited then return false end end
     return true
   end
-  wait.until_done(all_done, grace or 3)
+  wait.until_done(all_done, grace or 1)
   for _, p in ipairs(self.procs) do
     if not p.exited and p.handle then p.handle:kill("sigterm") end
   end

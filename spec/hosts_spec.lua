@@ -1,0 +1,187 @@
+--- Engines on other hosts: the ssh launcher across namespace hosts made by
+-- scripts/testhosts (each its own network namespace with its own sshd; the
+-- controller runs in a third, the head), the MPI launcher with mpiexec
+-- here, and Slurm where it can run. Needs root, which these machines have.
+-- Traffic goes only to addresses testhosts assigned inside the namespaces
+-- it made; `testhosts down` removes them, even when a test failed.
+local uv = require "luv"
+local lpar = require "lpar"
+local matrix = require "lpar.matrix"
+local profile = require "lpar.profile"
+local helpers = require "helpers"
+
+local base = os.tmpname()
+os.remove(base)
+local hosts_dir = base .. "-hosts"
+local PREFIX = "lparts-" -- namespaces of this spec, apart from a manual `testhosts up`
+local HEAD = PREFIX .. "head"
+local H1, H2 = "10.231.0.11", "10.231.0.12"
+local SSH = "ssh -F " .. hosts_dir .. "/ssh_config"
+
+local function sh(cmd)
+  return helpers.run(string.format("LPAR_DIR='%s' LPAR_TESTHOSTS_DIR='%s' LPAR_TESTHOSTS_PREFIX=%s %s",
+    base, hosts_dir, PREFIX, cmd))
+end
+
+local function read_file(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function netns_of(pid)
+  local out = helpers.run("ip netns identify " .. pid .. " 2>/dev/null")
+  return (out:gsub("%s+$", ""))
+end
+
+--- Processes running in the namespace hosts, but their sshd: pid -> command line.
+local function processes_on_hosts()
+  local found = {}
+  for _, h in ipairs { "h1", "h2" } do
+    local out = helpers.run("ip netns pids " .. PREFIX .. h .. " 2>/dev/null")
+    for pid in out:gmatch("%d+") do
+      local cmd = (read_file("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
+      if not cmd:match("^sshd") and not cmd:match("^/usr/sbin/sshd %-f") and cmd ~= "" then
+        found[tonumber(pid)] = cmd
+      end
+    end
+  end
+  return found
+end
+
+local up_out, up_code
+local rc, conn
+
+setup(function()
+  uv.os_setenv("LPAR_DIR", base)
+  up_out, up_code = sh("sh scripts/testhosts up 2 2>&1")
+  assert(up_code == 0, "scripts/testhosts up failed:\n" .. up_out)
+  local out, code = sh(string.format("ip netns exec %s %s cluster start --launcher ssh --hosts %s:2,%s:2 " ..
+    "--ip 10.231.0.1 --ssh-command '%s' --daemonize --profile hosts 2>&1", HEAD, helpers.lpar, H1, H2, SSH))
+  assert(code == 0, "the ssh cluster did not start:\n" .. out)
+  conn = profile.read(profile.connection_file("hosts"), "hosts")
+  rc = lpar.Client { profile = "hosts" }
+end)
+
+teardown(function()
+  if rc then pcall(rc.close, rc) end
+  sh(helpers.lpar .. " cluster stop --all")
+  sh("sh scripts/testhosts down")
+  uv.os_unsetenv("LPAR_DIR")
+  os.execute("rm -rf '" .. base .. "' '" .. hosts_dir .. "'")
+end)
+
+describe("the ssh launcher on namespace hosts", function()
+  it("gives ids host by host, each engine running in its host's namespace", function()
+    assert.same({ 0, 1, 2, 3 }, rc.ids)
+    local st = rc:queue_status()
+    local want = { [0] = H1, H1, H2, H2 }
+    for id = 0, 3 do
+      assert.equal(want[id], st[id].host)
+      assert.equal(PREFIX .. (id < 2 and "h1" or "h2"), netns_of(st[id].pid))
+    end
+    -- Each host's engines reached the controller from the host's own address.
+    local from = rc:view():apply_sync(function()
+      local f = io.popen("ip -o -4 addr show scope global")
+      local s = f:read("a")
+      f:close()
+      return s:match("inet (10%.231%.0%.%d+)")
+    end)
+    assert.same({ H1, H1, H2, H2 }, from)
+    local out = sh(helpers.lpar .. " cluster list")
+    assert.matches("host " .. H1:gsub("%.", "%%.") .. ": engines 0 %(ready, pid %d+%), 1 %(ready", out)
+    assert.matches("host " .. H2:gsub("%.", "%%.") .. ": engines 2 %(ready, pid %d+%), 3 %(ready", out)
+  end)
+
+  it("keeps the key out of every process's arguments and environment", function()
+    local hex = profile.hex(conn.key)
+    local leaks = {}
+    for pid in helpers.run("ls /proc"):gmatch("%d+") do
+      for _, what in ipairs { "cmdline", "environ" } do
+        local s = read_file("/proc/" .. pid .. "/" .. what)
+        if s and (s:find(hex, 1, true) or s:find(conn.key, 1, true)) then
+          leaks[#leaks + 1] = pid .. " " .. what
+        end
+      end
+    end
+    assert.same({}, leaks)
+    assert.is_true(next(processes_on_hosts()) ~= nil) -- there were processes to look at
+  end)
+
+  it("computes a tiled product over both hosts equal to A:dot(B)", function()
+    local A, B = matrix.random(256, 192, 1), matrix.random(192, 128, 2)
+    local dview = rc:view()
+    dview:push({ B = B }, { block = true })
+    local parts = {}
+    for i, id in ipairs(rc.ids) do
+      parts[i] = rc[id]:apply_async(function(a) return a:dot(B) end, A:sub((i - 1) * 64 + 1, i * 64, 1, 192))
+    end
+    local rows = {}
+    for i, ar in ipairs(parts) do rows[i] = { ar:get(10) } end
+    local C = matrix.block(rows)
+    assert.is_true(C:max_abs_diff(A:dot(B)) < 1e-9)
+  end)
+
+  it("reports a remote engine SIGKILLed mid-task within 1 s, and the others go on", function()
+    local mark = base .. "/started-3"
+    local running = rc[3]:apply(function(path)
+      local f = io.open(path, "w") f:write("x") f:close()
+      local t = os.time() while os.time() - t < 30 do end
+    end, mark)
+    assert.is_true(helpers.wait_until(function() return read_file(mark) ~= nil end, 10))
+    local pid = rc:queue_status()[3].pid
+    local t0 = uv.hrtime()
+    uv.kill(pid, "sigkill")
+    local ok, err = pcall(running.get, running, 1)
+    assert.is_false(ok)
+    assert.matches("engine 3 was killed by signal 9", tostring(err))
+    assert.is_true((uv.hrtime() - t0) / 1e9 < 1)
+    assert.equal(2, rc[2]:apply_sync(function() return lpar.engine.id end))
+  end)
+
+  it("fails a task on a host whose link is cut, naming the host, while the other host serves", function()
+    local mark = base .. "/started-0"
+    local running = rc[0]:apply(function(path)
+      local f = io.open(path, "w") f:write("x") f:close()
+      local t = os.time() while os.time() - t < 30 do end
+    end, mark)
+    assert.is_true(helpers.wait_until(function() return read_file(mark) ~= nil end, 10))
+    local t0 = uv.hrtime()
+    local _, code = sh(string.format("ip -n %sh1 link set %sv1 down", PREFIX, PREFIX))
+    assert.equal(0, code)
+    local ok, err = pcall(running.get, running, 10)
+    local took = (uv.hrtime() - t0) / 1e9
+    assert.is_false(ok)
+    assert.matches("engine 0 is unreachable: host 10%.231%.0%.11 went silent", tostring(err))
+    assert.is_true(took <= 5, "the host error took " .. took .. " s")
+    assert.equal(2, rc[2]:apply_sync(function() return lpar.engine.id end))
+    -- The cut host's relay hears nothing either, and stops its engines.
+    assert.is_true(helpers.poll(function()
+      for pid in helpers.run("ip netns pids " .. PREFIX .. "h1"):gmatch("%d+") do
+        if (read_file("/proc/" .. pid .. "/cmdline") or ""):find("lpar", 1, true) then return false end
+      end
+      return true
+    end, 15), "lpar processes are left on the cut host")
+  end)
+
+  it("leaves nothing running on any host after lpar cluster stop", function()
+    rc:close()
+    rc = nil
+    local out, code = sh(helpers.lpar .. " cluster stop --profile hosts")
+    assert.equal(0, code, out)
+    local gone = helpers.poll(function() return next(processes_on_hosts()) == nil end, 10)
+    assert.is_true(gone, "still running: " .. table.concat((function()
+      local l = {}
+      for pid, cmd in pairs(processes_on_hosts()) do l[#l + 1] = pid .. " " .. cmd end
+      return l
+    end)(), "; "))
+    -- Nor in the head: controller, ssh clients (a zombie is not running).
+    local left = {}
+    for pid in helpers.run("ip netns pids " .. HEAD):gmatch("%d+") do
+      if helpers.alive(tonumber(pid)) then left[#left + 1] = pid end
+    end
+    assert.same({}, left)
+  end)
+end)
