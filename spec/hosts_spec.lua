@@ -153,6 +153,7 @@ describe("the ssh launcher on namespace hosts", function()
     assert.equal(0, code)
     local ok, err = pcall(running.get, running, 10)
     local took = (uv.hrtime() - t0) / 1e9
+    sh(string.format("ip -n %sh1 link set %sv1 up", PREFIX, PREFIX)) -- for the tests below
     assert.is_false(ok)
     assert.matches("engine 0 is unreachable: host 10%.231%.0%.11 went silent", tostring(err))
     assert.is_true(took <= 5, "the host error took " .. took .. " s")
@@ -181,6 +182,71 @@ describe("the ssh launcher on namespace hosts", function()
     local left = {}
     for pid in helpers.run("ip netns pids " .. HEAD):gmatch("%d+") do
       if helpers.alive(tonumber(pid)) then left[#left + 1] = pid end
+    end
+    assert.same({}, left)
+  end)
+end)
+
+describe("starting engines elsewhere", function()
+  it("names the host whose engines did not come up, its exit status and what it said", function()
+    local out, code = sh(string.format("ip netns exec %s %s cluster start --launcher ssh --hosts %s:1,%s:1 " ..
+      "--ip 10.231.0.1 --ssh-command \"%s\" --remote-command /nonexistent/lpar --daemonize --profile broken 2>&1",
+      HEAD, helpers.lpar, H1, H2, SSH))
+    assert.equal(1, code, out)
+    assert.matches("the cluster did not come up: host 10%.231%.0%.11 %(engines 0%.%.0%): ssh exited with " ..
+      "status 127: .*/nonexistent/lpar", out)
+    assert.matches("host 10%.231%.0%.12 %(engines 1%.%.1%)", out)
+    assert.is_nil(read_file(profile.connection_file("broken")))
+    assert.is_true(helpers.poll(function() return next(processes_on_hosts()) == nil end, 10))
+  end)
+
+  it("starts them from Lua: Cluster{launcher = 'ssh', hosts = ...}", function()
+    local script = base .. "/ssh_cluster.lua"
+    local f = assert(io.open(script, "w"))
+    f:write(string.format([[
+local lpar = require "lpar"
+local rc <close> = lpar.Cluster{ launcher = "ssh", hosts = { "%s:1", "%s:2" }, ssh_command = %q,
+  ip = "10.231.0.1", profile = "lua" }:start_and_connect()
+local st = rc:queue_status()
+local out = {}
+for _, id in ipairs(rc.ids) do out[#out + 1] = id .. "@" .. st[id].host end
+print(table.concat(out, " "))
+]], H1, H2, SSH))
+    f:close()
+    local out, code = sh(string.format("ip netns exec %s %s %s 2>&1", HEAD, helpers.lpar, script))
+    assert.equal(0, code, out)
+    assert.matches("0@10%.231%.0%.11 1@10%.231%.0%.12 2@10%.231%.0%.12", out)
+    -- The client owned the cluster: closing it stopped everything.
+    assert.is_true(helpers.poll(function() return next(processes_on_hosts()) == nil end, 10))
+    assert.is_nil(read_file(profile.connection_file("lua")))
+  end)
+end)
+
+describe("the MPI launcher", function()
+  it("runs the engines under mpiexec, engine id = rank, and stops them all", function()
+    local out, code = sh(helpers.lpar .. " cluster start -n 3 --launcher mpi --daemonize --profile mpi 2>&1")
+    assert.equal(0, code, out)
+    local mrc = lpar.Client { profile = "mpi" }
+    assert.same({ 0, 1, 2 }, mrc.ids)
+    local ranks = mrc:view():apply_sync(function()
+      return lpar.engine.id .. "/" .. lpar.engine.n .. " rank " .. tostring(os.getenv("OMPI_COMM_WORLD_RANK"))
+    end)
+    assert.same({ "0/3 rank 0", "1/3 rank 1", "2/3 rank 2" }, ranks)
+    local pids = {}
+    for id, e in pairs(mrc:queue_status()) do if math.type(id) == "integer" then pids[#pids + 1] = e.pid end end
+    mrc:close()
+    local controller = profile.read(profile.connection_file("mpi"), "mpi").pid
+    out, code = sh(helpers.lpar .. " cluster stop --profile mpi")
+    assert.equal(0, code, out)
+    assert.is_true(helpers.poll(function()
+      for _, pid in ipairs(pids) do if helpers.alive(pid) then return false end end
+      return not helpers.alive(controller)
+    end, 10))
+    -- Nor mpiexec, nor any rank's relay (their command lines name the profile's file).
+    local left = {}
+    for pid in helpers.run("ls /proc"):gmatch("%d+") do
+      local cmd = (read_file("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
+      if cmd:find(base .. "/profile_mpi", 1, true) then left[#left + 1] = pid .. " " .. cmd end
     end
     assert.same({}, left)
   end)

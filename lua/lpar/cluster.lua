@@ -76,7 +76,8 @@ local START_OPTIONS = {
 }
 
 function Standalone.start(self, level)
-  local args = { "-n", tostring(self.n) }
+  -- hosts with :K say how many; n then only when given.
+  local args = (self.opts.n or not self.opts.hosts) and { "-n", tostring(self.n) } or {}
   for _, o in ipairs(START_OPTIONS) do
     local v = self.opts[o[1]]
     if type(v) == "table" then v = table.concat(v, ",") end -- hosts = { "a:2", "b:2" }
