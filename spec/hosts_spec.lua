@@ -251,3 +251,52 @@ describe("the MPI launcher", function()
     assert.same({}, left)
   end)
 end)
+
+describe("the Slurm launcher", function()
+  local slurm_dir = base .. "-slurm"
+  local function slurm_sh(cmd)
+    return sh(string.format("LPAR_TESTSLURM_DIR='%s' SLURM_CONF='%s/slurm.conf' %s", slurm_dir, slurm_dir, cmd))
+  end
+
+  after_each(function()
+    slurm_sh(helpers.lpar .. " cluster stop --profile slurm 2>&1")
+    slurm_sh("sh scripts/testslurm down 2>&1")
+  end)
+
+  it("runs the engines under srun on a single-node Slurm, engine id = task rank", function()
+    local up, code = slurm_sh("sh scripts/testslurm up 2>&1")
+    if code ~= 0 then
+      -- Loudly: this test never passes without a Slurm to run on.
+      io.stderr:write("\n*** SLURM CANNOT RUN HERE: the Slurm launcher is NOT tested ***\n" .. up .. "\n")
+      error("Slurm cannot run in this environment (scripts/testslurm up):\n" .. up)
+    end
+    local out
+    out, code = slurm_sh(helpers.lpar .. " cluster start -n 2 --launcher slurm --daemonize --profile slurm 2>&1")
+    assert.equal(0, code, out)
+    local src = lpar.Client { profile = "slurm" }
+    assert.same({ 0, 1 }, src.ids)
+    local ranks = src:view():apply_sync(function()
+      return lpar.engine.id .. " procid " .. tostring(os.getenv("SLURM_PROCID")) .. " job " ..
+        tostring(os.getenv("SLURM_JOB_ID") ~= nil)
+    end)
+    assert.same({ "0 procid 0 job true", "1 procid 1 job true" }, ranks)
+    local pids = {}
+    for id, e in pairs(src:queue_status()) do if math.type(id) == "integer" then pids[#pids + 1] = e.pid end end
+    src:close()
+    out, code = slurm_sh(helpers.lpar .. " cluster stop --profile slurm")
+    assert.equal(0, code, out)
+    assert.is_true(helpers.poll(function()
+      for _, pid in ipairs(pids) do if helpers.alive(pid) then return false end end
+      return true
+    end, 10))
+    -- The job step ended with its ranks: srun is gone too.
+    local left = {}
+    for pid in helpers.run("ls /proc"):gmatch("%d+") do
+      local cmd = (read_file("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
+      if cmd:find(base .. "/profile_slurm", 1, true) and helpers.alive(tonumber(pid)) then
+        left[#left + 1] = pid .. " " .. cmd
+      end
+    end
+    assert.same({}, left)
+  end)
+end)
