@@ -13,7 +13,9 @@ local function bench_hosts(b)
     b.quartiles
   local dir = os.tmpname()
   os.remove(dir)
-  local env = string.format("LPAR_DIR='%s' LPAR_TESTHOSTS_DIR='%s-hosts' LPAR_TESTHOSTS_PREFIX=lparbh- ", dir, dir)
+  local prefix = string.format("lb%d-", uv.os_getpid()) -- namespaces of this run
+  local env = string.format("LPAR_DIR='%s' LPAR_TESTHOSTS_DIR='%s-hosts' LPAR_TESTHOSTS_PREFIX=%s ", dir, dir,
+    prefix)
   local function sh(cmd)
     local p = io.popen(env .. cmd .. " 2>&1; echo \"::$?\"")
     local out = p:read("a")
@@ -28,9 +30,9 @@ local function bench_hosts(b)
   else
     uv.os_setenv("LPAR_DIR", dir)
     local lpar_cmd = uv.exepath()
-    local start = string.format("ip netns exec lparbh-head %s cluster start --launcher ssh --hosts " ..
+    local start = string.format("ip netns exec %shead %s cluster start --launcher ssh --hosts " ..
       "10.231.0.11:4,10.231.0.12:4 --ip 10.231.0.1 --ssh-command 'ssh -F %s-hosts/ssh_config' --daemonize " ..
-      "--profile hosts", lpar_cmd, dir)
+      "--profile hosts", prefix, lpar_cmd, dir)
     local times, failed = {}, nil
     for i = 1, count(5) do
       local t0 = uv.hrtime()

@@ -13,7 +13,8 @@ local helpers = require "helpers"
 local base = os.tmpname()
 os.remove(base)
 local hosts_dir = base .. "-hosts"
-local PREFIX = "lparts-" -- namespaces of this spec, apart from a manual `testhosts up`
+-- Namespaces of this run, apart from a manual `testhosts up` and from other runs.
+local PREFIX = string.format("lt%d-", uv.os_getpid())
 local HEAD = PREFIX .. "head"
 local H1, H2 = "10.231.0.11", "10.231.0.12"
 local SSH = "ssh -F " .. hosts_dir .. "/ssh_config"
