@@ -224,6 +224,22 @@ print(table.concat(out, " "))
 end)
 
 describe("the MPI launcher", function()
+  it("runs ranks across the namespace hosts (--hosts, --ssh-command), engine id = rank", function()
+    local out, code = sh(string.format("ip netns exec %s %s cluster start --launcher mpi --hosts %s:2,%s:2 " ..
+      "--ssh-command '%s' --daemonize --profile mpihosts 2>&1", HEAD, helpers.lpar, H1, H2, SSH))
+    assert.equal(0, code, out)
+    local mrc = lpar.Client { profile = "mpihosts" }
+    assert.same({ 0, 1, 2, 3 }, mrc.ids)
+    local st = mrc:queue_status()
+    for id = 0, 3 do assert.equal(PREFIX .. (id < 2 and "h1" or "h2"), netns_of(st[id].pid)) end
+    assert.same({ "0", "1", "2", "3" }, mrc:view():apply_sync(function() return os.getenv("OMPI_COMM_WORLD_RANK") end))
+    mrc:close()
+    out, code = sh(helpers.lpar .. " cluster stop --profile mpihosts")
+    assert.equal(0, code, out)
+    assert.is_true(helpers.poll(function() return next(processes_on_hosts()) == nil end, 10))
+  end)
+
+
   it("runs the engines under mpiexec, engine id = rank, and stops them all", function()
     local out, code = sh(helpers.lpar .. " cluster start -n 3 --launcher mpi --daemonize --profile mpi 2>&1")
     assert.equal(0, code, out)

@@ -269,7 +269,7 @@ local function cluster_start(args)
     error(string.format("--launcher must be local, ssh, mpi or slurm, not '%s'", launcher), 0)
   end
   local n = opts.n and positive(opts.n, "-n")
-  if launcher == "ssh" then
+  if launcher == "ssh" or (launcher == "mpi" and (opts.hosts or opts.hostfile)) then
     opts.hosts = opts.hostfile and launchers.read_hostfile(opts.hostfile) or launchers.parse_hosts(opts.hosts or "")
     local _, total = launchers.plan(opts.hosts, n)
     n = total

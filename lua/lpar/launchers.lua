@@ -217,7 +217,8 @@ local function cores()
 end
 
 --- Ranks under `mpiexec` (or `srun`), each `lpar engine --rank`, reading
--- the connection file (opts.connection_file). opts: n, lpar, mpiexec_args.
+-- the connection file (opts.connection_file). opts: n, lpar, mpiexec_args;
+-- for mpi also hosts (mpiexec --host) and ssh_command (its plm_rsh_agent).
 local function ranked(launcher, opts)
   local job = new_job()
   local args, env = { "-n", tostring(opts.n) }, nil
@@ -227,6 +228,16 @@ local function ranked(launcher, opts)
       env = environment { "OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1" }
     end
     if opts.n > cores() then args[#args + 1] = "--oversubscribe" end
+    -- The ssh launcher's options mean the same here: which hosts, and how to reach them.
+    if opts.hosts then
+      local list = {}
+      for _, p in ipairs(launchers.plan(opts.hosts, opts.n)) do list[#list + 1] = p.host .. ":" .. p.count end
+      args[#args + 1] = "--host"
+      args[#args + 1] = table.concat(list, ",")
+    end
+    if opts.ssh_command then
+      for _, w in ipairs { "--mca", "plm_rsh_agent", opts.ssh_command } do args[#args + 1] = w end
+    end
   end
   for _, w in ipairs(words(opts.mpiexec_args or "")) do args[#args + 1] = w end
   for _, w in ipairs { opts.lpar, "engine", "--file", opts.connection_file, "--rank" } do args[#args + 1] = w end
