@@ -168,6 +168,31 @@ describe("the ssh launcher on namespace hosts", function()
     end, 15), "lpar processes are left on the cut host")
   end)
 
+  it("fails the tasks of a host whose relay is killed, naming the host", function()
+    local mark = base .. "/started-2"
+    local running = rc[2]:apply(function(path)
+      local f = io.open(path, "w") f:write("x") f:close()
+      local t = os.time() while os.time() - t < 30 do end
+    end, mark)
+    assert.is_true(helpers.wait_until(function() return read_file(mark) ~= nil end, 10))
+    local relay
+    for pid, cmd in pairs(processes_on_hosts()) do
+      if cmd:find(" engine --stdin", 1, true) and netns_of(pid) == PREFIX .. "h2" and not cmd:find("^bash") then
+        relay = pid
+      end
+    end
+    assert.is_not_nil(relay)
+    uv.kill(relay, "sigkill")
+    local ok, err = pcall(running.get, running, 5)
+    assert.is_false(ok)
+    assert.matches("engine 2 is unreachable: the link to host 10%.231%.0%.12 closed", tostring(err))
+    -- Its engines do not outlive it.
+    assert.is_true(helpers.poll(function()
+      for _, cmd in pairs(processes_on_hosts()) do if cmd:find("lpar-engine", 1, true) then return false end end
+      return true
+    end, 10))
+  end)
+
   it("leaves nothing running on any host after lpar cluster stop", function()
     rc:close()
     rc = nil
