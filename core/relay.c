@@ -202,6 +202,9 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
                                nfds);
   }
   if (rc < 0) {
+    /* A dying engine: its socket closed before its exit was seen. Its EXIT,
+    ** with the real status and signal, follows and fails the request. */
+    if (rc == LPAR_EDEAD && e->state == LPARY_READY) return;
     refuse_request(p, id, e);
     return;
   }
