@@ -83,12 +83,13 @@ enum lpar_msg_type {
   LPAR_MSG_STDERR = 9,   /* engine -> host: raw text */
   LPAR_MSG_DISPLAY = 10, /* engine -> host: (mime type, data, metadata) */
   /* Only on a controller's link (the route names the engine): */
-  LPAR_MSG_EXIT = 11,      /* controller -> client: raw "status signal", the engine ended */
+  LPAR_MSG_EXIT = 11,      /* controller -> client: raw "status signal[ why]", the engine ended */
   LPAR_MSG_CONTROL = 12,   /* either way: (operation, args...) and its answer, same id */
   LPAR_MSG_SIGNAL = 13,    /* client -> controller: raw signal number, for the engine */
   LPAR_MSG_INTERRUPT = 14, /* client -> controller: interrupt request `id` on the engine */
   LPAR_MSG_HEARTBEAT = 15, /* engine -> host: empty, "my Lua is stepping"; never an event */
-  LPAR_MSG_MAX_ = 16
+  LPAR_MSG_PING = 16,      /* controller <-> a host's relay: empty; the link is alive */
+  LPAR_MSG_MAX_ = 17
 };
 
 /* An engine's heartbeat period, in milliseconds (LPAR_HEARTBEAT_MS in its
@@ -130,7 +131,7 @@ typedef struct lpar_event {
   int pid;             /* READY: the engine's process id */
   int exit_status;     /* EXIT: exit code, or -1 when killed by a signal; CLOSED: 1 if refused */
   int term_signal;     /* EXIT: signal number, or 0 */
-  const char *reason;  /* BAD_MESSAGE, CLOSED: what happened */
+  const char *reason;  /* BAD_MESSAGE, CLOSED: what happened; EXIT: why, or NULL */
   int *fds;            /* MESSAGE with LPAR_FLAG_FDS: descriptors; keep one by setting */
   int nfds;            /* its slot to -1, the rest are closed after the callback */
 } lpar_event;

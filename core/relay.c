@@ -24,17 +24,20 @@ typedef struct peer {
   lparR_route *route; /* NULL once closed */
   uint32_t serial;
   peer_kind kind;
-  int engine;         /* PEER_ENGINE: the engine it relays */
+  int first, count; /* PEER_ENGINE: the engines it relays, first .. first + count - 1 */
   int passes_fds;
-  int status, signal; /* PEER_ENGINE: how its engine ended, as its EXIT said */
+  uint64_t heard;   /* PEER_ENGINE: loop time (ms) of its last frame */
+  char host[64];    /* PEER_ENGINE: its host, for messages */
 } peer;
 
 typedef struct yengine {
   lparY_engine_state state;
   int joined;
   peer *via; /* joined: the peer relaying it */
+  int index; /* joined: its route field on that peer's link */
   int pid;
   int status, signal;
+  char why[112]; /* DEAD and joined: what its host's relay or link said */
   uint64_t in_flight;
   char hello[128];
   size_t hello_len;
@@ -51,6 +54,8 @@ struct lparY_relay {
   int npeers, cap_peers;
   uint32_t next_serial;
   uint64_t bad_messages;
+  uv_timer_t heartbeat; /* runs while engines are joined */
+  int heartbeat_on;
   int stopping;
   lparY_event_cb on_event;
   void *ud;
@@ -92,8 +97,9 @@ static void send_state(peer *p, int id, const yengine *e) {
     unsigned flags = LPAR_FLAG_RAW | (e->joined ? LPAR_FLAG_INLINE : 0);
     lparR_send(p->route, LPAR_MSG_HELLO, flags, (unsigned)id, 0, e->hello, e->hello_len, NULL, 0);
   } else if (e->state == LPARY_DEAD) {
-    char text[32];
-    int n = snprintf(text, sizeof text, "%d %d", e->status, e->signal);
+    char text[160];
+    int n = snprintf(text, sizeof text, e->why[0] ? "%d %d %s" : "%d %d", e->status, e->signal,
+                     e->why);
     lparR_send(p->route, LPAR_MSG_EXIT, LPAR_FLAG_RAW, (unsigned)id, 0, text, (size_t)n, NULL, 0);
   }
 }
@@ -114,12 +120,13 @@ static void engine_ready(lparY_relay *y, int id, const char *hello, size_t len, 
   emit(y, &ev);
 }
 
-static void engine_exit(lparY_relay *y, int id, int status, int signal) {
+static void engine_exit(lparY_relay *y, int id, int status, int signal, const char *why) {
   yengine *e = known_engine(y, id);
   if (e == NULL || e->state == LPARY_DEAD) return;
   e->state = LPARY_DEAD;
   e->status = status;
   e->signal = signal;
+  snprintf(e->why, sizeof e->why, "%s", why ? why : "");
   e->in_flight = 0;
   e->via = NULL;
   tell_clients(y, id);
@@ -149,7 +156,7 @@ static void on_local_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
   lparY_relay *y = ud;
   switch (ev->kind) {
   case LPAR_EV_READY: engine_ready(y, ev->engine, ev->payload, ev->len, ev->pid); break;
-  case LPAR_EV_EXIT: engine_exit(y, ev->engine, ev->exit_status, ev->term_signal); break;
+  case LPAR_EV_EXIT: engine_exit(y, ev->engine, ev->exit_status, ev->term_signal, NULL); break;
   case LPAR_EV_BAD_MESSAGE: y->bad_messages++; break;
   case LPAR_EV_MESSAGE: {
     if (!is_reply(ev->type)) {
@@ -187,7 +194,7 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
   if (e->joined) {
     /* Its link is read by a relay that sends matrices inline. */
     rc = e->via && e->via->route
-             ? lparR_send(e->via->route, h->type, flags | LPAR_FLAG_INLINE, 0, gid, payload,
+             ? lparR_send(e->via->route, h->type, flags | LPAR_FLAG_INLINE, (unsigned)e->index, gid, payload,
                           (size_t)h->len, NULL, 0)
              : LPAR_EDEAD;
   } else {
@@ -195,6 +202,9 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
                                nfds);
   }
   if (rc < 0) {
+    /* A dying engine: its socket closed before its exit was seen. Its EXIT,
+    ** with the real status and signal, follows and fails the request. */
+    if (rc == LPAR_EDEAD && e->state == LPARY_READY) return;
     refuse_request(p, id, e);
     return;
   }
@@ -207,7 +217,8 @@ static void interrupt(lparY_relay *y, peer *p, const lparW_header *h) {
   uint64_t gid = (uint64_t)p->serial << CID_BITS | h->id;
   if (e->joined) {
     if (e->via && e->via->route)
-      lparR_send(e->via->route, LPAR_MSG_INTERRUPT, LPAR_FLAG_RAW, 0, gid, "", 0, NULL, 0);
+      lparR_send(e->via->route, LPAR_MSG_INTERRUPT, LPAR_FLAG_RAW, (unsigned)e->index, gid, "", 0,
+                 NULL, 0);
   } else {
     lpar_cluster_interrupt(y->local, (int)h->route, gid);
   }
@@ -240,26 +251,76 @@ static void client_frame(lparY_relay *y, peer *p, const lparW_header *h, const c
   }
 }
 
-/* A joined engine's relay: its hello, its replies, its end. */
+/* A host's relay: its engines' hellos, replies and ends, the route field
+** naming the engine among those it relays; and its heartbeats. */
 static void engine_peer_frame(lparY_relay *y, peer *p, const lparW_header *h, const char *payload,
                               int *fds, int nfds) {
-  if (h->type == LPAR_MSG_HELLO) {
-    engine_ready(y, p->engine, payload, (size_t)h->len, lparW_hello_pid(payload, (size_t)h->len));
-  } else if (h->type == LPAR_MSG_EXIT) {
-    char text[32];
-    size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;
-    memcpy(text, payload, n);
-    text[n] = 0;
-    if (sscanf(text, "%d %d", &p->status, &p->signal) != 2) p->status = -1, p->signal = 0;
-    engine_exit(y, p->engine, p->status, p->signal);
-  } else if (is_reply(h->type)) {
-    reply(y, p->engine, h, payload, fds, nfds);
-  } else if (h->type == LPAR_MSG_CONTROL) {
+  p->heard = uv_now(y->loop);
+  if (h->type == LPAR_MSG_PING) return;
+  if (h->type == LPAR_MSG_CONTROL) {
     lparY_event ev = {.kind = LPARY_CONTROL, .peer = p->serial, .id = h->id, .payload = payload,
                       .len = (size_t)h->len};
     emit(y, &ev);
+    return;
+  }
+  int id = p->first + (int)h->route;
+  yengine *e = h->route < (unsigned)p->count ? known_engine(y, id) : NULL;
+  if (e == NULL || e->via != p) {
+    y->bad_messages++; /* not one of its engines (or one already gone) */
+    return;
+  }
+  char text[160];
+  size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;
+  if (h->type == LPAR_MSG_HELLO || h->type == LPAR_MSG_EXIT) {
+    memcpy(text, payload, n);
+    text[n] = 0;
+  }
+  if (h->type == LPAR_MSG_HELLO) {
+    engine_ready(y, id, payload, (size_t)h->len, lparW_hello_pid(payload, (size_t)h->len));
+  } else if (h->type == LPAR_MSG_EXIT) {
+    int status = -1, sig = 0, used = 0;
+    if (sscanf(text, "%d %d%n", &status, &sig, &used) < 2) status = -1, sig = 0, used = 0;
+    engine_exit(y, id, status, sig, text + used + (text[used] == ' '));
+  } else if (is_reply(h->type)) {
+    reply(y, id, h, payload, fds, nfds);
   } else {
     y->bad_messages++;
+  }
+}
+
+/* ---- heartbeats on hosts' links ---- */
+
+/*
+** A link to another host can go silent without closing: a cable pulled, a
+** machine gone, a firewall dropping packets. TCP would notice after minutes.
+** So every HEARTBEAT_MS the relay sends each host's relay a PING, which it
+** answers; a link with nothing heard for SILENT_MS is closed, and its
+** engines' tasks fail, naming the host. Only while engines are joined: an
+** idle controller with local engines only never wakes.
+*/
+#define HEARTBEAT_MS 1000
+#define SILENT_MS 3000
+
+static void on_heartbeat(uv_timer_t *t) {
+  lparY_relay *y = t->data;
+  uint64_t now = uv_now(y->loop);
+  int hosts = 0;
+  for (int i = 0; i < y->npeers; i++) {
+    peer *p = y->peers[i];
+    if (p->kind != PEER_ENGINE || p->route == NULL) continue;
+    hosts++;
+    if (now - p->heard > SILENT_MS) {
+      char why[128];
+      snprintf(why, sizeof why, "host %s went silent: nothing heard on its link for %d s",
+               p->host, SILENT_MS / 1000);
+      lparR_close(p->route, why);
+    } else {
+      lparR_send(p->route, LPAR_MSG_PING, LPAR_FLAG_RAW, 0, 0, "", 0, NULL, 0);
+    }
+  }
+  if (hosts == 0) {
+    uv_timer_stop(t);
+    y->heartbeat_on = 0;
   }
 }
 
@@ -287,11 +348,19 @@ static void peer_closed(lparR_route *r, const char *reason, int refused, void *u
     }
   }
   if (p->kind == PEER_ENGINE) {
-    yengine *e = known_engine(y, p->engine);
-    if (e && e->via == p) engine_exit(y, p->engine, p->status ? p->status : -1, p->signal);
+    /* Those that did not say how they ended went with the link. */
+    char why[160];
+    if (strncmp(reason, "host ", 5) == 0)
+      snprintf(why, sizeof why, "%s", reason);
+    else
+      snprintf(why, sizeof why, "the link to host %s closed: %s", p->host, reason);
+    for (int i = 0; i < p->count; i++) {
+      yengine *e = known_engine(y, p->first + i);
+      if (e && e->via == p) engine_exit(y, p->first + i, -1, 0, why);
+    }
   }
   lparY_event ev = {.kind = LPARY_PEER_CLOSED, .peer = p->serial, .reason = reason,
-                    .refused = refused, .engine = p->kind == PEER_ENGINE ? p->engine : -1};
+                    .refused = refused, .engine = p->kind == PEER_ENGINE ? p->first : -1};
   emit(y, &ev);
   free(p);
 }
@@ -320,7 +389,7 @@ static void on_accept(lparL_server *s, lparR_route *r, void *ud) {
   }
   if (++y->next_serial > SERIAL_MAX) y->next_serial = 1;
   *p = (peer){.y = y, .route = r, .serial = y->next_serial, .kind = PEER_CLIENT,
-              .engine = -1, .passes_fds = lparR_passes_fds(r)};
+              .first = -1, .passes_fds = lparR_passes_fds(r)};
   y->peers[y->npeers++] = p;
   lparR_set_handlers(r, &peer_handlers, p);
   /* What it needs to know first, sealed once its hello is in. */
@@ -328,6 +397,8 @@ static void on_accept(lparL_server *s, lparR_route *r, void *ud) {
 }
 
 /* ---- the relay ---- */
+
+static void free_relay(uv_handle_t *h) { free(h->data); }
 
 int lparY_new(uv_loop_t *loop, const lparY_config *cfg, lparY_relay **out, char *err,
               size_t errlen) {
@@ -345,6 +416,8 @@ int lparY_new(uv_loop_t *loop, const lparY_config *cfg, lparY_relay **out, char 
     free(y);
     return rc;
   }
+  uv_timer_init(loop, &y->heartbeat);
+  y->heartbeat.data = y;
   rc = lparL_listen(loop, cfg->socket, NULL, 0, cfg->key, on_accept, y, &y->servers[0], err, errlen);
   if (rc == LPAR_OK) y->nservers = 1;
   if (rc == LPAR_OK && cfg->ip) {
@@ -383,17 +456,31 @@ int lparY_signal(lparY_relay *y, int id, int sig) {
   if (e->via == NULL || e->via->route == NULL) return LPAR_EDEAD;
   char text[16];
   int n = snprintf(text, sizeof text, "%d", sig);
-  return lparR_send(e->via->route, LPAR_MSG_SIGNAL, LPAR_FLAG_RAW, 0, 0, text, (size_t)n, NULL, 0);
+  return lparR_send(e->via->route, LPAR_MSG_SIGNAL, LPAR_FLAG_RAW, (unsigned)e->index, 0, text,
+                    (size_t)n, NULL, 0);
 }
 
-int lparY_join(lparY_relay *y, uint32_t serial, int id) {
+int lparY_join(lparY_relay *y, uint32_t serial, int first, int count, const char *host) {
   peer *p = find_peer(y, serial);
-  yengine *e = engine_slot(y, id);
-  if (p == NULL || e == NULL || p->kind != PEER_CLIENT) return LPAR_EINVAL;
-  if (e->state != LPARY_NONE && e->state != LPARY_DEAD) return LPAR_EINVAL;
+  if (p == NULL || p->kind != PEER_CLIENT || count < 1 || first < 0 ||
+      count > LPARY_MAX_ENGINES || first > LPARY_MAX_ENGINES - count)
+    return LPAR_EINVAL;
+  for (int i = 0; i < count; i++) {
+    yengine *e = engine_slot(y, first + i);
+    if (e == NULL || (e->state != LPARY_NONE && e->state != LPARY_DEAD)) return LPAR_EINVAL;
+  }
   p->kind = PEER_ENGINE;
-  p->engine = id;
-  *e = (yengine){.state = LPARY_STARTING, .joined = 1, .via = p, .pid = -1};
+  p->first = first;
+  p->count = count;
+  p->heard = uv_now(y->loop);
+  snprintf(p->host, sizeof p->host, "%s", host && host[0] ? host : "?");
+  for (int i = 0; i < count; i++)
+    y->engines[first + i] =
+        (yengine){.state = LPARY_STARTING, .joined = 1, .via = p, .index = i, .pid = -1};
+  if (!y->heartbeat_on) {
+    uv_timer_start(&y->heartbeat, on_heartbeat, HEARTBEAT_MS, HEARTBEAT_MS);
+    y->heartbeat_on = 1;
+  }
   return LPAR_OK;
 }
 
@@ -448,5 +535,7 @@ void lparY_free(lparY_relay *y) {
   free(y->peers);
   lpar_cluster_free(y->local);
   free(y->engines);
-  free(y);
+  /* The timer is closed from the loop; y goes with it. */
+  uv_timer_stop(&y->heartbeat);
+  uv_close((uv_handle_t *)&y->heartbeat, free_relay);
 }

@@ -91,8 +91,15 @@ int lparY_new(uv_loop_t *loop, const lparY_config *cfg, lparY_relay **out, char 
 /* Start local engine `id` of `n` (again, if it is dead). err says why not. */
 int lparY_spawn(lparY_relay *y, int id, int n, char *err, size_t errlen);
 int lparY_signal(lparY_relay *y, int engine, int sig);
-/* The engine a peer relays from elsewhere is engine `engine` from now on. */
-int lparY_join(lparY_relay *y, uint32_t peer, int engine);
+/*
+** Peer `peer` is from now on the relay of `count` engines on host `host`
+** (a name for messages), engines first .. first + count - 1: the route field
+** on its link names one of them by its index, 0 .. count - 1, both ways.
+** Its link gets heartbeats (LPAR_MSG_PING) and is closed when silent, its
+** engines then ending with a reason naming the host. LPAR_EINVAL when the
+** peer is not a client or one of the ids is taken.
+*/
+int lparY_join(lparY_relay *y, uint32_t peer, int first, int count, const char *host);
 /* A CONTROL frame to a peer: the answer to its request `id`. */
 int lparY_answer(lparY_relay *y, uint32_t peer, uint64_t id, const void *payload, size_t len);
 int lparY_engine(const lparY_relay *y, int engine, lparY_engine_info *out);

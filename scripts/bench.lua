@@ -407,6 +407,10 @@ do
   uv.os_unsetenv("LPAR_DIR")
 end
 
+-- Engines on other hosts (scripts/bench_hosts.lua: namespace hosts over ssh).
+dofile("scripts/bench_hosts.lua") { row = row, round_trips = round_trips, count = count, pct = pct,
+  sorted = sorted, quartiles = quartiles }
+
 -- results.json: machine, versions, date, every figure; written with
 -- lua-dkjson, so strings are escaped as JSON wants and NaN or inf become null.
 local function json(v)

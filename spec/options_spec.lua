@@ -50,7 +50,8 @@ describe("strict options", function()
       assert.matches("execute: unknown option 'blocking' %(did you mean 'block'%?%)",
         message(function() dview:execute("never_set = 1", { blocking = true }) end))
       -- It never ran: pulling the name it would have set fails, as for any unset name.
-      assert.matches("name 'never_set' is not defined", message(function() dview:pull("never_set", { block = true }) end))
+      assert.matches("name 'never_set' is not defined",
+        message(function() dview:pull("never_set", { block = true }) end))
       assert.matches("push: unknown option", message(function() dview:push({ a = 1 }, { blok = true }) end))
       assert.matches("map: unknown option 'chunk_size' %(did you mean 'chunksize'%?%)",
         message(function() rc:load_balanced_view():map(print, { 1 }, { chunk_size = 2 }) end))

@@ -6,6 +6,13 @@
 ** engine through the controller and hears of its death, is told that a
 ** request for the dead engine cannot go, and hears the link close when the
 ** controller stops. The other engine answers throughout.
+**
+** Then a host's relay, played here on a raw link, joins with two engines
+** (ids 2 and 3, route field 0 and 1 on its link): the client sees them,
+** a request for engine 3 reaches the host as index 1 and its reply comes
+** back as engine 3's, an EXIT from index 0 is engine 2's death, the host
+** is sent heartbeats, and once it falls silent engine 3 ends with a reason
+** naming the host.
 */
 #include <signal.h>
 #include <stdio.h>
@@ -19,19 +26,45 @@
 
 #include "check.h"
 #include "lpar.h"
+#include "link.h"
 #include "relay.h"
+#include "route.h"
 
 #define STOP_ID 999
+#define JOIN_ID 998
 
 /* ---- the controller, in the child ---- */
 
 static void on_relay_event(lparY_relay *y, const lparY_event *ev, void *ud) {
-  (void)y;
   if (ev->kind == LPARY_CONTROL && ev->id == STOP_ID) *(int *)ud = 1;
+  if (ev->kind == LPARY_CONTROL && ev->id == JOIN_ID && lparY_join(y, ev->peer, 2, 2, "testhost") != 0)
+    *(int *)ud = 2;
 }
 
 static void check_stop(uv_timer_t *t) {
   if (*(int *)t->data) uv_stop(t->loop);
+}
+
+/* ---- a host's relay, on a raw link ---- */
+
+typedef struct host {
+  int frames, pings, closed;
+  lparW_header last; /* the last request */
+} host;
+
+static void host_frame(lparR_route *r, const lparW_header *h, const char *payload, int *fds,
+                       int nfds, void *ud) {
+  (void)r, (void)payload, (void)fds, (void)nfds;
+  host *hs = ud;
+  if (h->type == LPAR_MSG_PING) hs->pings++;
+  if (h->type != LPAR_MSG_EXECUTE) return; /* the engines it was told of as a new peer */
+  hs->last = *h;
+  hs->frames++;
+}
+
+static void host_closed(lparR_route *r, const char *reason, int refused, void *ud) {
+  (void)r, (void)reason, (void)refused;
+  ((host *)ud)->closed = 1;
 }
 
 static int run_controller(const char *path, const unsigned char *key) {
@@ -63,7 +96,7 @@ static int run_controller(const char *path, const unsigned char *key) {
 typedef struct seen {
   int ready, results, errors, exits, closed;
   int exit_engine, exit_signal;
-  char result[128], error[256];
+  char result[128], error[256], why[192];
 } seen;
 
 static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
@@ -75,6 +108,7 @@ static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
     s->exits++;
     s->exit_engine = ev->engine;
     s->exit_signal = ev->term_signal;
+    snprintf(s->why, sizeof s->why, "%s", ev->reason ? ev->reason : "");
     break;
   case LPAR_EV_CLOSED: s->closed++; break;
   case LPAR_EV_MESSAGE: {
@@ -150,6 +184,42 @@ int main(void) {
   CHECK(strcmp(s.result, "still here") == 0);
   /* Descriptors cannot go to... nothing: a send to a link is fine without them. */
   CHECK(lpar_cluster_passes_fds(c, 1) == 1);
+
+  /* A host joins with two engines, 2 and 3, over one link. */
+  host hs = {0};
+  static const lparR_handlers host_handlers = {host_frame, host_closed, NULL};
+  lparR_route *hr = NULL;
+  char err[256];
+  CHECKF(lparL_connect(&loop, path, NULL, 0, key, &host_handlers, &hs, &hr, err, sizeof err) == 0,
+         "host connect: %s", err);
+  CHECK(lparR_send(hr, LPAR_MSG_CONTROL, 0, 0, JOIN_ID, "", 0, NULL, 0) == LPAR_OK);
+  const char *hello2 = "lpar-engine test id=2 pid=4242", *hello3 = "lpar-engine test id=3 pid=4343";
+  CHECK(lparR_send(hr, LPAR_MSG_HELLO, LPAR_FLAG_RAW, 0, 0, hello2, strlen(hello2), NULL, 0) == 0);
+  CHECK(lparR_send(hr, LPAR_MSG_HELLO, LPAR_FLAG_RAW, 1, 0, hello3, strlen(hello3), NULL, 0) == 0);
+  CHECK(run_until(&loop, &s.ready, 4));
+  CHECK(lpar_cluster_pid(c, 2) == 4242 && lpar_cluster_pid(c, 3) == 4343);
+  CHECK(lpar_cluster_passes_fds(c, 3) == 0); /* joined: matrices go inline */
+  /* A request for engine 3 reaches the host as index 1; its reply is engine 3's. */
+  CHECK(lpar_cluster_execute(c, 3, 12, "return 3", 8) == LPAR_OK);
+  CHECK(run_until(&loop, &hs.frames, 1));
+  CHECK(hs.last.type == LPAR_MSG_EXECUTE && hs.last.route == 1);
+  CHECK((hs.last.flags & LPAR_FLAG_INLINE) != 0);
+  CHECK(lparR_send(hr, LPAR_MSG_RESULT, LPAR_FLAG_RAW, 1, hs.last.id, "from 3", 6, NULL, 0) == 0);
+  CHECK(run_until(&loop, &s.results, 3));
+  CHECK(strcmp(s.result, "from 3") == 0);
+  /* Index 0 dies on its host: engine 2 is dead, engine 3 is not. */
+  CHECK(lparR_send(hr, LPAR_MSG_EXIT, LPAR_FLAG_RAW, 0, 0, "-1 9", 4, NULL, 0) == LPAR_OK);
+  CHECK(run_until(&loop, &s.exits, 3));
+  CHECK(s.exit_engine == 2 && s.exit_signal == 9);
+  CHECK(lpar_cluster_pid(c, 3) == 4343);
+  /* The controller keeps the link alive; when the host falls silent, its
+  ** remaining engine ends, the reason naming the host. */
+  CHECK(run_until(&loop, &hs.pings, 1));
+  CHECK(run_until(&loop, &s.exits, 4));
+  CHECKF(s.exit_engine == 3 && strstr(s.why, "testhost went silent") != NULL, "engine %d: '%s'",
+         s.exit_engine, s.why);
+  CHECK(run_until(&loop, &hs.closed, 1));
+  hr = NULL; /* freed as it closed */
 
   /* The controller stops: the link closes, and the client hears it. */
   CHECK(lpar_cluster_send(c, 0, LPAR_MSG_CONTROL, 0, STOP_ID, "", 0) == LPAR_OK);

@@ -6,7 +6,7 @@
 **   core.connect{path= | host=, port=, key=, handler=, raw=}
 **
 ** Both give the same object, with the same methods and the same events:
-**   ("ready", engine, hello, pid)          ("exit", engine, status, signal)
+**   ("ready", engine, hello, pid)          ("exit", engine, status, signal[, why])
 **   ("result", engine, id, started, completed, values...)
 **   ("error", engine, id, started, completed, err)
 **   ("stdout" | "stderr", engine, id, text)  ("display", engine, id, mime, data, meta)
@@ -141,7 +141,9 @@ static int push_event(lua_State *L, cluster_ud *u, const lpar_event *ev) {
     lua_pushinteger(L, ev->engine);
     lua_pushinteger(L, ev->exit_status);
     lua_pushinteger(L, ev->term_signal);
-    return 4;
+    if (ev->reason == NULL) return 4;
+    lua_pushstring(L, ev->reason);
+    return 5;
   case LPAR_EV_BAD_MESSAGE:
     lua_pushstring(L, "bad");
     lua_pushinteger(L, ev->engine);

@@ -172,6 +172,7 @@ int luaopen_lpar_core(lua_State *L) {
                {"ERROR", LPAR_MSG_ERROR},     {"EXIT", LPAR_MSG_EXIT},
                {"CONTROL", LPAR_MSG_CONTROL}, {"FLAG_RAW", LPAR_FLAG_RAW},
                {"SIGNAL", LPAR_MSG_SIGNAL},   {"INTERRUPT", LPAR_MSG_INTERRUPT},
+               {"PING", LPAR_MSG_PING},
                {"STDOUT", LPAR_MSG_STDOUT},   {"STDERR", LPAR_MSG_STDERR},
                {"DISPLAY", LPAR_MSG_DISPLAY}, {"FLAG_INLINE", LPAR_FLAG_INLINE},
                {"ECLOSED", LPAR_ECLOSED},     {"EDEAD", LPAR_EDEAD},

@@ -179,7 +179,8 @@ static int l_signal(lua_State *L) {
 
 static int l_join(lua_State *L) {
   relay_ud *u = check_relay(L);
-  int rc = lparY_join(u->y, (uint32_t)luaL_checkinteger(L, 2), (int)luaL_checkinteger(L, 3));
+  int rc = lparY_join(u->y, (uint32_t)luaL_checkinteger(L, 2), (int)luaL_checkinteger(L, 3),
+                      (int)luaL_optinteger(L, 4, 1), luaL_optstring(L, 5, NULL));
   if (rc < 0) return lparC_push_failure(L, rc, "join");
   lua_pushboolean(L, 1);
   return 1;

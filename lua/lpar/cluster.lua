@@ -13,12 +13,17 @@
 -- can connect to and that outlives each of them; stop() shuts it down.
 -- Cluster{profile = P} also drives a cluster started elsewhere: client(),
 -- restart_engines() and signal_engines() work on it, and stop() stops it.
+-- launcher = "ssh" | "mpi" | "slurm" (profile "default" unless given) starts
+-- the engines elsewhere, as `lpar cluster start --launcher` does, with
+-- hosts ("h1:4,h2:4" or a list), hostfile, ssh_command, remote_command,
+-- mpiexec_args, ip (the address engines connect back to) and port.
 -- Either way the engines are reached through one Hub; only starting and
 -- stopping differ, and live in the two launchers below.
 local Hub = require "lpar.hub"
 local options = require "lpar.options"
 
-local OPTIONS = options.set { "n", "profile", "engine_env", "blas_threads", "engine", "timeout", "ip", "port" }
+local OPTIONS = options.set { "n", "profile", "engine_env", "blas_threads", "engine", "timeout", "ip", "port",
+  "launcher", "hosts", "hostfile", "ssh_command", "remote_command", "mpiexec_args" }
 local Client = require "lpar.client"
 
 local Cluster = {}
@@ -67,10 +72,21 @@ end
 --- A standalone controller process, found by its profile.
 local Standalone = {}
 
+-- Cluster options passed on to `lpar cluster start` as its options.
+local START_OPTIONS = {
+  { "ip", "--ip" }, { "port", "--port" }, { "launcher", "--launcher" }, { "hosts", "--hosts" },
+  { "hostfile", "--hostfile" }, { "ssh_command", "--ssh-command" },
+  { "remote_command", "--remote-command" }, { "mpiexec_args", "--mpiexec-args" },
+}
+
 function Standalone.start(self, level)
-  local args = { "-n", tostring(self.n) }
-  if self.opts.ip then args[#args + 1] = "--ip"; args[#args + 1] = self.opts.ip end
-  if self.opts.port then args[#args + 1] = "--port"; args[#args + 1] = tostring(self.opts.port) end
+  -- hosts with :K say how many; n then only when given.
+  local args = (self.opts.n or not self.opts.hosts) and { "-n", tostring(self.n) } or {}
+  for _, o in ipairs(START_OPTIONS) do
+    local v = self.opts[o[1]]
+    if type(v) == "table" then v = table.concat(v, ",") end -- hosts = { "a:2", "b:2" }
+    if v ~= nil then args[#args + 1] = o[2]; args[#args + 1] = tostring(v) end
+  end
   local pid, err = require("lpar.commands").start_daemon(self.profile, args)
   if not pid then error(string.format("Cluster: cannot start cluster %q: %s", self.profile, err), level + 1) end
   self.started_pid = pid
@@ -122,8 +138,12 @@ function Cluster.new(opts)
   local n = opts.n or 4
   if math.type(n) ~= "integer" or n < 1 then error("Cluster: n must be a positive integer", 2) end
   local self = setmetatable({ n = n, opts = opts, profile = opts.profile, launcher = Local }, Cluster)
-  if opts.profile ~= nil then
-    local ok, err = pcall(require("lpar.profile").check_name, opts.profile)
+  -- Engines started elsewhere (ssh, mpi, slurm) join a standalone controller.
+  if opts.launcher ~= nil and opts.launcher ~= "local" and opts.profile == nil then
+    self.profile = "default"
+  end
+  if self.profile ~= nil then
+    local ok, err = pcall(require("lpar.profile").check_name, self.profile)
     if not ok then error("Cluster: " .. err, 2) end
     self.launcher = Standalone
   end

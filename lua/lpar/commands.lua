@@ -3,7 +3,7 @@
 --   lpar cluster stop [--profile P | --all]
 --   lpar cluster list
 --   lpar cluster clean
---   lpar engine [--profile P | --file PATH]
+--   lpar engine [--profile P | --file PATH | --stdin] [-n K] [--id FIRST | --rank] [--host-name NAME]
 -- Each returns a process exit status; messages go to stdout, errors to stderr.
 local uv = require "luv"
 local core = require "lpar.core"
@@ -58,9 +58,28 @@ local function announce(ready_fd, text)
   end
 end
 
+--- The lpar command: this process when it is lpar, else the one this lpar
+-- was built with (a script run by lua5.4 starting a cluster).
+local function lpar_command()
+  local exe = uv.exepath()
+  if exe:match("/lpar$") then return exe end
+  return core.command_path
+end
+
+--- Start the engines elsewhere with launcher `opts.launcher`; the job.
+local function launch(opts, n, info, conn_path)
+  local launchers = require "lpar.launchers"
+  local hosts = opts.hosts
+  return launchers[opts.launcher] {
+    n = n, hosts = hosts, ssh_command = opts.ssh_command, remote_command = opts.remote_command,
+    lpar = lpar_command(), info = info, connection_file = conn_path, mpiexec_args = opts.mpiexec_args,
+  }
+end
+
 --- Run the controller in this process until it is stopped.
 local function run_controller(name, n, opts, ready_fd)
   local Controller = require "lpar.controller"
+  local launcher = opts.launcher or "local"
   local dir = profile.ensure_dir(name)
   local conn_path = dir .. "/" .. profile.CONNECTION_FILE
   local socket = dir .. "/controller.sock"
@@ -70,7 +89,7 @@ local function run_controller(name, n, opts, ready_fd)
   local stopped_why
   local ok, ctl = pcall(Controller.new, {
     n = n, socket = socket, ip = opts.ip, port = opts.port and port_number(opts.port),
-    key = key, profile = name, pid = uv.os_getpid(),
+    key = key, profile = name, pid = uv.os_getpid(), launcher = launcher,
     on_stop = function(why)
       stopped_why = why
       os.remove(conn_path)
@@ -82,31 +101,59 @@ local function run_controller(name, n, opts, ready_fd)
     announce(ready_fd, "error " .. tostring(ctl))
     return fail("cannot start cluster %q: %s", name, tostring(ctl))
   end
-  -- Every engine up, or one that did not come is named.
+  local conn_info = {
+    profile = name, socket = socket, ip = ctl.port and (opts.ip or "127.0.0.1") or nil, port = ctl.port,
+    pid = uv.os_getpid(), engines = n, started = ctl.started, key = key,
+  }
+  local job
+  if launcher ~= "local" then
+    -- MPI and Slurm ranks read the connection file: it must be there first.
+    if launcher ~= "ssh" then profile.write(conn_path, conn_info) end
+    local lok, j = pcall(launch, opts, n, conn_info, conn_path)
+    if not lok then
+      ctl:close()
+      os.remove(conn_path)
+      announce(ready_fd, "error " .. tostring(j))
+      return fail("cannot start cluster %q: %s", name, tostring(j))
+    end
+    job = j
+  end
+  -- Every engine up, or one that did not come is named (and, started
+  -- elsewhere, the host and what its launcher said).
+  local function pending(id)
+    local e = ctl:engine(id)
+    if e and e.state ~= "starting" then return false end
+    local proc = job and job:process_of(id)
+    return not (proc and proc.exited)
+  end
   local function settled()
-    for id = 0, n - 1 do if ctl:engine(id).state == "starting" then return false end end
+    for id = 0, n - 1 do if pending(id) then return false end end
     return true
   end
   wait.until_done(settled, START_TIMEOUT)
-  local missing = {}
+  local missing, named = {}, {}
   for id = 0, n - 1 do
     local e = ctl:engine(id)
-    if e.state ~= "ready" then
-      missing[#missing + 1] = string.format("engine %d %s", id, e.state == "dead"
-        and string.format("exited (status %s, signal %s)", tostring(e.status), tostring(e.signal))
-        or ("did not say hello within " .. START_TIMEOUT .. " s"))
+    local proc = job and job:process_of(id)
+    if e and e.state == "dead" then
+      missing[#missing + 1] = string.format("engine %d%s exited (status %s, signal %s)", id,
+        proc and (" on host " .. proc.host) or "", tostring(e.status), tostring(e.signal))
+    elseif proc and proc.exited and not (e and e.state == "ready") then
+      if not named[proc] then missing[#missing + 1], named[proc] = job.describe(proc), true end
+    elseif not (e and e.state == "ready") then
+      missing[#missing + 1] = string.format("engine %d%s did not say hello within %d s", id,
+        proc and (" on host " .. proc.host) or "", START_TIMEOUT)
     end
   end
   if #missing > 0 then
     ctl:close()
+    if job then job:stop(1) end
+    os.remove(conn_path)
     local why = "the cluster did not come up: " .. table.concat(missing, "; ")
     announce(ready_fd, "error " .. why)
     return fail("%s", why)
   end
-  profile.write(conn_path, {
-    profile = name, socket = socket, ip = ctl.port and (opts.ip or "127.0.0.1") or nil, port = ctl.port,
-    pid = uv.os_getpid(), engines = n, started = ctl.started, key = key,
-  })
+  profile.write(conn_path, conn_info)
   local address = socket .. (ctl.port and string.format(" and %s:%d", opts.ip or "127.0.0.1", ctl.port) or "")
   announce(ready_fd, string.format("ready %d %s", uv.os_getpid(), address))
   print(string.format("lpar cluster %q: %d engines ready, controller pid %d, listening on %s\n" ..
@@ -118,17 +165,10 @@ local function run_controller(name, n, opts, ready_fd)
   -- The relay moves messages in C; this loop only wakes for them and sleeps in epoll otherwise.
   while not stopped_why do uv.run("once") end
   ctl:close()
+  if job then job:stop() end
   uv.run("nowait") -- let the closed connections go
   print(string.format("lpar cluster %q: %s", name, stopped_why))
   return 0
-end
-
---- The lpar command: this process when it is lpar, else the one this lpar
--- was built with (a script run by lua5.4 starting a cluster).
-local function lpar_command()
-  local exe = uv.exepath()
-  if exe:match("/lpar$") then return exe end
-  return core.command_path
 end
 
 --- Start a controller as a daemon, and wait for its word on a pipe: its pid
@@ -148,9 +188,11 @@ function commands.start_daemon(name, args)
   uv.fs_close(null)
   if not handle then return nil, "cannot start the controller: " .. tostring(pid) end
   handle:unref()
+  -- Its word is one line: engines it launched may hold the pipe open after it.
   local words, eof = {}, false
   pipe:read_start(function(err, chunk)
     if err or not chunk then eof = true else words[#words + 1] = chunk end
+    if chunk and chunk:find("\n") then eof = true end
   end)
   wait.until_done(function() return eof end, START_TIMEOUT + 5)
   pipe:read_stop()
@@ -188,7 +230,20 @@ end
 
 local function cluster_start(opts, args)
   local name = profile.check_name(opts.profile)
-  local n = positive(opts.n, "-n")
+  local launchers = require "lpar.launchers"
+  local launcher = opts.launcher or "local"
+  if not launchers.NAMES[launcher] then
+    error(string.format("--launcher must be local, ssh, mpi or slurm, not '%s'", launcher), 0)
+  end
+  local n = opts.n and positive(opts.n, "-n")
+  if launcher == "ssh" or (launcher == "mpi" and (opts.hosts or opts.hostfile)) then
+    opts.hosts = opts.hostfile and launchers.read_hostfile(opts.hostfile) or launchers.parse_hosts(opts.hosts or "")
+    local _, total = launchers.plan(opts.hosts, n)
+    n = total
+  end
+  if launcher ~= "local" and not opts.ip and not opts.port and launcher == "ssh" then opts.ip = "127.0.0.1" end
+  if opts.ip and not opts.port then opts.port = "0" end
+  n = n or 4
   local conn = profile.connection_file(name)
   local ok, info = pcall(profile.read, conn, name)
   if ok and profile.alive(info.pid) then
@@ -211,12 +266,21 @@ function commands.stop_cluster(name)
     return string.format("cluster %q was not running (pid %d is gone); removed its stale files", name, info.pid)
   end
   remote.ask(info, "shutdown")
-  local gone = wait.until_done(function() return not profile.alive(info.pid) end, 5)
-  if not gone then
-    uv.kill(info.pid, "sigterm")
-    gone = wait.until_done(function() return not profile.alive(info.pid) end, 3)
-    if not gone then uv.kill(info.pid, "sigkill") end
+  -- Nothing else may keep the loop running while we wait (a wait on an
+  -- empty loop returns at once): a ticking timer looks again every 10 ms.
+  local tick = uv.new_timer()
+  tick:start(10, 10, function() end)
+  local function gone_within(seconds)
+    return wait.until_done(function() return not profile.alive(info.pid) end, seconds)
   end
+  -- A controller stops its engines elsewhere first (their links close, its launcher's processes end).
+  if not gone_within(8) then
+    uv.kill(info.pid, "sigterm")
+    if not gone_within(3) then uv.kill(info.pid, "sigkill") end
+  end
+  tick:stop()
+  tick:close()
+  uv.run("nowait")
   profile.remove_files(name)
   return string.format("stopped cluster %q (controller pid %d)", name, info.pid)
 end
@@ -247,7 +311,26 @@ local function duration(seconds)
   return string.format("%dh%02dm", seconds // 3600, seconds % 3600 // 60)
 end
 
+--- Under a cluster's row, one line per host: its engines, their states and pids.
+local function hosts_lines(engines)
+  local by_host, order = {}, {}
+  for id = 0, math.huge do
+    local e = engines[id]
+    if not e then break end
+    local host = e.host or "?"
+    if not by_host[host] then by_host[host], order[#order + 1] = {}, host end
+    local list = by_host[host]
+    list[#list + 1] = string.format("%d (%s, pid %s)", id, e.state, tostring(e.pid))
+  end
+  local lines = {}
+  for _, host in ipairs(order) do
+    lines[#lines + 1] = "  host " .. host .. ": engines " .. table.concat(by_host[host], ", ")
+  end
+  return lines
+end
+
 local function cluster_list()
+  local engine_lines = {}
   local rows = { { "PROFILE", "PID", "ENGINES", "ADDRESS", "UPTIME", "REFUSED" } }
   for _, name in ipairs(profile.list()) do
     local ok, info = pcall(profile.read, profile.connection_file(name), name)
@@ -269,6 +352,7 @@ local function cluster_list()
         if silent > 0 then count = count .. string.format(" (%d not responding)", silent) end
         rows[#rows + 1] = { name, tostring(info.pid), count, address,
           duration(st.uptime), string.format("%d (%d cut off)", st.refused, st.disconnected) }
+        engine_lines[#rows] = hosts_lines(st.engines)
       else
         rows[#rows + 1] = { name, tostring(info.pid), "?", address .. " (not answering)", "-", "-" }
       end
@@ -282,10 +366,11 @@ local function cluster_list()
   for _, row in ipairs(rows) do
     for i, cell in ipairs(row) do widths[i] = math.max(widths[i] or 0, #cell) end
   end
-  for _, row in ipairs(rows) do
+  for r, row in ipairs(rows) do
     local cells = {}
     for i, cell in ipairs(row) do cells[i] = cell .. string.rep(" ", widths[i] - #cell) end
     print((table.concat(cells, "  "):gsub("%s+$", "")))
+    for _, line in ipairs(engine_lines[r] or {}) do print(line) end
   end
   return 0
 end
@@ -307,32 +392,75 @@ end
 
 -- ---- engine ----
 
---- An engine that joins a running cluster: a local lpar-engine, relayed to
--- the controller over its authenticated link (frames pass through as bytes;
--- the controller asks this engine for matrices inline).
-local function engine_join(opts)
+-- A host's relay and its controller each know the other alive by its
+-- frames: the controller pings every second (core/relay.c); with nothing
+-- heard for this long, the relay takes the controller for gone.
+local SILENT_S = 5
+
+--- The engine id an MPI or Slurm launcher gave this process: its rank.
+local function rank_from_environment()
+  for _, name in ipairs { "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID" } do
+    local v = math.tointeger(tonumber(os.getenv(name) or ""))
+    if v then return v end
+  end
+  error("--rank: no rank in the environment (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK, SLURM_PROCID)", 0)
+end
+
+--- The connection info: from standard input (as a launcher hands it over,
+-- so the key is never in a command line or an environment), or a file.
+local function engine_info(opts)
+  if opts.stdin then
+    local text = io.stdin:read("a")
+    if not text or text == "" then error("--stdin: nothing came on standard input", 0) end
+    return profile.parse(text, "standard input")
+  end
   local name = opts.file == nil and profile.check_name(opts.profile or "default") or nil
-  local info = profile.read(opts.file or profile.connection_file(name), name)
-  -- What the controller tells of its other engines is not this relay's business.
-  local relay = { ready = function() end, exit = function() end }
-  local joined, cluster, done, status = nil, nil, false, 0
-  local link, err = remote.first_reachable(info, function(address)
-    local answered, closed = false, nil
+  return profile.read(opts.file or profile.connection_file(name), name)
+end
+
+--- Connect to the controller and join with `count` engines; the link and
+-- the controller's answer { id = first, n = }, or nil and why.
+local function join_link(info, relay, want)
+  return remote.first_reachable(info, function(address)
+    local answered, closed, joined = false, nil, nil
     relay.control = function(_, answer, why) answered, joined = true, answer or why end
     relay.closed = function(reason) closed = reason end
     local l, cerr = core.connect { path = address.path, host = address.host, port = address.port,
                                    key = info.key, raw = true, handler = function(kind, ...) relay[kind](...) end }
     if not l then return nil, cerr end
-    l:send(0, core.CONTROL, 1, "join", "join")
+    l:send(0, core.CONTROL, 1, "join", "join", want)
     wait.until_done(function() return answered or closed end, 10)
-    if type(joined) == "table" then return l end
+    if type(joined) == "table" then return l, joined end
     l:stop()
     return nil, closed or tostring(joined or "the controller did not answer 'join'")
   end)
-  if not link then return fail("cannot reach the cluster in %s: %s", info.file, err) end
-  local id = joined.id
-  function relay.frame(_, mtype, flags, mid, payload)
-    if mtype == core.SIGNAL then
+end
+
+--- Engines that join a running cluster: K local lpar-engines (ids first ..
+-- first + K - 1) behind one relay, over one authenticated link to the
+-- controller, the route field naming each by its index (frames pass through
+-- as bytes; the controller asks these engines for matrices inline).
+local function engine_join(opts)
+  local count = positive(opts.n or "1", "-n")
+  local info = engine_info(opts)
+  local first = opts.rank and rank_from_environment() or (opts.id and math.tointeger(tonumber(opts.id)))
+  if opts.id and not first then error(string.format("--id must be an integer, not '%s'", opts.id), 0) end
+  local host = opts.host_name or uv.os_gethostname()
+  -- What the controller tells of its other engines is not this relay's business.
+  local relay = { ready = function() end, exit = function() end }
+  local link, joined = join_link(info, relay, { count = count, id = first, host = host })
+  if not link then return fail("cannot reach the cluster in %s: %s", info.file, joined) end
+  first = joined.id
+  local cluster, done, status, heard = nil, false, 0, uv.now()
+  local alive = count
+  function relay.frame(index, mtype, flags, mid, payload)
+    heard = uv.now()
+    local id = first + index
+    if mtype == core.PING then
+      link:send_bytes(0, core.PING, core.FLAG_RAW, 0, "")
+    elseif index >= count then
+      return -- not one of ours
+    elseif mtype == core.SIGNAL then
       cluster:signal(id, tonumber(payload))
     elseif mtype == core.INTERRUPT then
       cluster:interrupt(id, mid)
@@ -345,29 +473,44 @@ local function engine_join(opts)
     done = true
   end
   local engine = {}
-  function engine.ready(_, hello)
+  function engine.ready(id, hello)
     print(string.format("lpar engine: engine %d joined the cluster in %s", id, info.file))
     io.stdout:flush()
-    link:send_bytes(0, core.HELLO, core.FLAG_RAW, 0, hello)
+    link:send_bytes(id - first, core.HELLO, core.FLAG_RAW, 0, hello .. " host=" .. host)
   end
-  function engine.frame(_, mtype, flags, mid, payload)
-    link:send_bytes(0, mtype, flags, mid, payload)
+  function engine.frame(id, mtype, flags, mid, payload)
+    link:send_bytes(id - first, mtype, flags, mid, payload)
   end
-  function engine.exit(_, st, sig)
-    link:send_bytes(0, core.EXIT, core.FLAG_RAW, 0, string.format("%d %d", st, sig))
-    done, status = true, st == 0 and 0 or 1
+  function engine.exit(id, st, sig)
+    link:send_bytes(id - first, core.EXIT, core.FLAG_RAW, 0, string.format("%d %d", st, sig))
+    if st ~= 0 then status = 1 end
+    alive = alive - 1
+    if alive == 0 then done = true end
   end
   function engine.bad() end
   cluster = core.new_cluster { raw = true, handler = function(kind, ...) engine[kind](...) end }
-  local pid, serr = cluster:spawn(id, joined.n)
-  if not pid then
-    io.stderr:write("lpar engine: cannot start lpar-engine: ", tostring(serr), "\n")
-    link:send_bytes(0, core.EXIT, core.FLAG_RAW, 0, "127 0")
-    done, status = true, 1
+  for id = first, first + count - 1 do
+    local pid, serr = cluster:spawn(id, joined.n)
+    if not pid then
+      io.stderr:write("lpar engine: cannot start lpar-engine: ", tostring(serr), "\n")
+      engine.exit(id, 127, 0)
+    end
   end
-  local stop_signals = on_signals({ "sigint", "sigterm" }, function() done = true end)
+  -- A link gone silent (a network cut) is a controller gone: the engines go too.
+  local watch = uv.new_timer()
+  watch:start(1000, 1000, function()
+    if uv.now() - heard > SILENT_S * 1000 then
+      if not done then
+        io.stderr:write(string.format("lpar engine: nothing heard from the controller for %d s; stopping\n", SILENT_S))
+      end
+      done, status = true, 1
+    end
+  end)
+  local stop_signals = on_signals({ "sigint", "sigterm", "sighup" }, function() done = true end)
   while not done do uv.run("once") end
   stop_signals()
+  watch:stop()
+  watch:close()
   cluster:stop()
   link:stop()
   uv.run("nowait")

@@ -9,7 +9,7 @@
 --   status    engines, their queues, refusals, clients
 --   restart   kill and start again local engines; answered once all are up
 --   shutdown  stop the whole cluster
---   join      an engine relayed from elsewhere (`lpar engine`) takes the next id
+--   join      engines relayed from elsewhere (`lpar engine -n K`) take K ids
 local core = require "lpar.core"
 -- Loading lpar.matrix settles OpenBLAS's kernel (OPENBLAS_CORETYPE, see
 -- matrix.blas_info) before any engine is spawned, so the engines inherit it.
@@ -23,12 +23,15 @@ local Controller = {}
 Controller.__index = Controller
 
 --- opts: n, socket (path), ip, port, key (32 bytes), engine, engine_env
--- (list of "NAME=value"), blas_threads, profile, pid, on_stop (called once stopped).
+-- (list of "NAME=value"), blas_threads, profile, pid, on_stop (called once stopped),
+-- launcher (other than "local": no engine is started here; they join).
 function Controller.new(opts)
   local self = setmetatable({
     opts = opts,
     restarts = {},  -- pending "restart" answers: { peer, id, waiting = { engine -> stage }, failed }
+    hosts = {},     -- engine id -> the host it joined from (local engines: this host)
     started = core.now(),
+    hostname = require("luv").os_gethostname(),
   }, Controller)
   local weak = setmetatable({ self }, { __mode = "v" })
   local relay, err = core.relay {
@@ -44,7 +47,10 @@ function Controller.new(opts)
   self.relay = relay
   local port = relay:stats().port
   self.port = port > 0 and port or nil
-  for id = 0, opts.n - 1 do self:spawn(id) end
+  -- Other launchers start the engines elsewhere, and they join.
+  if (opts.launcher or "local") == "local" then
+    for id = 0, opts.n - 1 do self:spawn(id) end
+  end
   return self
 end
 
@@ -104,7 +110,8 @@ function Controller:status()
       -- A ready engine silent for ten heartbeats is stopped or wedged.
       local state = e.state
       if state == "ready" and (e.silent_ms or 0) > NOT_RESPONDING_MS then state = "not responding" end
-      engines[eid] = { queue = e.queue, state = state, pid = e.pid, kind = e.kind, silent_ms = e.silent_ms }
+      engines[eid] = { queue = e.queue, state = state, pid = e.pid, kind = e.kind, silent_ms = e.silent_ms,
+                       host = self.hosts[eid] or self.hostname }
     end
   end
   return {
@@ -168,12 +175,22 @@ function Controller:op_shutdown(peer, id)
   self:stop("shut down by a client")
 end
 
---- An engine joins from elsewhere: it gets the next id.
-function Controller:op_join(peer, id)
-  local eid = self:size()
-  local ok, err = self.relay:join(peer, eid)
-  if not ok then return self.relay:answer(peer, id, nil, err) end
-  self.relay:answer(peer, id, { id = eid, n = eid + 1 })
+--- Engines join from elsewhere, `lpar engine -n K` relaying them over one
+-- link: want = { count = K (default 1), id = the first id asked for (a
+-- launcher's: host by host, or the MPI rank; default the next free),
+-- host = a name for messages }. They get K consecutive ids.
+function Controller:op_join(peer, id, want)
+  want = type(want) == "table" and want or {}
+  local count = math.tointeger(want.count) or 1
+  local first = math.tointeger(want.id) or self:size()
+  local host = type(want.host) == "string" and want.host or "?"
+  local ok, err = self.relay:join(peer, first, count, host)
+  if not ok then
+    return self.relay:answer(peer, id, nil, string.format("cannot join as engines %d..%d: %s", first,
+      first + count - 1, tostring(err)))
+  end
+  for eid = first, first + count - 1 do self.hosts[eid] = host end
+  self.relay:answer(peer, id, { id = first, n = math.max(self:size(), first + count) })
 end
 
 --- Mark the controller stopped and call opts.on_stop(why). This may run

@@ -290,14 +290,15 @@ function Hub:fail_engine(engine, how)
   end
 end
 
-function Hub:exit(engine, status, signal)
+function Hub:exit(engine, status, signal, why)
   local e = self.engines[engine]
   if not e then
     if not self.controller then return end
     e = { state = "starting" }
     self.engines[engine] = e
   end
-  local how = describe_exit(status, signal)
+  -- `why`: the controller's word on an engine behind another host's link.
+  local how = why and ("is unreachable: " .. why) or describe_exit(status, signal)
   if e.bad then how = "sent a malformed message (" .. e.bad .. ") and was disconnected; it " .. how end
   e.state, e.how, e.status, e.signal = "dead", how, status, signal
   self.ids_cache = nil
@@ -439,15 +440,16 @@ function Hub:queue_status()
     local st, err = self:call("status")
     if not st then error("queue_status: " .. tostring(err), 3) end
     for id, e in pairs(st.engines) do
-      status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms }
+      status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms, host = e.host }
     end
     status.bad_messages, status.refused, status.disconnected, status.clients =
       st.bad_messages, st.refused, st.disconnected, st.clients
   else
+    local host = require("luv").os_gethostname()
     for id, e in pairs(self.engines) do
       local state = e.state
       if state == "ready" and self:not_responding(id) then state = "not responding" end
-      status[id] = { queue = 0, state = state, pid = e.pid,
+      status[id] = { queue = 0, state = state, pid = e.pid, host = host,
                      silent_ms = e.state == "ready" and self.core:silence(id) or nil }
     end
     for _, rec in pairs(self.pending) do

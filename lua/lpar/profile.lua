@@ -73,10 +73,11 @@ end
 
 local FIELDS = { "profile", "socket", "ip", "port", "pid", "engines", "started" }
 
---- Write the connection file atomically, mode 0600 from the first byte.
--- info: profile, socket, ip, port, pid, engines, started, key (32 bytes).
--- One field a line, the key last: {"profile":"default", ..., "key":"<64 hex digits>"}
-function profile.write(path, info)
+--- The connection file's text for `info` (profile, socket, ip, port, pid,
+-- engines, started, key of 32 bytes): what profile.write writes, and what a
+-- launcher hands an engine on another host on its standard input. JSON, one
+-- field a line, the key last: {"profile":"default", ..., "key":"<64 hex digits>"}
+function profile.format(info)
   local t, order = {}, {}
   for _, k in ipairs(FIELDS) do
     local v = info[k]
@@ -94,15 +95,37 @@ function profile.write(path, info)
     lines[#lines + 1] = string.format("  %s:%s%s", json.encode(k), json.encode(t[k]), i < #order and "," or "")
   end
   lines[#lines + 1] = "}\n"
+  return table.concat(lines, "\n")
+end
+
+--- Write the connection file atomically, mode 0600 from the first byte.
+-- info: as profile.format takes.
+function profile.write(path, info)
   local tmp = path .. ".tmp"
   os.remove(tmp)
   local fd, err = uv.fs_open(tmp, "wx", FILE_MODE)
   if not fd then error(string.format("cannot write %s: %s", tmp, err), 0) end
-  assert(uv.fs_write(fd, table.concat(lines, "\n")))
+  assert(uv.fs_write(fd, profile.format(info)))
   uv.fs_fsync(fd)
   uv.fs_close(fd)
   local ok, rerr = os.rename(tmp, path)
   if not ok then error(string.format("cannot write %s: %s", path, rerr), 0) end
+end
+
+--- The fields of a connection file's `text` (from `where`: a path, or
+-- "standard input"), key decoded; raises naming `where` when it is not one.
+function profile.parse(text, where)
+  local info = json.decode(text, 1, nil)
+  local key = type(info) == "table" and unhex(info.key)
+  if not key or (type(info.socket) ~= "string" and math.type(info.port) ~= "integer") then
+    error(string.format("%s is not an lpar connection file (it should hold a socket path or a " ..
+      "port, and a 64-digit hex key); remove it, or restart its cluster", where), 0)
+  end
+  info.key = key
+  info.file = where
+  info.pid = math.tointeger(info.pid)
+  info.port = math.tointeger(info.port)
+  return info
 end
 
 --- Read a connection file: its fields, key decoded. Raises an error that
@@ -129,17 +152,7 @@ function profile.read(path, name)
   if not f then error(string.format("cannot read connection file %s: %s", path, err), 0) end
   local text = f:read("a")
   f:close()
-  local info = json.decode(text, 1, nil)
-  local key = type(info) == "table" and unhex(info.key)
-  if not key or (type(info.socket) ~= "string" and math.type(info.port) ~= "integer") then
-    error(string.format("%s is not an lpar connection file (it should hold a socket path or a " ..
-      "port, and a 64-digit hex key); remove it, or restart its cluster", path), 0)
-  end
-  info.key = key
-  info.file = path
-  info.pid = math.tointeger(info.pid)
-  info.port = math.tointeger(info.port)
-  return info
+  return profile.parse(text, path)
 end
 
 --- True when process `pid` is alive (a zombie is not).
