@@ -72,6 +72,7 @@ static void unlist_stranger(lparR_route *r) {
   if (r->newer) r->newer->older = r->older; else o->newest = r->older;
   r->older = r->newer = NULL;
   r->listed = 0;
+  o->open_strangers--;
 }
 
 void lparR_ignore_sigpipe(void) {
@@ -612,6 +613,7 @@ void lparR_set_owner(lparR_route *r, lparR_owner *o) {
       if (o->newest) o->newest->newer = r; else o->oldest = r;
       o->newest = r;
       r->listed = 1;
+      o->open_strangers++;
     }
   }
 }

@@ -52,6 +52,7 @@ typedef struct lparR_owner {
   int routes, strangers;
   void (*release)(struct lparR_owner *o);
   lparR_route *oldest, *newest; /* open strangers, by age (private) */
+  int open_strangers;           /* how many: closing ones no longer count */
 } lparR_owner;
 
 typedef struct lparR_handlers {
