@@ -308,6 +308,13 @@ describe("the authenticated socket", function()
     assert.same({ 0, 1 }, rc:view():apply_sync(function() return lpar.engine.id end))
   end)
 
+  it("drops a stranger's oversized frame before reading it", function()
+    local link, events = peer(core.keygen())
+    mark()
+    link:send_bytes(0, core.EXECUTE, 0, 1, string.rep("x", 100000))
+    assert.matches("too large before authentication", refused_after(link, events))
+  end)
+
   it("lets a real client in past 100 idle strangers: the oldest make room", function()
     local before = (function()
       local rc <close> = lpar.Client { profile = "main" }
@@ -327,13 +334,6 @@ describe("the authenticated socket", function()
     for _, p in ipairs(strangers) do p:close() end
     uv.run("nowait")
     assert(ok, err)
-  end)
-
-  it("drops a stranger's oversized frame before reading it", function()
-    local link, events = peer(core.keygen())
-    mark()
-    link:send_bytes(0, core.EXECUTE, 0, 1, string.rep("x", 100000))
-    assert.matches("too large before authentication", refused_after(link, events))
   end)
 end)
 
