@@ -99,8 +99,11 @@ static void release_owner(lparR_owner *o) {
 }
 
 static void accept_one(lparL_server *s, int fd) {
-  if (s->owner.strangers >= LPARL_MAX_STRANGERS) {
-    s->owner.refused++; /* too many who have not shown the key yet */
+  /* Too many who have not shown the key yet: the oldest makes room (its
+     descriptor is closed at once), so idle strangers cannot starve a client. */
+  if (s->owner.open_strangers >= LPARL_MAX_STRANGERS &&
+      !lparR_evict_oldest_stranger(&s->owner, "cut off: too many connections have not shown the key")) {
+    s->owner.refused++;
     s->owner.disconnected++;
     close(fd);
     return;

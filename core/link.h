@@ -4,7 +4,8 @@
 ** prefix lparL_). Every link is a sealed route (route.h, auth.h).
 **
 ** A server caps the connections that have not authenticated yet
-** (LPARL_MAX_STRANGERS; more are refused at once) and cuts off a peer whose
+** (LPARL_MAX_STRANGERS; past it, the oldest is cut off to make room, so
+** idle strangers cannot keep a real client out) and cuts off a peer whose
 ** first frame has not opened within its auth timeout, so strangers cannot
 ** starve real clients or hold connections open.
 */

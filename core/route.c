@@ -59,9 +59,21 @@ struct lparR_route {
   fd_batch *batches; /* LPARR_UNIX: a ring of FD_BATCHES */
   int batch_first, batch_count;
   lparR_owner *owner;
+  lparR_route *older, *newer; /* in the owner's list of open strangers */
+  int listed;
   lparR_handlers handlers;
   void *ud;
 };
+
+static void unlist_stranger(lparR_route *r) {
+  if (!r->listed) return;
+  lparR_owner *o = r->owner;
+  if (r->older) r->older->newer = r->newer; else o->oldest = r->newer;
+  if (r->newer) r->newer->older = r->older; else o->newest = r->older;
+  r->older = r->newer = NULL;
+  r->listed = 0;
+  o->open_strangers--;
+}
 
 void lparR_ignore_sigpipe(void) {
   struct sigaction old;
@@ -110,6 +122,7 @@ static void on_handle_closed(uv_handle_t *h) {
 static void close_route(lparR_route *r, const char *reason, int refused) {
   if (r->closing) return;
   r->closing = 1;
+  unlist_stranger(r);
   r->refused_close = refused;
   if (reason) snprintf(r->reason, sizeof r->reason, "%s", reason);
   if (refused && r->owner) r->owner->disconnected++;
@@ -376,6 +389,7 @@ static void authenticated(lparR_route *r) {
   r->authenticated = 1;
   r->reader.max_len = LPAR_MAX_PAYLOAD;
   if (r->timer_inited) uv_timer_stop(&r->auth_timer);
+  unlist_stranger(r);
   if (r->owner) r->owner->strangers--;
   if (r->handlers.on_authenticated) r->handlers.on_authenticated(r, r->ud);
 }
@@ -592,7 +606,24 @@ void lparR_set_handlers(lparR_route *r, const lparR_handlers *handlers, void *ud
 void lparR_set_owner(lparR_route *r, lparR_owner *o) {
   r->owner = o;
   o->routes++;
-  if (r->sealed && !r->authenticated) o->strangers++;
+  if (r->sealed && !r->authenticated) {
+    o->strangers++;
+    if (!r->closing) {
+      r->older = o->newest;
+      if (o->newest) o->newest->newer = r; else o->oldest = r;
+      o->newest = r;
+      r->listed = 1;
+      o->open_strangers++;
+    }
+  }
+}
+
+int lparR_evict_oldest_stranger(lparR_owner *o, const char *reason) {
+  lparR_route *r = o->oldest;
+  if (r == NULL) return 0;
+  if (r->owner) r->owner->refused++;
+  close_route(r, reason, 1);
+  return 1;
 }
 
 int lparR_is_open(const lparR_route *r) { return !r->closing; }

@@ -51,6 +51,8 @@ typedef struct lparR_owner {
   uint64_t disconnected; /* peers cut off for it */
   int routes, strangers;
   void (*release)(struct lparR_owner *o);
+  lparR_route *oldest, *newest; /* open strangers, by age (private) */
+  int open_strangers;           /* how many: closing ones no longer count */
 } lparR_owner;
 
 typedef struct lparR_handlers {
@@ -83,6 +85,12 @@ int lparR_open(uv_loop_t *loop, lparR_kind kind, int fd, int side, const unsigne
 void lparR_set_handlers(lparR_route *r, const lparR_handlers *handlers, void *ud);
 /* Count this route's refusals in `o` (and keep `o` alive while it is open). */
 void lparR_set_owner(lparR_route *r, lparR_owner *o);
+/*
+** Cut off the owner's oldest open route that has not authenticated, so a
+** newcomer can have its place: 1 if there was one. A real peer shows the
+** key within milliseconds, so idle strangers cannot keep it out.
+*/
+int lparR_evict_oldest_stranger(lparR_owner *o, const char *reason);
 
 /*
 ** Send one frame: written now as far as the socket takes it, the rest

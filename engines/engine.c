@@ -32,6 +32,36 @@ static int env_int(const char *name, int fallback) {
   return s && *s ? atoi(s) : fallback;
 }
 
+/*
+** The Lua allocator, capped at LPAR_MEM_LIMIT bytes when set: past it an
+** allocation fails, so the task raises "not enough memory" and fails, and
+** the engine (its state intact) goes on serving. Matrices' storage is
+** allocated outside Lua and not counted.
+*/
+static int panic(lua_State *L) {
+  const char *msg = lua_tostring(L, -1);
+  fprintf(stderr, "lpar-engine: unprotected error: %s\n", msg ? msg : "(not a string)");
+  return 0;
+}
+
+typedef struct mem_cap {
+  size_t used, limit;
+} mem_cap;
+
+static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  mem_cap *m = ud;
+  size_t old = ptr ? osize : 0;
+  if (nsize == 0) {
+    free(ptr);
+    m->used -= old;
+    return NULL;
+  }
+  if (m->limit && nsize > old && m->used - old + nsize > m->limit) return NULL;
+  void *p = realloc(ptr, nsize);
+  if (p) m->used = m->used - old + nsize;
+  return p;
+}
+
 /* Message handler: an error table with the message and the remote traceback. */
 static int error_handler(lua_State *L) {
   luaL_tolstring(L, 1, NULL);
@@ -193,8 +223,19 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
     return;
   }
   lparE_task_begin(h->id);
-  int ok = lua_pcall(L, nvals + 2, LUA_MULTRET, base + 1) == LUA_OK;
+  int status = lua_pcall(L, nvals + 2, LUA_MULTRET, base + 1);
+  int ok = status == LUA_OK;
   lparE_task_end(L);
+  if (status == LUA_ERRMEM) { /* no message handler ran: say what the limit is */
+    lua_settop(L, base + 1);
+    lua_gc(L, LUA_GCCOLLECT);
+    lua_createtable(L, 0, 1);
+    if (st->mem_limit)
+      lua_pushfstring(L, "not enough memory (limit %d MB)", (int)(st->mem_limit >> 20));
+    else
+      lua_pushliteral(L, "not enough memory");
+    lua_setfield(L, -2, "message");
+  }
   lparE_flush_output(st);
   int first = base + 2, count = lua_gettop(L) - base - 1;
   if (h->flags & LPAR_FLAG_TEXT)
@@ -312,8 +353,12 @@ int main(void) {
   if (parent > 0 && getppid() != parent) return 0;
   lparB_init(&st.out);
   lparB_init(&st.err);
-  lua_State *L = luaL_newstate();
+  const char *limit = getenv("LPAR_MEM_LIMIT");
+  mem_cap cap = {.limit = limit && *limit ? (size_t)strtoull(limit, NULL, 10) : 0};
+  st.mem_limit = cap.limit;
+  lua_State *L = lua_newstate(capped_alloc, &cap);
   if (L == NULL) return 1;
+  lua_atpanic(L, panic);
   luaL_openlibs(L);
   lparP_set_paths(L);
   /* lpar.matrix from this executable: no second copy of the core to load. */

@@ -21,6 +21,7 @@ typedef struct lparE_state {
   double last_flush;
   uint64_t bad_messages;
   int gone; /* the controller's socket failed: leave */
+  size_t mem_limit; /* bytes the Lua state may hold (LPAR_MEM_LIMIT), or 0 */
 } lparE_state;
 
 double lparE_now(void);

@@ -49,6 +49,13 @@ local function median(list)
   return s[(#s + 1) // 2]
 end
 
+local function p99(list)
+  if #list == 0 then return 0 end
+  local s = table.move(list, 1, #list, 1, {})
+  table.sort(s)
+  return s[math.max(1, math.ceil(#s * 0.99))]
+end
+
 local function max_of(list)
   local m = 0
   for _, v in ipairs(list) do m = math.max(m, v) end
@@ -193,10 +200,11 @@ end
 
 local function report(label, stats, rss0, rss1, extra)
   print(string.format("%s: %d maps, %d tasks, %d right, %d lost or wrong; %d SIGKILL, %d SIGSEGV, "
-    .. "%d SIGSTOP, %d restarts; deaths reported in median %.1f ms, max %.1f ms (%d); map median %.2f s, "
+    .. "%d SIGSTOP, %d restarts; deaths reported in median %.1f ms, p99 %.1f ms, max %.1f ms (%d); map median %.2f s, "
     .. "max %.2f s; client RSS %.1f -> %.1f MB%s",
     label, stats.maps, stats.tasks, stats.ok, stats.tasks - stats.ok, stats.kills, stats.segvs,
-    stats.stops, stats.restarts, median(stats.death_ms), max_of(stats.death_ms), #stats.death_ms,
+    stats.stops, stats.restarts, median(stats.death_ms), p99(stats.death_ms), max_of(stats.death_ms),
+    #stats.death_ms,
     median(stats.map_s), max_of(stats.map_s), rss0, rss1, extra or ""))
   if stats.tasks ~= stats.ok then fail("%s: %d tasks lost or wrong", label, stats.tasks - stats.ok) end
 end

@@ -285,6 +285,27 @@ describe("the authenticated socket", function()
     link:send_bytes(0, core.EXECUTE, 0, 1, string.rep("x", 100000))
     assert.matches("too large before authentication", refused_after(link, events))
   end)
+
+  it("lets a real client in past 100 idle strangers: the oldest make room", function()
+    local before = (function()
+      local rc <close> = lpar.Client { profile = "main" }
+      return rc:queue_status().refused
+    end)()
+    local strangers, connected = {}, 0
+    for i = 1, 100 do
+      strangers[i] = uv.new_pipe()
+      strangers[i]:connect(base .. "/profile_main/controller.sock", function() connected = connected + 1 end)
+    end
+    local ok, err = pcall(function()
+      assert.is_true(helpers.wait_until(function() return connected == 100 end, 5))
+      local rc <close> = lpar.Client { profile = "main" }
+      assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
+      assert.is_true(rc:queue_status().refused >= before + 36) -- 100 over the cap of 64
+    end)
+    for _, p in ipairs(strangers) do p:close() end
+    uv.run("nowait")
+    assert(ok, err)
+  end)
 end)
 
 describe("cluster controls on a standalone cluster", function()

@@ -129,8 +129,17 @@ static int keep_going_pcall(lua_State *L, int nargs, int nresults, int flags) {
   return nresults == LUA_MULTRET ? lua_gettop(L) - base + 1 : nresults;
 }
 
-/* trim(): give freed heap back to the system (glibc keeps it); true if some went. */
+/*
+** trim([bytes]): give freed heap back to the system (glibc keeps it), or
+** only when more than `bytes` lie free in it; true if some went. It asks
+** malloc, not Lua, so a finalizer may call it (collectgarbage may not).
+*/
 static int l_trim(lua_State *L) {
+  lua_Integer at_least = luaL_optinteger(L, 1, 0);
+  if (at_least > 0 && mallinfo2().fordblks <= (size_t)at_least) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
   lua_pushboolean(L, malloc_trim(0));
   return 1;
 }

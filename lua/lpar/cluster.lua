@@ -3,7 +3,8 @@
 -- Options: n (engines, default 4), engine_env (table of NAME = value, or a
 -- list of "NAME=value"), blas_threads (OPENBLAS_NUM_THREADS on the engines,
 -- default 1), engine (path of lpar-engine), timeout (seconds to wait for
--- engines to come up, default 30).
+-- engines to come up, default 30), mem_limit (bytes each engine's Lua may
+-- hold: past it a task fails with "not enough memory (limit N MB)").
 -- A Cluster is to-be-closed, and its engines are stopped when it is
 -- garbage collected or the process exits; a SIGKILLed client leaves none
 -- either, since engines exit when their socket closes.
@@ -31,12 +32,24 @@ Cluster.__index = Cluster
 
 -- ---- how a cluster starts and stops ----
 
+--- The engines' environment: engine_env, and LPAR_MEM_LIMIT for mem_limit.
+local function engine_env(opts)
+  if opts.mem_limit == nil then return opts.engine_env end
+  if math.type(opts.mem_limit) ~= "integer" or opts.mem_limit < 1 then
+    error("Cluster: mem_limit must be a positive integer (bytes)", 4)
+  end
+  local env = {}
+  for k, v in pairs(opts.engine_env or {}) do env[k] = v end
+  env[#env + 1] = "LPAR_MEM_LIMIT=" .. opts.mem_limit
+  return env
+end
+
 --- Engines that are children of this process.
 local Local = {}
 
 function Local.start(self, level)
   if self._hub and self._hub.core then error("Cluster:start: already started", level + 1) end
-  self._hub = Hub.embedded { engine = self.opts.engine, env = self.opts.engine_env,
+  self._hub = Hub.embedded { engine = self.opts.engine, env = engine_env(self.opts),
                              blas_threads = self.opts.blas_threads }
   for id = 0, self.n - 1 do
     local ok, err = pcall(self._hub.spawn, self._hub, id, self.n)

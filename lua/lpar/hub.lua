@@ -16,20 +16,13 @@ require "lpar.matrix"
 local Hub = {}
 Hub.__index = Hub
 
--- When a collection has freed much of the Lua heap (a big map released),
--- give the memory back to the system: glibc keeps freed heap otherwise. A
--- finalizer that makes its successor runs once per collection cycle.
+-- When a collection has left much heap free (a big map released), give
+-- it back to the system: glibc keeps freed heap otherwise. A finalizer that
+-- makes its successor runs once per collection cycle.
 do
-  local peak = 0
   local function watch()
     setmetatable({}, { __gc = function()
-      local kb = collectgarbage("count")
-      if kb > peak then
-        peak = kb
-      elseif peak - kb > 64 * 1024 then
-        core.trim()
-        peak = kb
-      end
+      core.trim(64 * 1024 * 1024)
       watch()
     end })
   end
