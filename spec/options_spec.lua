@@ -19,7 +19,7 @@ describe("strict options", function()
 
   it("lists the known options when none is near", function()
     assert.matches("unknown option 'zzz' %(known: blas_threads, engine, engine_env, hostfile, hosts, ip, " ..
-      "launcher, mpiexec_args, n, port, profile, remote_command, ssh_command, timeout%)",
+      "launcher, mem_limit, mpiexec_args, n, port, profile, remote_command, ssh_command, timeout%)",
       message(function() lpar.Cluster { zzz = 1 } end))
   end)
 
