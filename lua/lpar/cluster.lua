@@ -23,8 +23,8 @@
 local Hub = require "lpar.hub"
 local options = require "lpar.options"
 
-local OPTIONS = options.set { "n", "profile", "engine_env", "blas_threads", "engine", "timeout", "ip", "port", "mem_limit",
-  "launcher", "hosts", "hostfile", "ssh_command", "remote_command", "mpiexec_args" }
+local OPTIONS = options.set { "n", "profile", "engine_env", "blas_threads", "engine", "timeout", "mem_limit",
+  "ip", "port", "launcher", "hosts", "hostfile", "ssh_command", "remote_command", "mpiexec_args" }
 local Client = require "lpar.client"
 
 local Cluster = {}
