@@ -7,7 +7,9 @@
 ** cluster's 256-bit key are peers. So every frame is sealed with an AEAD
 ** (libsodium): AES-256-GCM where both ends' CPUs have it, else
 ** XChaCha20-Poly1305. The frame header is additional data (authenticated,
-** in the clear: it says how long the frame is); the payload is encrypted.
+** in the clear: it says how long the frame is); the payload is encrypted,
+** in segments of at most 128 KiB that each take a sequence number and carry
+** a tag (route.c), so both ends can work on a large frame as it passes.
 **
 ** When a connection opens, each side sends a hello: 16 random bytes, its
 ** half of the session, and whether it can do AES-256-GCM. Each direction

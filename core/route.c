@@ -26,11 +26,19 @@
 
 #define FD_BATCHES 32       /* descriptor batches received ahead of their frames */
 #define SMALL_FRAME 4096    /* frames up to this are written from the stack when they can */
+/*
+** A sealed payload goes in segments of this many bytes, each with its own
+** tag: the sender writes the first segments while it seals the next, and
+** the receiver opens each as it comes, so sealing, the network and opening
+** overlap instead of taking turns.
+*/
+#define SEGMENT (128 * 1024)
 
 /* A frame (or raw bytes) waiting for the socket. */
 typedef struct chunk {
   struct chunk *next;
   size_t len, off;  /* bytes in data; bytes written */
+  size_t ready;     /* bytes that may be written (a frame being sealed has fewer than len) */
   int unsealed;     /* a frame to seal once the session starts */
   int nfds;         /* descriptors that go with the first byte (duplicates, ours) */
   int fds[LPARH_MAX_FDS];
@@ -53,6 +61,9 @@ struct lparR_route {
   int closing, refused_close;
   char reason[200];
   int sealed, session, authenticated;
+  int dispatching;         /* inside dispatch: a failed write closes after it */
+  char write_failed[160];  /* why the last write failed, while dispatching */
+  size_t opened; /* segments of the frame at the reader's front opened so far */
   lparA_channel chan;
   lparW_reader reader;
   chunk *head, *tail;
@@ -149,6 +160,23 @@ static void refuse(lparR_route *r, const char *what, const char *why) {
 
 /* ---- writing ---- */
 
+/*
+** A write failed: the peer is gone. What it sent before it went is still
+** to be read (a forged frame must still be refused and counted, a dead
+** engine's last words delivered), so inside dispatch the route closes only
+** once the frames already read are handled.
+*/
+static void write_failed(lparR_route *r, int err) {
+  char why[160];
+  snprintf(why, sizeof why, "connection lost (%s)", strerror(err));
+  if (!r->dispatching) {
+    close_route(r, why, 0);
+    return;
+  }
+  if (!r->write_failed[0]) snprintf(r->write_failed, sizeof r->write_failed, "%s", why);
+  free_chunks(r);
+}
+
 static void update_poll(lparR_route *r);
 
 /* sendmsg with the descriptors (if any) on the first byte. Bytes written, or -errno. */
@@ -181,6 +209,7 @@ static chunk *chunk_new(size_t len) {
   c->next = NULL;
   c->len = len;
   c->off = 0;
+  c->ready = len;
   c->unsealed = 0;
   c->nfds = 0;
   return c;
@@ -212,12 +241,11 @@ static void enqueue(lparR_route *r, chunk *c) {
 static void flush(lparR_route *r) {
   while (r->head && !r->head->unsealed && !r->closing) {
     chunk *c = r->head;
-    struct iovec iov = {c->data + c->off, c->len - c->off};
+    if (c->off == c->ready) break; /* the rest is still being sealed */
+    struct iovec iov = {c->data + c->off, c->ready - c->off};
     ssize_t k = send_pieces(r, &iov, 1, c->fds, c->off == 0 ? c->nfds : 0);
     if (k < 0) {
-      char why[160];
-      snprintf(why, sizeof why, "connection lost (%s)", strerror((int)-k));
-      close_route(r, why, 0);
+      write_failed(r, (int)-k);
       return;
     }
     if (k > 0 && c->off == 0) { /* the descriptors went with the first byte */
@@ -225,6 +253,7 @@ static void flush(lparR_route *r) {
       c->nfds = 0;
     }
     c->off += (size_t)k;
+    if (c->off < c->ready) break; /* the socket is full */
     if (c->off < c->len) break;
     r->head = c->next;
     if (r->head == NULL) r->tail = NULL;
@@ -243,9 +272,7 @@ static int write_or_queue(lparR_route *r, struct iovec *iov, int niov, const int
   if (r->head == NULL) {
     ssize_t k = send_pieces(r, iov, niov, fds, nfds);
     if (k < 0) {
-      char why[160];
-      snprintf(why, sizeof why, "connection lost (%s)", strerror((int)-k));
-      close_route(r, why, 0);
+      write_failed(r, (int)-k);
       return LPAR_EDEAD;
     }
     done = (size_t)k;
@@ -273,7 +300,7 @@ static int write_or_queue(lparR_route *r, struct iovec *iov, int niov, const int
 }
 
 static int check_send(const lparR_route *r, unsigned route, size_t len, int nfds) {
-  if (r->closing) return LPAR_EDEAD;
+  if (r->closing || r->write_failed[0]) return LPAR_EDEAD;
   if (len > LPAR_MAX_PAYLOAD) return LPAR_ETOOBIG;
   if (nfds < 0 || nfds > LPARH_MAX_FDS) return LPAR_EINVAL;
   if (r->kind == LPARR_TCP && nfds > 0) return LPAR_EINVAL;
@@ -282,21 +309,59 @@ static int check_send(const lparR_route *r, unsigned route, size_t len, int nfds
   return LPAR_OK;
 }
 
-/* A sealed frame in a chunk of its own: header, ciphertext, tag. */
-static chunk *sealed_chunk(lparR_route *r, const char head[LPARW_HEADER_SIZE], const void *payload,
-                           size_t len) {
-  chunk *c = chunk_new(LPARW_HEADER_SIZE + len + LPARA_TAG_BYTES);
-  if (c == NULL) return NULL;
-  memcpy(c->data, head, LPARW_HEADER_SIZE);
-  char *body = c->data + LPARW_HEADER_SIZE;
-  if (r->session) {
-    lparA_seal(&r->chan, c->data, LPARW_HEADER_SIZE, payload, len, body,
-               (unsigned char *)body + len);
-  } else {
-    if (len) memcpy(body, payload, len);
-    c->unsealed = 1; /* sealed in order when the peer's hello comes */
+/* Where segment k of a sealed payload starts on the wire, header included. */
+static size_t segment_at(size_t k) { return LPARW_HEADER_SIZE + k * (SEGMENT + LPARA_TAG_BYTES); }
+
+static size_t segment_len(size_t len, size_t k) {
+  size_t rest = len - k * SEGMENT;
+  return rest < SEGMENT ? rest : SEGMENT;
+}
+
+static size_t sealed_size(size_t len) {
+  return LPARW_HEADER_SIZE + len + lparW_segments(len, SEGMENT) * LPARA_TAG_BYTES;
+}
+
+/* Seal segment k of the frame in `wire` (its plaintext is `plain`, or in place). */
+static void seal_segment(lparR_route *r, char *wire, size_t len, size_t k, const char *plain) {
+  char *at = wire + segment_at(k);
+  size_t n = segment_len(len, k);
+  lparA_seal(&r->chan, wire, LPARW_HEADER_SIZE, plain ? plain : at, n, at, (unsigned char *)at + n);
+}
+
+/*
+** Queue a large sealed frame and write it as it is sealed: each segment may
+** go out while the next is being sealed. Before the session starts, the
+** plaintext waits in place instead, to be sealed by seal_waiting.
+*/
+static int send_sealed(lparR_route *r, const char head[LPARW_HEADER_SIZE], const char *payload,
+                       size_t len, const int *fds, int nfds) {
+  chunk *c = chunk_new(sealed_size(len));
+  if (c == NULL) return LPAR_ENOMEM;
+  if (nfds > 0 && chunk_keep_fds(c, fds, nfds) < 0) {
+    free(c);
+    return LPAR_ESYS;
   }
-  return c;
+  memcpy(c->data, head, LPARW_HEADER_SIZE);
+  size_t nseg = lparW_segments(len, SEGMENT);
+  if (!r->session) {
+    for (size_t k = 0; k < nseg; k++)
+      memcpy(c->data + segment_at(k), payload + k * SEGMENT, segment_len(len, k));
+    c->unsealed = 1;
+    c->ready = 0;
+    enqueue(r, c);
+    return LPAR_OK;
+  }
+  c->ready = LPARW_HEADER_SIZE;
+  enqueue(r, c);
+  for (size_t k = 0; k < nseg; k++) {
+    seal_segment(r, c->data, len, k, payload + k * SEGMENT);
+    c->ready = k + 1 == nseg ? c->len : segment_at(k + 1);
+    if (k + 1 == nseg) break;
+    if (r->head == c) flush(r); /* what is sealed goes while the rest is sealed */
+    if (r->closing) return LPAR_EDEAD;
+  }
+  if (r->head == c) flush(r); /* may free c */
+  return r->closing ? LPAR_EDEAD : LPAR_OK;
 }
 
 int lparR_send(lparR_route *r, int type, unsigned flags, unsigned route, uint64_t id,
@@ -318,19 +383,11 @@ int lparR_send(lparR_route *r, int type, unsigned flags, unsigned route, uint64_
     struct iovec iov[2] = {{head, sizeof head}, {body, len + LPARA_TAG_BYTES}};
     return write_or_queue(r, iov, 2, fds, nfds);
   }
-  chunk *c = sealed_chunk(r, head, payload, len);
-  if (c == NULL) return LPAR_ENOMEM;
-  if (nfds > 0 && chunk_keep_fds(c, fds, nfds) < 0) {
-    free(c);
-    return LPAR_ESYS;
-  }
-  enqueue(r, c);
-  if (r->head == c) flush(r);
-  return r->closing ? LPAR_EDEAD : LPAR_OK;
+  return send_sealed(r, head, payload, len, fds, nfds);
 }
 
 int lparR_send_raw(lparR_route *r, const void *bytes, size_t len) {
-  if (r->closing) return LPAR_EDEAD;
+  if (r->closing || r->write_failed[0]) return LPAR_EDEAD;
   chunk *c = chunk_new(len);
   if (c == NULL) return LPAR_ENOMEM;
   memcpy(c->data, bytes, len);
@@ -344,13 +401,13 @@ int lparR_seal_copy(lparR_route *r, int type, unsigned flags, unsigned route, ui
   int rc = check_send(r, route, len, 0);
   if (rc < 0) return rc;
   if (!r->sealed || !r->session) return LPAR_EINVAL;
-  size_t at = out->len;
-  if (lparB_reserve(out, LPARW_HEADER_SIZE + len + LPARA_TAG_BYTES) < 0) return LPAR_ENOMEM;
+  size_t at = out->len, size = sealed_size(len);
+  if (lparB_reserve(out, size) < 0) return LPAR_ENOMEM;
   char *p = out->data + at;
   lparW_pack_routed(p, type, flags & ~LPAR_FLAG_FDS, route, id, len);
-  lparA_seal(&r->chan, p, LPARW_HEADER_SIZE, payload, len, p + LPARW_HEADER_SIZE,
-             (unsigned char *)p + LPARW_HEADER_SIZE + len);
-  out->len += LPARW_HEADER_SIZE + len + LPARA_TAG_BYTES;
+  for (size_t k = 0; k < lparW_segments(len, SEGMENT); k++)
+    seal_segment(r, p, len, k, (const char *)payload + k * SEGMENT);
+  out->len += size;
   return LPAR_OK;
 }
 
@@ -358,10 +415,13 @@ int lparR_seal_copy(lparR_route *r, int type, unsigned flags, unsigned route, ui
 static void seal_waiting(lparR_route *r) {
   for (chunk *c = r->head; c; c = c->next) {
     if (!c->unsealed) continue;
-    size_t len = c->len - LPARW_HEADER_SIZE - LPARA_TAG_BYTES;
-    char *body = c->data + LPARW_HEADER_SIZE;
-    lparA_seal(&r->chan, c->data, LPARW_HEADER_SIZE, body, len, body, (unsigned char *)body + len);
+    lparW_header h;
+    const char *why;
+    lparW_parse_routed(c->data, &h, LPAR_MAX_PAYLOAD, &why); /* ours: it parses */
+    for (size_t k = 0; k < lparW_segments(h.len, SEGMENT); k++)
+      seal_segment(r, c->data, (size_t)h.len, k, NULL);
     c->unsealed = 0;
+    c->ready = c->len;
   }
 }
 
@@ -394,8 +454,40 @@ static void authenticated(lparR_route *r) {
   if (r->handlers.on_authenticated) r->handlers.on_authenticated(r, r->ud);
 }
 
+/*
+** Open the segments of the frame at the reader's front that are in, in
+** place, and close up the tags between them, so its payload ends up whole
+** and contiguous. 0, or -1 once the route is refused. A malformed header is
+** left for lparW_reader_next to report.
+*/
+static int open_segments(lparR_route *r) {
+  lparW_reader *rd = &r->reader;
+  lparW_header h;
+  size_t have;
+  const char *why = NULL;
+  if (lparW_reader_peek(rd, &h, &have, &why) <= 0) return 0;
+  size_t len = (size_t)h.len, nseg = lparW_segments(len, SEGMENT);
+  char *frame = rd->buf.data + rd->pos;
+  while (r->opened < nseg) {
+    size_t k = r->opened, n = segment_len(len, k), at = segment_at(k);
+    if (have < at + n + LPARA_TAG_BYTES) break;
+    if (lparA_open(&r->chan, frame, LPARW_HEADER_SIZE, frame + at, n,
+                   (unsigned char *)frame + at + n, &why) < 0) {
+      refuse(r, "message failed authentication", why);
+      return -1;
+    }
+    if (k > 0) memmove(frame + LPARW_HEADER_SIZE + k * SEGMENT, frame + at, n);
+    r->opened++;
+    if (!r->authenticated) {
+      authenticated(r);
+      if (r->closing) return -1;
+    }
+  }
+  return 0;
+}
+
 /* Hand every whole frame in the reader to the handler. */
-static void dispatch(lparR_route *r) {
+static void dispatch_frames(lparR_route *r) {
   lparW_reader *rd = &r->reader;
   if (r->sealed && !r->session) {
     if (rd->buf.len - rd->pos < LPARA_HELLO_BYTES) return;
@@ -411,6 +503,7 @@ static void dispatch(lparR_route *r) {
   while (!r->closing) {
     lparW_header h;
     const char *payload = NULL, *reason = NULL;
+    if (r->sealed && open_segments(r) < 0) return;
     int rc = lparW_reader_next(rd, &h, &payload, &reason);
     if (rc == 0) return;
     if (rc < 0) {
@@ -418,16 +511,7 @@ static void dispatch(lparR_route *r) {
       refuse(r, "malformed frame", reason);
       return;
     }
-    if (r->sealed) {
-      char *body = (char *)payload;
-      if (lparA_open(&r->chan, body - LPARW_HEADER_SIZE, LPARW_HEADER_SIZE, body, (size_t)h.len,
-                     (unsigned char *)body + h.len, &reason) < 0) {
-        refuse(r, "message failed authentication", reason);
-        return;
-      }
-      if (!r->authenticated) authenticated(r);
-      if (r->closing) return;
-    }
+    r->opened = 0; /* every segment of it was opened above */
     int fds[LPARH_MAX_FDS], nfds = 0;
     if (h.flags & LPAR_FLAG_FDS) {
       nfds = take_fds(r, fds);
@@ -439,6 +523,12 @@ static void dispatch(lparR_route *r) {
     if (r->handlers.on_frame) r->handlers.on_frame(r, &h, payload, fds, nfds, r->ud);
     close_fds(fds, nfds);
   }
+}
+
+static void dispatch(lparR_route *r) {
+  r->dispatching++;
+  dispatch_frames(r);
+  if (--r->dispatching == 0 && r->write_failed[0]) close_route(r, r->write_failed, 0);
 }
 
 /* Descriptors that came with the bytes just read: one batch, in order. */
@@ -565,6 +655,7 @@ int lparR_open(uv_loop_t *loop, lparR_kind kind, int fd, int side, const unsigne
   lparW_reader_init(&r->reader);
   r->reader.routed = sealed;
   r->reader.trailer = sealed ? LPARA_TAG_BYTES : 0;
+  r->reader.segment = sealed ? SEGMENT : 0;
   r->reader.max_len = sealed ? LPARR_STRANGER_MAX : LPAR_MAX_PAYLOAD;
   lparR_set_handlers(r, handlers, ud);
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);

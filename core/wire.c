@@ -90,7 +90,17 @@ void lparW_reader_init(lparW_reader *r) {
   r->pos = 0;
   r->routed = 0;
   r->trailer = 0;
+  r->segment = 0;
   r->max_len = LPAR_MAX_PAYLOAD;
+}
+
+size_t lparW_segments(uint64_t len, size_t segment) {
+  if (segment == 0 || len == 0) return 1;
+  return (size_t)((len + segment - 1) / segment);
+}
+
+size_t lparW_wire_size(const lparW_reader *r, uint64_t len) {
+  return LPARW_HEADER_SIZE + (size_t)len + lparW_segments(len, r->segment) * r->trailer;
 }
 
 void lparW_reader_free(lparW_reader *r) {
@@ -104,7 +114,7 @@ static size_t frame_missing(const lparW_reader *r) {
   if (have < LPARW_HEADER_SIZE) return 0;
   uint64_t len = get_u64(r->buf.data + r->pos + 16);
   if (len > r->max_len) return 0; /* reported by _next */
-  size_t total = LPARW_HEADER_SIZE + (size_t)len + r->trailer;
+  size_t total = lparW_wire_size(r, len);
   return total > have ? total - have : 0;
 }
 
@@ -134,9 +144,10 @@ int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
   int rc = r->routed ? lparW_parse_routed(r->buf.data + r->pos, h, r->max_len, reason)
                       : lparW_parse_header(r->buf.data + r->pos, h, reason);
   if (rc < 0) return rc;
-  if (have - LPARW_HEADER_SIZE < h->len + r->trailer) return 0;
+  size_t total = lparW_wire_size(r, h->len);
+  if (have < total) return 0;
   *payload = r->buf.data + r->pos + LPARW_HEADER_SIZE;
-  r->pos += LPARW_HEADER_SIZE + (size_t)h->len + r->trailer;
+  r->pos += total;
   if (r->pos == r->buf.len) r->buf.len = r->pos = 0;
   return 1;
 }
@@ -148,6 +159,14 @@ int lparW_hello_pid(const char *hello, size_t len) {
   text[len] = 0;
   const char *at = strstr(text, " pid=");
   return at ? atoi(at + 5) : -1;
+}
+
+int lparW_reader_peek(lparW_reader *r, lparW_header *h, size_t *have, const char **reason) {
+  *have = r->buf.len - r->pos;
+  if (*have < LPARW_HEADER_SIZE) return 0;
+  int rc = r->routed ? lparW_parse_routed(r->buf.data + r->pos, h, r->max_len, reason)
+                      : lparW_parse_header(r->buf.data + r->pos, h, reason);
+  return rc < 0 ? rc : 1;
 }
 
 int lparW_write_all(int fd, const void *p, size_t n) {

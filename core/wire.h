@@ -5,9 +5,10 @@
 **   magic u32 "LPAR" | type u8 | flags u8 | route u16 | id u64 | length u64
 ** little-endian. On an engine's socket the route is 0. On a controller's
 ** socket (see link.h) it names the engine a request is for or a reply came
-** from, and every frame is followed by an authentication trailer. A header that fails a check cannot be resynchronised, so the
-** receiver drops the connection; a payload that fails to decode only fails
-** its own request.
+** from, and the payload is sealed in segments, each followed by its tag
+** (route.c, auth.h). A header that fails a check cannot be resynchronised,
+** so the receiver drops the connection; a payload that fails to decode only
+** fails its own request.
 */
 #ifndef LPAR_WIRE_H
 #define LPAR_WIRE_H
@@ -48,9 +49,15 @@ typedef struct lparW_reader {
   lparB_buffer buf;
   size_t pos;       /* start of the first unconsumed byte */
   int routed;       /* controller socket: routes allowed */
-  size_t trailer;   /* bytes after each payload (authentication), 0 on engine sockets */
+  size_t trailer;   /* bytes after each payload segment (a tag), 0 on engine sockets */
+  size_t segment;   /* payload bytes per segment (each with its trailer), 0: one */
   uint64_t max_len; /* largest payload accepted */
 } lparW_reader;
+
+/* Segments of a payload of `len` bytes (at least one), `segment` bytes each (0: one). */
+size_t lparW_segments(uint64_t len, size_t segment);
+/* Bytes a frame of payload `len` takes on the wire, header included. */
+size_t lparW_wire_size(const lparW_reader *r, uint64_t len);
 
 void lparW_reader_init(lparW_reader *r);
 void lparW_reader_free(lparW_reader *r);
@@ -64,6 +71,12 @@ void lparW_reader_commit(lparW_reader *r, size_t n);
 */
 int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
                       const char **reason);
+/*
+** The header of the frame at the front, parsed, and how many of its bytes
+** (header included) are in: 1, 0 when its header is not in yet, or
+** LPAR_EBADMSG. For opening a frame's segments as they come.
+*/
+int lparW_reader_peek(lparW_reader *r, lparW_header *h, size_t *have, const char **reason);
 
 /* The pid in an engine's HELLO ("lpar-engine VERSION id=N pid=P"), or -1. */
 int lparW_hello_pid(const char *hello, size_t len);
