@@ -186,6 +186,10 @@ describe("the authenticated socket", function()
   local payload = core.encode(code)
   local function key() return clusters.key("main") end
 
+  local log_path = base .. "/profile_main/controller.log"
+  local logged = 0
+  --- Where the controller's log stands, before a peer sends.
+  local function mark() logged = #(read_file(log_path) or "") end
   --- A peer speaking to the controller; its events are recorded. With the
   -- cluster's key, it waits until both hellos are in, so it can seal frames
   -- itself. (With another key it must send at once: what it sends before
@@ -193,6 +197,7 @@ describe("the authenticated socket", function()
   -- controller's frames.)
   local function peer(with_key, wait_for_session)
     local events = {}
+    mark() -- before it can be refused
     local link = assert(core.connect { path = socket, key = with_key, handler = function(kind, ...)
       events[#events + 1] = { kind, ... }
     end })
@@ -202,15 +207,12 @@ describe("the authenticated socket", function()
     return link, events
   end
 
-  local log_path = base .. "/profile_main/controller.log"
-  local logged = 0
-  --- Where the controller's log stands, before a peer sends.
-  local function mark() logged = #(read_file(log_path) or "") end
   --- The peer is cut off; the controller's log says why.
   local function refused_after(link, events)
     assert.is_true(helpers.wait_until(function() return not link:is_open() end, 5))
     assert.equal("closed", events[#events][1])
-    assert.is_true(helpers.poll(function() return #(read_file(log_path) or "") > logged end, 5))
+    assert.is_true(helpers.poll(function() return #(read_file(log_path) or "") > logged end, 5),
+      "the controller logged no refusal; the peer closed with: " .. tostring(events[#events][2]))
     return read_file(log_path):sub(logged + 1)
   end
 
@@ -227,13 +229,11 @@ describe("the authenticated socket", function()
     local link, events = peer(key(), true)
     local unsealed = string.pack("<I4BBI2I8I8", 0x5241504c, core.EXECUTE, 0, 0, 1, #payload) .. payload
       .. string.rep("\0", 16)
-    mark()
     link:send_raw(0, unsealed)
     assert.matches("does not open", refused_after(link, events))
 
     -- Sealed with another key.
     link, events = peer(core.keygen())
-    mark()
     link:send_bytes(0, core.EXECUTE, 0, 1, payload)
     assert.matches("does not open", refused_after(link, events))
 
@@ -243,7 +243,6 @@ describe("the authenticated socket", function()
     assert.is_nil(frame:find(code, 1, true)) -- nothing of it in the clear
     local at = 24 + #payload - 3
     local altered = frame:sub(1, at - 1) .. string.char(frame:byte(at) ~ 1) .. frame:sub(at + 1)
-    mark()
     link:send_raw(0, altered)
     assert.matches("does not open", refused_after(link, events))
 
@@ -262,7 +261,6 @@ describe("the authenticated socket", function()
 
     -- Nor on another connection: the session differs.
     link, events = peer(key(), true)
-    mark()
     link:send_raw(0, frame)
     assert.matches("does not open", refused_after(link, events))
 
@@ -281,7 +279,6 @@ describe("the authenticated socket", function()
 
   it("drops a stranger's oversized frame before reading it", function()
     local link, events = peer(core.keygen())
-    mark()
     link:send_bytes(0, core.EXECUTE, 0, 1, string.rep("x", 100000))
     assert.matches("too large before authentication", refused_after(link, events))
   end)
@@ -362,11 +359,14 @@ describe("cluster controls on a standalone cluster", function()
     assert.matches("engine 1 was killed by signal 9 %(SIGKILL%)", tostring(err))
     assert.same({ 0 }, rc.ids)
     cluster:restart_engines(1)
+    -- rc hears of the engine on its own link: wait for it there, not on cluster's.
+    assert.is_true(helpers.wait_until(function() return #rc == 2 end, 5))
     assert.same({ 0, 1 }, rc.ids)
     assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
     rc:view():execute("before_restart = true", { block = true })
     cluster:restart_engines() -- all of them: this cluster has 2, not Cluster's default 4
     cluster:wait_for_engines(5)
+    assert.is_true(helpers.wait_until(function() return #rc == 2 end, 5))
     assert.same({ 0, 1 }, rc.ids)
     assert.is_false(pcall(rc:view().pull, rc:view(), "before_restart", { block = true }))
     assert.equal(1, rc[1]:apply_sync(function() return lpar.engine.id end))
