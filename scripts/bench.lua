@@ -18,28 +18,10 @@ for i, a in ipairs(arg) do
   elseif a == "--json" then out_path = arg[i + 1]
   end
 end
-local scale = quick and 0.05 or 1
-
-local function count(n) return math.max(3, math.floor(n * scale)) end
-
-local function sorted(t)
-  table.sort(t)
-  return t
-end
-
-local function pct(t, p) return t[math.max(1, math.ceil(#t * p))] end
-
-local rows, by_key, samples = {}, {}, {}
---- One figure: `key` names it for results.json and the comparison with
--- ipyparallel; `spread` is {low, high} (quartiles) where there are samples.
-local function row(key, name, value, unit, target, spread)
-  local r = { key = key, name = name, value = value, unit = unit, target = target, spread = spread }
-  rows[#rows + 1], by_key[key] = r, r
-  print(string.format("%-52s %12.2f %-8s %s", name, value, unit, target or ""))
-  io.stdout:flush()
-end
-
-local function quartiles(t) return { pct(t, 0.25), pct(t, 0.75) } end
+local harness = dofile("scripts/bench_harness.lua")(quick)
+local count, sorted, pct, row, quartiles = harness.count, harness.sorted, harness.pct, harness.row,
+  harness.quartiles
+local rows, by_key, samples, round_trips = harness.rows, harness.by_key, harness.samples, harness.round_trips
 
 print(string.format("lpar %s benchmarks, %s, %d CPUs%s", lpar.version, os.date("%Y-%m-%d %H:%M"),
   #uv.cpu_info(), quick and " (quick mode: figures are rough)" or ""))
@@ -78,17 +60,6 @@ do
 end
 
 
-
-local function round_trips(view, n)
-  for _ = 1, 50 do view:apply_sync(identity, "") end -- warm up
-  local t = {}
-  for i = 1, n do
-    local s = uv.hrtime()
-    view:apply_sync(identity, "")
-    t[i] = (uv.hrtime() - s) / 1e3
-  end
-  return sorted(t)
-end
 
 do
   local t = round_trips(e0, count(20000))
@@ -408,8 +379,7 @@ do
 end
 
 -- Engines on other hosts (scripts/bench_hosts.lua: namespace hosts over ssh).
-dofile("scripts/bench_hosts.lua") { row = row, round_trips = round_trips, count = count, pct = pct,
-  sorted = sorted, quartiles = quartiles }
+dofile("scripts/bench_hosts.lua")(harness)
 
 -- results.json: machine, versions, date, every figure; written with
 -- lua-dkjson, so strings are escaped as JSON wants and NaN or inf become null.

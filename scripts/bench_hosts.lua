@@ -78,28 +78,7 @@ end
 if arg and arg[0] and arg[0]:match("bench_hosts%.lua$") then
   local quick = false
   for _, a in ipairs(arg) do if a == "--quick" then quick = true end end
-  local function sorted(t) table.sort(t) return t end
-  local function identity(x) return x end
-  bench_hosts {
-    row = function(_, name, v, unit, target)
-      print(string.format("%-52s %12.2f %-8s %s", name, v, unit, target or ""))
-      io.stdout:flush()
-    end,
-    count = function(n) return math.max(3, math.floor(n * (quick and 0.05 or 1))) end,
-    pct = function(t, p) return t[math.max(1, math.ceil(#t * p))] end,
-    sorted = sorted,
-    quartiles = function() end,
-    round_trips = function(view, n)
-      for _ = 1, 50 do view:apply_sync(identity, "") end
-      local t = {}
-      for i = 1, n do
-        local s = uv.hrtime()
-        view:apply_sync(identity, "")
-        t[i] = (uv.hrtime() - s) / 1e3
-      end
-      return sorted(t)
-    end,
-  }
+  bench_hosts(dofile("scripts/bench_harness.lua")(quick))
 end
 
 return bench_hosts
