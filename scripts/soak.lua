@@ -266,91 +266,98 @@ do
   if not ok then
     fail("standalone: the cluster did not start: %s", out)
   else
-    local conn = require("dkjson").decode(io.open(dir .. "/profile_soak/connection.json"):read("a"))
-    local controller = math.tointeger(conn.pid)
-    local rc = lpar.Client { profile = "soak" }
-    -- A client that runs maps and checks them, until it is killed.
-    local client_src = os.tmpname()
-    local f = io.open(client_src, "w")
-    f:write([[
-      local lpar = require "lpar"
+    -- Whatever happens in here, the cluster is stopped after it: a soak leaves nothing running.
+    local body_ok, body_err = pcall(function()
+      local conn = require("dkjson").decode(io.open(dir .. "/profile_soak/connection.json"):read("a"))
+      local controller = math.tointeger(conn.pid)
       local rc = lpar.Client { profile = "soak" }
-      local lb = rc:load_balanced_view()
-      lb.retries = 20
-      local x0 = 1
-      while true do
-        local n = math.random(100, 1000)
-        local list = {}
-        for i = 1, n do list[i] = x0 + i - 1 end
-        local ok, out = pcall(function() return lb:map(function(x) return x * x + 1 end, list):get(60) end)
-        local bad = ok and 0 or n
-        if ok then
-          for i = 1, n do if out[i] ~= list[i] * list[i] + 1 then bad = bad + 1 end end
-        end
-        io.write(string.format("map %d %d %s\n", n, bad, ok and "" or tostring(out):gsub("\n", " ")))
-        io.stdout:flush()
-        x0 = x0 + n
-      end
-    ]])
-    f:close()
-    local clients, client_stats = {}, { started = 0, killed = 0, maps = 0, tasks = 0, bad = 0 }
-    local function start_client()
-      local stdout = uv.new_pipe()
-      local handle, pid
-      handle, pid = uv.spawn(lpar_cmd, { args = { client_src }, stdio = { nil, stdout, 2 } },
-        function() end)
-      if not handle then return end
-      local c = { handle = handle, pid = pid, pipe = stdout, buf = "" }
-      stdout:read_start(function(_, data)
-        if not data then return end
-        c.buf = c.buf .. data
-        for line in c.buf:gmatch("([^\n]*)\n") do
-          local n, bad, why = line:match("^map (%d+) (%d+) ?(.*)$")
-          if n then
-            client_stats.maps, client_stats.tasks = client_stats.maps + 1, client_stats.tasks + tonumber(n)
-            client_stats.bad = client_stats.bad + tonumber(bad)
-            if tonumber(bad) > 0 then fail("standalone client %d: %s of %s wrong: %s", pid, bad, n, why) end
+      -- A client that runs maps and checks them, until it is killed.
+      local client_src = os.tmpname()
+      local f = io.open(client_src, "w")
+      f:write([[
+        local lpar = require "lpar"
+        local rc = lpar.Client { profile = "soak" }
+        local lb = rc:load_balanced_view()
+        lb.retries = 20
+        local x0 = 1
+        while true do
+          local n = math.random(100, 1000)
+          local list = {}
+          for i = 1, n do list[i] = x0 + i - 1 end
+          local ok, out = pcall(function() return lb:map(function(x) return x * x + 1 end, list):get(60) end)
+          local bad = ok and 0 or n
+          if ok then
+            for i = 1, n do if out[i] ~= list[i] * list[i] + 1 then bad = bad + 1 end end
           end
+          io.write(string.format("map %d %d %s\n", n, bad, ok and "" or tostring(out):gsub("\n", " ")))
+          io.stdout:flush()
+          x0 = x0 + n
         end
-        c.buf = c.buf:match("[^\n]*$")
-      end)
-      clients[#clients + 1] = c
-      client_stats.started = client_stats.started + 1
-    end
-    start_client()
-    start_client()
-    local crss0 = rss_mb(controller)
-    collectgarbage()
-    local rss0 = rss_mb()
-    local deadline = now() + math.max(5, opts.seconds - (now() - t_start))
-    -- Kill a client now and then (from a timer: run_maps runs the loop).
-    local killer = uv.new_timer()
-    killer:start(700, 700, function()
-      if #clients > 0 and math.random() < 0.5 then
-        local c = table.remove(clients, math.random(#clients))
-        uv.kill(c.pid, "sigkill")
-        client_stats.killed = client_stats.killed + 1
+      ]])
+      f:close()
+      local clients, client_stats = {}, { started = 0, killed = 0, maps = 0, tasks = 0, bad = 0 }
+      local function start_client()
+        local stdout = uv.new_pipe()
+        local handle, pid
+        handle, pid = uv.spawn(lpar_cmd, { args = { client_src }, stdio = { nil, stdout, 2 } },
+          function() end)
+        if not handle then return end
+        local c = { handle = handle, pid = pid, pipe = stdout, buf = "" }
+        stdout:read_start(function(_, data)
+          if not data then return end
+          c.buf = c.buf .. data
+          for line in c.buf:gmatch("([^\n]*)\n") do
+            local n, bad, why = line:match("^map (%d+) (%d+) ?(.*)$")
+            if n then
+              client_stats.maps, client_stats.tasks = client_stats.maps + 1, client_stats.tasks + tonumber(n)
+              client_stats.bad = client_stats.bad + tonumber(bad)
+              if tonumber(bad) > 0 then fail("standalone client %d: %s of %s wrong: %s", pid, bad, n, why) end
+            end
+          end
+          c.buf = c.buf:match("[^\n]*$")
+        end)
+        clients[#clients + 1] = c
+        client_stats.started = client_stats.started + 1
       end
-      while #clients < 2 do start_client() end
+      start_client()
+      start_client()
+      local crss0 = rss_mb(controller)
+      collectgarbage()
+      local rss0 = rss_mb()
+      local deadline = now() + math.max(5, opts.seconds - (now() - t_start))
+      -- Kill a client now and then (from a timer: run_maps runs the loop).
+      local killer = uv.new_timer()
+      killer:start(700, 700, function()
+        if #clients > 0 and math.random() < 0.5 then
+          local c = table.remove(clients, math.random(#clients))
+          uv.kill(c.pid, "sigkill")
+          client_stats.killed = client_stats.killed + 1
+        end
+        while #clients < 2 do start_client() end
+      end)
+      local stats = run_maps(rc, function(ids) rc._hub:restart(ids, N_ENGINES, 10, 1) end, deadline,
+        "standalone")
+      killer:stop()
+      for _, c in ipairs(clients) do uv.kill(c.pid, "sigkill") end
+      collectgarbage()
+      collectgarbage()
+      report("standalone", stats, rss0, rss_mb(), string.format("; controller RSS %.1f -> %.1f MB; "
+        .. "%d clients started, %d SIGKILLed, their %d maps of %d tasks, %d wrong",
+        crss0, rss_mb(controller), client_stats.started, client_stats.killed, client_stats.maps,
+        client_stats.tasks, client_stats.bad))
+      if rss_mb(controller) - crss0 > 50 then
+        fail("standalone: controller RSS grew by %.1f MB", rss_mb(controller) - crss0)
+      end
+      if client_stats.maps == 0 then fail("standalone: no client finished a map") end
+      rc:close()
+      killer:close()
+      sh(lpar_cmd .. " cluster stop --profile soak")
+      os.remove(client_src)
     end)
-    local stats = run_maps(rc, function(ids) rc._hub:restart(ids, N_ENGINES, 10, 1) end, deadline,
-      "standalone")
-    killer:stop()
-    for _, c in ipairs(clients) do uv.kill(c.pid, "sigkill") end
-    collectgarbage()
-    collectgarbage()
-    report("standalone", stats, rss0, rss_mb(), string.format("; controller RSS %.1f -> %.1f MB; "
-      .. "%d clients started, %d SIGKILLed, their %d maps of %d tasks, %d wrong",
-      crss0, rss_mb(controller), client_stats.started, client_stats.killed, client_stats.maps,
-      client_stats.tasks, client_stats.bad))
-    if rss_mb(controller) - crss0 > 50 then
-      fail("standalone: controller RSS grew by %.1f MB", rss_mb(controller) - crss0)
+    if not body_ok then
+      fail("standalone: %s", tostring(body_err))
+      sh(lpar_cmd .. " cluster stop --profile soak")
     end
-    if client_stats.maps == 0 then fail("standalone: no client finished a map") end
-    rc:close()
-    killer:close()
-    sh(lpar_cmd .. " cluster stop --profile soak")
-    os.remove(client_src)
   end
   os.execute("rm -rf '" .. dir .. "'")
 end
