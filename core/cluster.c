@@ -418,23 +418,15 @@ static void link_frame(lparR_route *r, const lparW_header *h, const char *payloa
                    .flags = h->flags, .id = h->id, .payload = payload, .len = (size_t)h->len,
                    .fds = fds, .nfds = nfds};
   remote_engine *e = remote_slot(c, (int)h->route);
-  char text[192]; /* an EXIT's text: ev.reason points into it */
+  char why[192]; /* an EXIT's why: ev.reason points into it */
   if (h->type == LPAR_MSG_HELLO) {
     ev.kind = LPAR_EV_READY;
     ev.pid = lparW_hello_pid(payload, (size_t)h->len);
     if (e) *e = (remote_engine){1, ev.pid, (h->flags & LPAR_FLAG_INLINE) != 0};
   } else if (h->type == LPAR_MSG_EXIT) {
-    size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;
-    memcpy(text, payload, n);
-    text[n] = 0;
     ev.kind = LPAR_EV_EXIT;
-    ev.exit_status = -1;
-    int used = 0;
-    if (sscanf(text, "%d %d%n", &ev.exit_status, &ev.term_signal, &used) < 2) {
-      ev.exit_status = -1;
-    } else if (text[used] == ' ' && text[used + 1]) {
-      ev.reason = text + used + 1; /* what the controller knows of why: a host gone silent */
-    }
+    lparW_exit_parse(payload, (size_t)h->len, &ev.exit_status, &ev.term_signal, why, sizeof why);
+    if (why[0]) ev.reason = why; /* what the controller knows of why: a host gone silent */
     if (e) e->state = 2;
   }
   emit(c, &ev);

@@ -269,18 +269,13 @@ static void engine_peer_frame(lparY_relay *y, peer *p, const lparW_header *h, co
     y->bad_messages++; /* not one of its engines (or one already gone) */
     return;
   }
-  char text[160];
-  size_t n = h->len < sizeof text - 1 ? (size_t)h->len : sizeof text - 1;
-  if (h->type == LPAR_MSG_HELLO || h->type == LPAR_MSG_EXIT) {
-    memcpy(text, payload, n);
-    text[n] = 0;
-  }
   if (h->type == LPAR_MSG_HELLO) {
     engine_ready(y, id, payload, (size_t)h->len, lparW_hello_pid(payload, (size_t)h->len));
   } else if (h->type == LPAR_MSG_EXIT) {
-    int status = -1, sig = 0, used = 0;
-    if (sscanf(text, "%d %d%n", &status, &sig, &used) < 2) status = -1, sig = 0, used = 0;
-    engine_exit(y, id, status, sig, text + used + (text[used] == ' '));
+    int status, sig;
+    char why[160];
+    lparW_exit_parse(payload, (size_t)h->len, &status, &sig, why, sizeof why);
+    engine_exit(y, id, status, sig, why);
   } else if (is_reply(h->type)) {
     reply(y, id, h, payload, fds, nfds);
   } else {

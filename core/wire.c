@@ -4,6 +4,7 @@
 #include "wire.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -167,6 +168,24 @@ int lparW_reader_peek(lparW_reader *r, lparW_header *h, size_t *have, const char
   int rc = r->routed ? lparW_parse_routed(r->buf.data + r->pos, h, r->max_len, reason)
                       : lparW_parse_header(r->buf.data + r->pos, h, reason);
   return rc < 0 ? rc : 1;
+}
+
+void lparW_exit_parse(const char *text, size_t len, int *status, int *signal, char *why,
+                      size_t whylen) {
+  char buf[192];
+  if (len >= sizeof buf) len = sizeof buf - 1;
+  memcpy(buf, text, len);
+  buf[len] = 0;
+  int used = 0;
+  *status = -1;
+  *signal = 0;
+  why[0] = 0;
+  if (sscanf(buf, "%d %d%n", status, signal, &used) < 2) {
+    *status = -1;
+    *signal = 0;
+    return;
+  }
+  if (buf[used] == ' ') snprintf(why, whylen, "%s", buf + used + 1);
 }
 
 int lparW_write_all(int fd, const void *p, size_t n) {

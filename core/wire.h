@@ -80,6 +80,12 @@ int lparW_reader_peek(lparW_reader *r, lparW_header *h, size_t *have, const char
 
 /* The pid in an engine's HELLO ("lpar-engine VERSION id=N pid=P"), or -1. */
 int lparW_hello_pid(const char *hello, size_t len);
+/*
+** An EXIT's "status signal[ why]": status (-1 when malformed) and signal,
+** and the why copied into why[0..whylen) ("" when none).
+*/
+void lparW_exit_parse(const char *text, size_t len, int *status, int *signal, char *why,
+                      size_t whylen);
 
 /* Blocking helpers for the engine: whole frames over a blocking socket. */
 int lparW_write_all(int fd, const void *p, size_t n);
