@@ -28,7 +28,6 @@ struct lparL_server {
   int fd;
   int is_tcp;
   int port;
-  int auth_timeout_ms;
   int closed; /* listening stopped and its handle closed */
   unsigned char key[LPARA_KEY_BYTES];
   lparL_accept_cb on_accept;
@@ -117,7 +116,7 @@ static void accept_one(lparL_server *s, int fd) {
                  LPARA_CONTROLLER, NULL, NULL, &r) != LPAR_OK)
     return;
   lparR_set_owner(r, &s->owner);
-  lparR_set_auth_timeout(r, (uint64_t)s->auth_timeout_ms);
+  lparR_set_auth_timeout(r, LPARL_AUTH_TIMEOUT_MS);
   s->on_accept(s, r, s->ud);
 }
 
@@ -165,7 +164,6 @@ int lparL_listen(uv_loop_t *loop, const char *path, const char *ip, int port,
   }
   memcpy(s->key, key, LPARA_KEY_BYTES);
   s->owner.release = release_owner;
-  s->auth_timeout_ms = LPARL_AUTH_TIMEOUT_MS;
   s->on_accept = on_accept;
   s->ud = ud;
   s->is_tcp = path == NULL;
@@ -184,7 +182,6 @@ int lparL_listen(uv_loop_t *loop, const char *path, const char *ip, int port,
 }
 
 int lparL_server_port(const lparL_server *s) { return s->port; }
-void lparL_server_set_auth_timeout(lparL_server *s, int ms) { s->auth_timeout_ms = ms; }
 uint64_t lparL_server_refused(const lparL_server *s) { return s->owner.refused; }
 uint64_t lparL_server_disconnected(const lparL_server *s) { return s->owner.disconnected; }
 

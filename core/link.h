@@ -35,7 +35,6 @@ typedef void (*lparL_accept_cb)(lparL_server *s, lparR_route *r, void *ud);
 int lparL_listen(uv_loop_t *loop, const char *path, const char *ip, int port,
                  const unsigned char key[LPARA_KEY_BYTES], lparL_accept_cb on_accept, void *ud,
                  lparL_server **out, char *err, size_t errlen);
-void lparL_server_set_auth_timeout(lparL_server *s, int ms);
 /* The TCP port listened on (0 for a unix socket). */
 int lparL_server_port(const lparL_server *s);
 /* Frames refused (and peers timed out), and peers cut off for it. */

@@ -717,9 +717,6 @@ int lparR_evict_oldest_stranger(lparR_owner *o, const char *reason) {
   return 1;
 }
 
-int lparR_is_open(const lparR_route *r) { return !r->closing; }
 int lparR_session_started(const lparR_route *r) { return r->session; }
 int lparR_passes_fds(const lparR_route *r) { return r->kind != LPARR_TCP; }
-lparR_kind lparR_kind_of(const lparR_route *r) { return r->kind; }
-uint64_t lparR_refused(const lparR_route *r) { return r->chan.dropped; }
 const char *lparR_cipher(const lparR_route *r) { return lparA_cipher_name(r->chan.cipher); }

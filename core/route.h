@@ -117,13 +117,9 @@ void lparR_close(lparR_route *r, const char *reason);
 /* Start a timer: a peer not authenticated within `ms` is cut off (refused). */
 void lparR_set_auth_timeout(lparR_route *r, uint64_t ms);
 
-int lparR_is_open(const lparR_route *r);
 /* Both hellos are in: frames are sealed as they are sent. */
 int lparR_session_started(const lparR_route *r);
 int lparR_passes_fds(const lparR_route *r);
-lparR_kind lparR_kind_of(const lparR_route *r);
-/* Frames this route refused (0 or 1: a refusal closes it). */
-uint64_t lparR_refused(const lparR_route *r);
 /* "AES-256-GCM", "XChaCha20-Poly1305", or "none" (engines, or before the hello). */
 const char *lparR_cipher(const lparR_route *r);
 
