@@ -194,6 +194,17 @@ LPAR_API int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsign
                           const void *payload, size_t len, const int *fds, int nfds);
 
 /*
+** Batch: messages sent between begin and end wait, gathered per engine,
+** and go out at the end in as few writes as the sockets allow (one, for a
+** burst of small requests to one engine), instead of one write each. Pairs
+** nest. While the cluster's event callback runs, sends are batched the same
+** way until the frames of that read are handled. End a batch before
+** running the loop again: a batched message is not written before.
+*/
+LPAR_API void lpar_cluster_batch_begin(lpar_cluster *c);
+LPAR_API void lpar_cluster_batch_end(lpar_cluster *c);
+
+/*
 ** 1 when messages to `engine` can carry descriptors: not over TCP, nor to
 ** an engine that joined a controller from elsewhere.
 */

@@ -360,7 +360,7 @@ static void peer_closed(lparR_route *r, const char *reason, int refused, void *u
   free(p);
 }
 
-static const lparR_handlers peer_handlers = {peer_frame, peer_closed, NULL};
+static const lparR_handlers peer_handlers = {peer_frame, peer_closed, NULL, NULL};
 
 static void on_accept(lparL_server *s, lparR_route *r, void *ud) {
   (void)s;

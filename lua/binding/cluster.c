@@ -488,7 +488,23 @@ static int l_stop(lua_State *L) {
   return 0;
 }
 
+/*
+** cluster:batch(fn, ...): fn(...) with its sends gathered and written
+** together when it returns or raises; fn's results.
+*/
+static int l_batch(lua_State *L) {
+  cluster_ud *u = check_cluster(L);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lpar_cluster_batch_begin(u->c);
+  int status = lua_pcall(L, lua_gettop(L) - 2, LUA_MULTRET, 0);
+  /* the cluster may have been stopped by fn */
+  if (u->c) lpar_cluster_batch_end(u->c);
+  if (status != LUA_OK) return lua_error(L);
+  return lua_gettop(L) - 1;
+}
+
 static const luaL_Reg cluster_methods[] = {
+  {"batch", l_batch},
   {"spawn", l_spawn},         {"send", l_send},           {"send_bytes", l_send_bytes},
   {"send_raw", l_send_raw},   {"seal", l_seal},           {"signal", l_signal},
   {"interrupt", l_interrupt}, {"pid", l_pid}, {"silence", l_silence},             {"stats", l_stats},

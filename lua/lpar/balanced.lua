@@ -83,6 +83,7 @@ end
 --- Is some engine that `task` may run on up or starting, busy or not?
 local function has_live_engine(self, task)
   local hub = self.hub
+  if not (task.targets or task.follow) and #hub:ids_shared() > 0 then return true end
   for _, id in ipairs(task.targets or hub:all_ids()) do
     local st = hub:engine_state(id)
     if st == "ready" or st == "starting" then
@@ -98,7 +99,26 @@ local function has_live_engine(self, task)
   return false
 end
 
+--- The least-loaded engine with room (the oldest used on a tie), for a
+-- task that may go anywhere: the common case, without a list.
+local function pick_least(self, depth, ids)
+  local load, last = self.load, self.last
+  local best, lb, ob
+  for i = 1, #ids do
+    local id = ids[i]
+    local li = load[id] or 0
+    if li < depth then
+      local oi = last[id] or 0
+      if best == nil or li < lb or (li == lb and oi < ob) then best, lb, ob = id, li, oi end
+    end
+  end
+  return best
+end
+
 local function pick(self, task, ids)
+  if task.scheme == "least" and not (task.targets or task.follow or task.excluded) then
+    return pick_least(self, task.depth, ids)
+  end
   local c = candidates(self, task, ids)
   if #c == 0 then return nil end
   if task.scheme == "random" then return c[math.random(#c)] end
@@ -184,6 +204,12 @@ function Scheduler:responsive_ids()
   local hub = self.hub
   local ids = hub:ids_shared()
   if hub.controller then return ids end
+  -- Silence changes on the scale of heartbeats: look again after a few
+  -- milliseconds, not at every dispatch.
+  local now = core.now()
+  if self.responsive and self.responsive_from == ids and now < self.responsive_until then
+    return self.responsive
+  end
   local out
   for i, id in ipairs(ids) do
     if hub:not_responding(id) then
@@ -195,9 +221,11 @@ function Scheduler:responsive_ids()
   if out and not self.recheck_timer and (self.head <= self.tail or #self.held > 0) then
     self.recheck_timer = wait.acquire_timer(2 * core.HEARTBEAT_MS / 1000, function()
       self.recheck_timer = nil
+      self.responsive = nil
       self:dispatch()
     end)
   end
+  self.responsive, self.responsive_from, self.responsive_until = out or ids, ids, now + 0.01
   return out or ids
 end
 
@@ -207,13 +235,15 @@ function Scheduler:dispatch()
   self.dispatching = true
   local ids = self:responsive_ids()
   -- Tasks held back by dependencies or placement go first once free.
-  local still = {}
-  for _, task in ipairs(self.held) do
-    if not task.done and not self:place(task, ids) and not self:stranded(task) then
-      still[#still + 1] = task
+  if #self.held > 0 then
+    local still = {}
+    for _, task in ipairs(self.held) do
+      if not task.done and not self:place(task, ids) and not self:stranded(task) then
+        still[#still + 1] = task
+      end
     end
+    self.held = still
   end
-  self.held = still
   while self.head <= self.tail do
     local task = self.queue[self.head]
     if not task.done and not self:place(task, ids, true) and not self:stranded(task) then break end

@@ -18,11 +18,18 @@ Hub.__index = Hub
 
 -- When a collection has left much heap free (a big map released), give
 -- it back to the system: glibc keeps freed heap otherwise. A finalizer that
--- makes its successor runs once per collection cycle.
+-- makes its successor runs once per collection cycle; it looks at most
+-- twice a second, since asking malloc what lies free walks its whole heap
+-- (a busy client collects many times a second).
 do
+  local last = 0
   local function watch()
     setmetatable({}, { __gc = function()
-      core.trim(64 * 1024 * 1024)
+      local now = core.now()
+      if now - last >= 0.5 then
+        last = now
+        core.trim(64 * 1024 * 1024)
+      end
       watch()
     end })
   end
