@@ -89,7 +89,8 @@ enum lpar_msg_type {
   LPAR_MSG_INTERRUPT = 14, /* client -> controller: interrupt request `id` on the engine */
   LPAR_MSG_HEARTBEAT = 15, /* engine -> host: empty, "my Lua is stepping"; never an event */
   LPAR_MSG_PING = 16,      /* controller <-> a host's relay: empty; the link is alive */
-  LPAR_MSG_MAX_ = 17
+  LPAR_MSG_STARTED = 17,   /* engine -> host: empty, request `id` (LPAR_FLAG_DEADLINE) began */
+  LPAR_MSG_MAX_ = 18
 };
 
 /* An engine's heartbeat period, in milliseconds (LPAR_HEARTBEAT_MS in its
@@ -106,6 +107,13 @@ enum lpar_msg_type {
 #define LPAR_FLAG_RAW 0x2u    /* payload is raw bytes, not an encoded tuple */
 #define LPAR_FLAG_FDS 0x4u    /* descriptors (shared memory) came with it; set by lpar */
 #define LPAR_FLAG_INLINE 0x8u /* answer with matrices inline, no descriptors */
+/*
+** The request has a deadline: its payload starts with 8 bytes, a double of
+** CLOCK_REALTIME seconds (the hosts' clocks agree, as NTP keeps them). The
+** engine answers STARTED as it begins such a request, or, when the deadline
+** has passed while it waited, an ERROR without running it.
+*/
+#define LPAR_FLAG_DEADLINE 0x10u
 
 #define LPAR_MAX_PAYLOAD ((uint64_t)1 << 30)
 

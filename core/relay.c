@@ -136,7 +136,9 @@ static void engine_exit(lparY_relay *y, int id, int status, int signal, const ch
 
 /* ---- replies: engine -> client ---- */
 
-static int is_reply(int type) { return type >= LPAR_MSG_RESULT && type <= LPAR_MSG_DISPLAY; }
+static int is_reply(int type) {
+  return (type >= LPAR_MSG_RESULT && type <= LPAR_MSG_DISPLAY) || type == LPAR_MSG_STARTED;
+}
 
 static void reply(lparY_relay *y, int id, const lparW_header *h, const char *payload, int *fds,
                   int nfds) {

@@ -188,10 +188,56 @@ static void reply_text(lua_State *L, lparE_state *st, int ok, int first, int cou
                enc->data, enc->len);
 }
 
-static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const char *payload,
+/* An error reply {message = why} to the request being served, without running it. */
+static void refuse_request(lua_State *L, lparE_state *st, double started, const char *why,
+                           lparB_buffer *enc) {
+  int base = lua_gettop(L);
+  lua_createtable(L, 0, 1);
+  lua_pushstring(L, why);
+  lua_setfield(L, -2, "message");
+  reply_values(L, st, LPAR_MSG_ERROR, started, base + 1, 1, enc);
+  lua_settop(L, base);
+}
+
+/*
+** A request with a deadline (LPAR_FLAG_DEADLINE): strip it from the
+** payload; 1 to run the request (STARTED is sent), 0 when it was answered
+** instead, because its deadline passed while it waited here or it is malformed.
+*/
+static int within_deadline(lua_State *L, lparE_state *st, lparW_header *h, const char **payload,
+                           double started, lparB_buffer *enc) {
+  if (h->len < sizeof(double)) {
+    st->bad_messages++;
+    refuse_request(L, st, started, "malformed request: a deadline flag without a deadline", enc);
+    return 0;
+  }
+  double deadline;
+  memcpy(&deadline, *payload, sizeof deadline);
+  *payload += sizeof deadline;
+  h->len -= sizeof deadline;
+  if (started > deadline) {
+    char why[160];
+    snprintf(why, sizeof why, "timed out while queued on engine %d: its deadline passed %.3fs before it could start",
+             st->id, started - deadline);
+    refuse_request(L, st, started, why, enc);
+    return 0;
+  }
+  send_reply(st, LPAR_MSG_STARTED, LPAR_FLAG_RAW, NULL, 0);
+  return 1;
+}
+
+static void serve(lua_State *L, lparE_state *st, lparW_header *h, const char *payload,
                   lparB_buffer *enc) {
   double started = lparE_now();
   char err[512];
+  if ((h->flags & LPAR_FLAG_DEADLINE) && !within_deadline(L, st, h, &payload, started, enc)) {
+    if ((h->flags & LPAR_FLAG_FDS) && st->side >= 0) { /* its descriptors are not wanted */
+      int fds[LPARH_MAX_FDS];
+      int n = lparH_recv_fds(st->side, fds, LPARH_MAX_FDS, 1);
+      for (int i = 0; i < n; i++) close(fds[i]);
+    }
+    return;
+  }
   int base = lua_gettop(L);
   lua_pushcfunction(L, error_handler);
   lua_pushcfunction(L, run_request);

@@ -1,4 +1,5 @@
 local lpar = require "lpar"
+local core = require "lpar.core"
 
 local function range(n)
   local t = {}
@@ -110,6 +111,36 @@ describe("a load-balanced view", function()
     -- interrupted as it starts: none ran.
     assert.is_false(pcall(queued[1].get, queued[1], 5))
     assert.equal(0, rc[0]:pull("runs"):get())
+  end)
+
+  it("fails a task queued on a busy engine at its deadline, naming the engine, and never runs it", function()
+    local one = rc:load_balanced_view(0)
+    rc[0]:execute("ran = false", { block = true })
+    -- The engine is busy with a direct task the scheduler does not count.
+    local busy = rc[0]:execute("local t = os.clock() while os.clock() - t < 0.8 do end")
+    local t0 = core.now()
+    local ar = one:with { timeout = 0.2 }:apply(function() ran = true end) -- luacheck: ignore
+    local ok, err = pcall(ar.get, ar, 5)
+    local waited = core.now() - t0
+    assert.is_false(ok)
+    assert.equal("timeout", err.reason)
+    assert.matches("timed out while queued on engine 0", tostring(err))
+    assert.matches("%[engine 0, task %d+%]", tostring(err))
+    assert.is_true(waited >= 0.15 and waited < 0.5, "failed after " .. waited .. " s")
+    busy:get(5)
+    -- The engine dropped it when it got to it: it never ran, and it serves on.
+    assert.is_false(rc[0]:pull("ran"):get(5))
+    assert.equal(42, one:apply_sync(function() return 42 end))
+  end)
+
+  it("interrupts a running task at its deadline, not later", function()
+    local t0 = core.now()
+    local ar = lb:with { timeout = 0.2 }:apply(function() while true do end end)
+    local ok, err = pcall(ar.get, ar, 5)
+    local waited = core.now() - t0
+    assert.is_false(ok)
+    assert.matches("ran past its timeout of 0.2s and was interrupted", tostring(err))
+    assert.is_true(waited >= 0.15 and waited < 0.45, "failed after " .. waited .. " s")
   end)
 
   it("holds `after` tasks until their dependencies are done, and `follow` to their engine", function()

@@ -153,7 +153,8 @@ end
 --- Send `task` to `engine`: "sent", "failed" (it cannot be sent anywhere,
 -- and is failed), or "gone" (the engine is gone: the task is untouched).
 function Scheduler:send(task, engine)
-  local rec = { ar = task, kind = task.slot.kind } -- the one shape of a request record
+  -- the one shape of a request record
+  local rec = { ar = task, kind = task.slot.kind, deadline = task.deadline }
   local ok, err = self.hub:submit(engine, APPLY, "args", rec, task.f,
     table.unpack(task.args, 1, task.args.n))
   if not ok then
@@ -163,7 +164,7 @@ function Scheduler:send(task, engine)
     end
     return "gone"
   end
-  task.engine, task.id, task.running = engine, rec.id, true
+  task.engine, task.id, task.running, task.started = engine, rec.id, true, false
   task.slot.engine = engine
   self.load[engine] = (self.load[engine] or 0) + 1
   self.tick = self.tick + 1
@@ -314,13 +315,20 @@ local function interrupt_tasks(ar)
   end
 end
 
+--- The engine began it (only tasks with a deadline say so).
+function Task:_started() self.started = true end
+
 function Task:_settle(rec, ok, started, completed, value)
   local s = self.sched
   s.load[rec.engine] = math.max(0, (s.load[rec.engine] or 1) - 1)
   self.running = false
+  if self.done then -- failed at its deadline already: its engine is free again
+    s:dispatch()
+    return
+  end
   if self.timed_out then
     ok, value = false, errors.TaskError.new("timeout",
-      string.format("task ran past its timeout of %gs and was interrupted", self.timeout), rec.id)
+      string.format("task ran past its timeout of %gs and was interrupted", self.timeout), rec.id, rec.engine)
   elseif not ok and self.retries > 0 then
     self.retries = self.retries - 1
     self.last_error = value
@@ -340,18 +348,39 @@ function Task:_settle(rec, ok, started, completed, value)
   s:dispatch()
 end
 
+-- After a running task's deadline, how long its interrupt may take to
+-- come back as its reply before the task is failed anyway (a task deep in
+-- a C call only stops when the call returns).
+local INTERRUPT_GRACE = 0.04
+
+--- Its deadline: a task still queued (here, or on an engine that has not
+-- begun it) fails now and never runs; a running one is interrupted.
 function Task:on_timeout()
   self.timer = nil
   if self.done then return end
-  if self.running then
-    self.timed_out = true
-    self.sched.hub:interrupt_task(self.engine, self.id)
-  else
-    self:fail(errors.TaskError.new("timeout",
-      string.format("task did not start within its timeout of %gs", self.timeout), nil))
+  local hub = self.sched.hub
+  if not self.running then
+    self:fail(errors.TaskError.new("timeout", string.format(
+      "timed out while queued: the task did not start within its timeout of %gs", self.timeout), nil))
     for i = #self.sched.held, 1, -1 do
       if self.sched.held[i] == self then table.remove(self.sched.held, i) end
     end
+  elseif not self.started then
+    -- Its engine drops it unstarted (the deadline travelled with it); the
+    -- interrupt covers a start already on its way here.
+    hub:interrupt_task(self.engine, self.id)
+    self:fail(errors.TaskError.new("timeout", string.format(
+      "timed out while queued on engine %d: the task did not start within its timeout of %gs",
+      self.engine, self.timeout), self.id, self.engine))
+  else
+    self.timed_out = true
+    hub:interrupt_task(self.engine, self.id)
+    self.timer = wait.acquire_timer(INTERRUPT_GRACE, function()
+      self.timer = nil
+      self:fail(errors.TaskError.new("timeout", string.format(
+        "task ran past its timeout of %gs; it was interrupted, but engine %d has not stopped it yet",
+        self.timeout, self.engine), self.id, self.engine))
+    end)
   end
 end
 
@@ -402,9 +431,13 @@ local function submit_task(self, ar, slot, f, args)
     error(string.format("unknown scheme %q (least, lru, random)", tostring(self.scheme)), 3)
   end
   local sched = scheduler_of(self.client._hub)
+  -- A task with a timeout waits here, not behind another on an engine:
+  -- it goes only to an idle engine, so its time is spent running.
+  local depth = self.timeout and 1 or math.max(1, self.queue_depth or 2)
   local task = setmetatable({
     sched = sched, ar = ar, slot = slot, f = f, args = args, retries = self.retries or 0,
-    timeout = self.timeout, depth = math.max(1, self.queue_depth or 2), scheme = self.scheme,
+    timeout = self.timeout, depth = depth, scheme = self.scheme,
+    deadline = self.timeout and core.now() + self.timeout or nil,
     targets = type(self.targets) == "table" and self.targets or nil,
     after = result_list(self.after), follow = result_list(self.follow),
   }, Task)
