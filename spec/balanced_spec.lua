@@ -154,6 +154,36 @@ describe("a load-balanced view", function()
     for _, id in ipairs(follow:get()) do assert.equal(here:get(), id) end
   end)
 
+  it("maps 100,000 tasks in order, submitting them as the window has room", function()
+    local n = 100000
+    local ar = lb:map_async(function(x) return x * 2 end, range(n))
+    -- Only a window of tasks is made at once; the rest wait as list items.
+    assert.is_true(#ar._slots <= 4096, #ar._slots .. " tasks made at once")
+    assert.equal(n, #ar)
+    local out = ar:get(120)
+    assert.equal(n, #out)
+    for i = 1, n, 997 do assert.equal(2 * i, out[i]) end
+    assert.equal(2 * n, out[n])
+  end)
+
+  it("takes a copy of a map's list, and aborts the tasks it has not made yet", function()
+    local one = rc:load_balanced_view(0)
+    local blocker = one:apply(function() local t = os.clock() while os.clock() - t < 0.3 do end end)
+    local list = range(3000)
+    local ar = one:map_async(function(x) return x end, list)
+    list[2999] = "changed"
+    local aborted = rc:abort(ar)
+    assert.is_true(aborted >= 2990, aborted .. " aborted")
+    blocker:get(5)
+    local out = ar:get { timeout = 5, return_errors = true }
+    assert.equal(3000, #out)
+    assert.equal("aborted", out[3000].reason)
+    -- Tasks already on the engine ran, with the items as they were.
+    assert.equal(1, out[1])
+    local ran = lb:map_sync(function(x) return x end, { 1, 2, 3 })
+    assert.same({ 1, 2, 3 }, ran)
+  end)
+
   it("aborts exactly the queued tasks asked for", function()
     local one = rc:load_balanced_view({ 1 })
     local busy = one:apply(function() local t = os.clock() while os.clock() - t < 0.3 do end return "ran" end)

@@ -148,6 +148,7 @@ function Task:fail(err)
   self.timer = nil
   self.slot.task = nil
   self.ar:_settle(self.slot, false, nil, nil, err)
+  if self.ar._feed then self.ar._feed() end
 end
 
 --- Send `task` to `engine`: "sent", "failed" (it cannot be sent anywhere,
@@ -302,6 +303,7 @@ function Task:_display(_, output) self.ar:_display(self.slot, output) end
 -- not retried), its queued ones fail without running.
 local function interrupt_tasks(ar)
   ar._interrupting = true
+  if ar._stop then ar._stop(errors.TaskError.new("aborted", "interrupted before it ran", nil)) end
   for _, s in ipairs(ar._slots) do
     local task = not s.done and s.task
     if task and not task.done then
@@ -342,7 +344,10 @@ function Task:_settle(rec, ok, started, completed, value)
   if self.timer then wait.release_timer(self.timer) end
   self.timer = nil
   self.slot.task = nil
+  -- A map's chunk keeps its list of results, not the reply's packed values.
+  if ok and self.slot.count then value = value[1] end
   self.ar:_settle(self.slot, ok, started, completed, value)
+  if self.ar._feed then self.ar._feed() end
   -- Interrupting: the task queued behind this one on its engine starts now.
   if self.ar._interrupting then interrupt_tasks(self.ar) end
   s:dispatch()
@@ -394,6 +399,8 @@ local FLAGS = { block = true, timeout = true, retries = true, after = true, foll
 local SCHEMES = { least = true, lru = true, random = true }
 local options = require "lpar.options"
 local MAP_OPTIONS = options.set({ "chunksize", "ordered" }, FLAGS)
+-- Tasks of one map in flight at most (more with many engines).
+local MAP_WINDOW = 1024
 
 --- A load-balanced view of `client` over the engines of `spec` (nil: all);
 -- made by rc:load_balanced_view(targets).
@@ -425,8 +432,9 @@ local function result_list(x)
   return x
 end
 
---- Queue one task (f, args) as `slot` of `ar`.
-local function submit_task(self, ar, slot, f, args)
+--- Queue one task (f, args) as `slot` of `ar`, submitted at `since`
+-- (default now: its timeout counts from then).
+local function submit_task(self, ar, slot, f, args, since)
   if not SCHEMES[self.scheme] then
     error(string.format("unknown scheme %q (least, lru, random)", tostring(self.scheme)), 3)
   end
@@ -437,12 +445,12 @@ local function submit_task(self, ar, slot, f, args)
   local task = setmetatable({
     sched = sched, ar = ar, slot = slot, f = f, args = args, retries = self.retries or 0,
     timeout = self.timeout, depth = depth, scheme = self.scheme,
-    deadline = self.timeout and core.now() + self.timeout or nil,
+    deadline = self.timeout and (since or core.now()) + self.timeout or nil,
     targets = type(self.targets) == "table" and self.targets or nil,
     after = result_list(self.after), follow = result_list(self.follow),
   }, Task)
   if task.timeout then
-    task.timer = wait.acquire_timer(task.timeout, function() task:on_timeout() end)
+    task.timer = wait.acquire_timer(math.max(0, task.deadline - core.now()), function() task:on_timeout() end)
   end
   slot.task = task -- while it is pending: for Ctrl-C (interrupt_tasks)
   ar._interrupt = interrupt_tasks
@@ -486,7 +494,7 @@ local function finish_map(ordered)
     local out, k = {}, 0
     for _, s in ipairs(order) do
       if s.ok then
-        local part, n = s.values[1], s.values[2]
+        local part, n = s.values, s.count
         for j = 1, n do out[k + j] = part[j] end
         k = k + n
       else
@@ -514,13 +522,48 @@ function LoadBalancedView:map_async(f, list, opts)
   local ordered = opts.ordered ~= false
   local ar = AsyncResult.new("map", { finish = finish_map(ordered) })
   ar._ordered = ordered
+  -- Tasks are made as the window has room, not all at once: a long map
+  -- holds the tasks in flight and the results, and no more. The list is
+  -- copied, so changing it afterwards changes nothing.
   local n = list.n or #list
-  for first = 1, n, size do
-    local chunk = table.move(list, first, math.min(n, first + size - 1), 1, {})
-    local slot = ar:_slot(nil)
-    slot.count = #chunk
-    submit_task(view, ar, slot, map_chunk, table.pack(f, chunk))
+  list = table.move(list, 1, n, 1, {})
+  ar._total = (n + size - 1) // size
+  local since = core.now()
+  local window = math.max(MAP_WINDOW, 4 * view.queue_depth * #self.client)
+  local first, in_flight, feeding = 1, 0, false
+  local function feed()
+    if feeding then return end -- a task failed as it was submitted: the loop goes on
+    feeding = true
+    while first <= n and in_flight < window do
+      local last = math.min(n, first + size - 1)
+      local chunk = table.move(list, first, last, 1, {})
+      for i = first, last do list[i] = nil end
+      first = last + 1
+      local slot = ar:_slot(nil)
+      slot.count = #chunk
+      in_flight = in_flight + 1
+      submit_task(view, ar, slot, map_chunk, table.pack(f, chunk), since)
+    end
+    feeding = false
   end
+  ar._feed = function()
+    in_flight = in_flight - 1
+    feed()
+  end
+  -- Abort and Ctrl-C: the tasks not made yet fail as the queued ones do.
+  ar._stop = function(err)
+    while first <= n do
+      local last = math.min(n, first + size - 1)
+      local slot = ar:_slot(nil)
+      slot.count = last - first + 1
+      for i = first, last do list[i] = nil end
+      first = last + 1
+      ar:_settle(slot, false, nil, nil, err)
+    end
+  end
+  local sched = scheduler_of(self.client._hub)
+  local hub = sched.hub
+  if hub.core then hub.core:batch(feed) else feed() end
   return ar
 end
 
@@ -615,6 +658,15 @@ function LoadBalancedView.abort(client, results)
         task:fail(errors.TaskError.new("aborted", "task was aborted before it ran", nil))
         n = n + 1
       end
+    end
+  end
+  -- First the tasks a map has not made yet, so aborting its queued ones
+  -- does not make more.
+  for ar in pairs(wanted) do
+    if ar._stop then
+      local before = ar._done
+      ar._stop(errors.TaskError.new("aborted", "task was aborted before it ran", nil))
+      n = n + ar._done - before
     end
   end
   abort_in(sched.queue, sched.head, sched.tail)
