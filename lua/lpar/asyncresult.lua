@@ -208,7 +208,8 @@ function methods:iter()
       end
       j = j + 1
       if not s.ok then error(s.error, 2) end
-      return s.values[j]
+      if s.chunked then return s.values[j] end
+      return s.values
     end
   end
   local i = 0
