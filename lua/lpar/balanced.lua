@@ -316,7 +316,7 @@ function Task:_display(_, output) self.result:_display(self.slot, output) end
 local function interrupt_tasks(ar)
   ar._interrupting = true
   if ar._stop then ar._stop(errors.TaskError.new("aborted", "interrupted before it ran", nil)) end
-  for _, s in ipairs(ar._slots) do
+  for _, s in pairs(ar._c and ar._c.live or ar._slots) do
     local task = not s.done and s.task
     if task and not task.done then
       task.retries = 0
@@ -493,30 +493,6 @@ function LoadBalancedView:apply(f, ...)
   return ar
 end
 
---- Concatenate chunk results; in submission order, or arrival order when
--- the map is unordered. Failed chunks give their error per element when
--- get{return_errors = true} asked for them.
-local function finish_map(ordered)
-  return function(slots, _, ar)
-    local order = ordered and slots or ar._arrivals
-    local out, k = {}, 0
-    for _, s in ipairs(order) do
-      if s.ok and s.chunked then
-        local part, n = s.values, s.count
-        for j = 1, n do out[k + j] = part[j] end
-        k = k + n
-      elseif s.ok then
-        out[k + 1] = s.values
-        k = k + 1
-      else
-        for j = 1, s.count do out[k + j] = s.error end
-        k = k + s.count
-      end
-    end
-    return out
-  end
-end
-
 --- f over `list` in chunks of `chunksize` (default 1) as separate tasks.
 function LoadBalancedView:map_async(f, list, opts)
   if type(f) ~= "function" then error("map: expected a function, got " .. type(f), 2) end
@@ -530,15 +506,12 @@ function LoadBalancedView:map_async(f, list, opts)
     if FLAGS[k] then flags[k] = v end
   end
   if next(flags) then view = self:with(flags) end
-  local ordered = opts.ordered ~= false
-  local ar = AsyncResult.new("map", { finish = finish_map(ordered) })
-  ar._ordered = ordered
   -- Tasks are made as the window has room, not all at once: a long map
   -- holds the tasks in flight and the results, and no more. The list is
   -- copied, so changing it afterwards changes nothing.
   local n = list.n or #list
   list = table.move(list, 1, n, 1, {})
-  ar._total = (n + size - 1) // size
+  local ar = AsyncResult.new("map", { compact = { n = n, size = size, ordered = opts.ordered ~= false } })
   local since = core.now()
   local window = math.max(MAP_WINDOW, 4 * view.queue_depth * #self.client)
   local first, in_flight, feeding = 1, 0, false
@@ -548,7 +521,6 @@ function LoadBalancedView:map_async(f, list, opts)
     while first <= n and in_flight < window do
       local last = math.min(n, first + size - 1)
       local slot = ar:_slot(nil)
-      slot.count = last - first + 1
       in_flight = in_flight + 1
       if size == 1 then
         local item = list[first]
@@ -557,7 +529,6 @@ function LoadBalancedView:map_async(f, list, opts)
       else
         local chunk = table.move(list, first, last, 1, {})
         for i = first, last do list[i] = nil end
-        slot.chunked = true
         submit_task(view, ar, slot, f, since, nil, nil, chunk)
       end
       first = last + 1
@@ -573,7 +544,6 @@ function LoadBalancedView:map_async(f, list, opts)
     while first <= n do
       local last = math.min(n, first + size - 1)
       local slot = ar:_slot(nil)
-      slot.count = last - first + 1
       for i = first, last do list[i] = nil end
       first = last + 1
       ar:_settle(slot, false, nil, nil, err)

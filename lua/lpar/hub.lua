@@ -170,8 +170,9 @@ function Hub:unavailable(engine)
 end
 
 --- Send a request; `record` ({ ar =, kind =, deadline =, one = }) receives
--- the answer through its ar: its values packed, or only the first if `one`. With a deadline (core.now() seconds) the engine
--- drops the request unstarted once it has passed, and says when it starts
+-- the answer through its ar: its values packed, or only the first if
+-- `one`. With a deadline (core.now() seconds) the engine drops the request
+-- unstarted once it has passed, and says when it starts
 -- (ar:_started(record)). Returns the request id, or nil and an error (a
 -- message or an EngineError).
 function Hub:submit(engine, mtype, root, record, ...)
