@@ -34,14 +34,22 @@ function AsyncResult.new(kind, opts)
     _done = 0,
     _single = opts.single,
     _finish = opts.finish,
-    _waiters = {},
     _arrivals = {},
-    outputs = {}, -- display data from the engines, in arrival order
     _submitted = core.now(),
   }, AsyncResult)
 end
 
 AsyncResult.methods = methods -- for the prompt's completion of ar:
+
+--- Call fn once this result is ready (waits register here).
+local function add_waiter(self, fn)
+  local list = self._waiters
+  if not list then
+    list = {}
+    self._waiters = list
+  end
+  list[#list + 1] = fn
+end
 
 -- Tasks in all: a map makes its slots as it submits (within a window), so
 -- it says how many there will be (_total).
@@ -72,6 +80,10 @@ function AsyncResult.__index(self, k)
       for i, s in ipairs(self._slots) do ids[i] = s.engine end
     end
     return ids
+  elseif k == "outputs" then -- display data from the engines, in arrival order: made when asked
+    local list = {}
+    rawset(self, "outputs", list)
+    return list
   elseif k == "progress" then
     return self._done
   end
@@ -169,8 +181,8 @@ function methods:_settle(slot, ok, started, completed, value)
   if self._done == total(self) then
     self._completed = core.now()
     local waiters = self._waiters
-    self._waiters = {}
-    for _, fn in ipairs(waiters) do fn() end
+    self._waiters = nil
+    for _, fn in ipairs(waiters or {}) do fn() end
   end
 end
 
@@ -198,7 +210,7 @@ end
 --- Wait up to `timeout` seconds (forever when nil); true when ready.
 function methods:wait(timeout)
   return (wait.until_done(function() return self:ready() end, timeout,
-    function(fn) self._waiters[#self._waiters + 1] = fn end, 2, interrupter(self)))
+    function(fn) add_waiter(self, fn) end, 2, interrupter(self)))
 end
 
 local function raise_errors(self)
@@ -230,7 +242,7 @@ function methods:get(opts)
     timeout, return_errors = opts.timeout, opts.return_errors
   end
   local ready, stuck = wait.until_done(function() return self:ready() end, timeout,
-    function(fn) self._waiters[#self._waiters + 1] = fn end, 2, interrupter(self))
+    function(fn) add_waiter(self, fn) end, 2, interrupter(self))
   if not ready then
     if stuck then
       error(errors.TimeoutError.new(string.format(
@@ -281,7 +293,7 @@ function methods:_map_values()
 end
 
 local function wait_for(self, pred)
-  wait.until_done(pred, nil, function(fn) self._waiters[#self._waiters + 1] = fn end, 3,
+  wait.until_done(pred, nil, function(fn) add_waiter(self, fn) end, 3,
     interrupter(self))
 end
 

@@ -260,6 +260,11 @@ function Scheduler:dispatch()
   end
   while self.head <= self.tail do
     local task = self.queue[self.head]
+    -- The common case first: a task that may go anywhere, and no engine has room.
+    if not task.done and #ids > 0 and not (task.after or task.targets or task.follow or task.excluded)
+      and task.scheme == "least" and pick_least(self, task.depth, ids) == nil then
+      break
+    end
     if not task.done and not self:place(task, ids, true) and not self:stranded(task) then break end
     self.queue[self.head] = nil
     self.head = self.head + 1

@@ -63,6 +63,13 @@ end
 
 local function single(self) return math.type(self.targets) == "integer" end
 
+--- Ctrl-C while waiting on `ar`: interrupt its tasks still running.
+local function interrupt_slots(ar)
+  for _, s in ipairs(ar._slots) do
+    if not s.done and s.id then ar._hub:interrupt_task(s.engine, s.id) end
+  end
+end
+
 --- Send one request per target, with the values `per_target(i, n)` gives
 -- for the i-th of n targets, or else the same `...` to all. `finish` turns
 -- the settled slots into get()'s values. Raises at the user's call site.
@@ -74,11 +81,7 @@ local function submit(self, kind, mtype, root, finish, per_target, ...)
     if gone then error(gone, 3) end
   end
   local ar = AsyncResult.new(kind, { single = single(self), finish = finish })
-  ar._interrupt = function(a)
-    for _, s in ipairs(a._slots) do
-      if not s.done and s.id then hub:interrupt_task(s.engine, s.id) end
-    end
-  end
+  ar._hub, ar._interrupt = hub, interrupt_slots
   for i, id in ipairs(ids) do
     local slot = ar:_slot(id)
     local ok, err
