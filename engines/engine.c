@@ -20,6 +20,7 @@
 #include <lualib.h>
 
 #include "engine.h"
+#include "funcache.h"
 #include "lpar.h"
 #include "matrix.h"
 #include "paths.h"
@@ -299,6 +300,16 @@ static int engine_bad_messages(lua_State *L) {
 }
 
 /*
+** lpar.engine.functions_received(): function bodies (bytecode) that came
+** in requests; a function sent again by a client that knows this engine
+** has it comes by its slot instead, and is not counted.
+*/
+static int engine_functions_received(lua_State *L) {
+  lua_pushinteger(L, lparF_received(L));
+  return 1;
+}
+
+/*
 ** lpar.engine.display(mime, data, metadata?): attach display data (an image,
 ** say) to the running task; the client finds it in ar.outputs.
 */
@@ -364,6 +375,8 @@ static void open_engine_module(lua_State *L, lparE_state *st) {
   lua_setfield(L, -2, "pid");
   lua_pushcfunction(L, lparS_register_metatable);
   lua_setfield(L, -2, "register_metatable");
+  lua_pushcfunction(L, engine_functions_received);
+  lua_setfield(L, -2, "functions_received");
   lua_pushlightuserdata(L, st);
   lua_pushcclosure(L, engine_send_raw, 1);
   lua_setfield(L, -2, "_send_raw");

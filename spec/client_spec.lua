@@ -22,6 +22,23 @@ describe("a local cluster", function()
     assert.equal(4, #rc)
   end)
 
+  it("sends a function's bytecode once per engine, and again to an engine that restarted", function()
+    local function received(id)
+      return rc[id]:apply_sync(function() return lpar.engine.functions_received() end)
+    end
+    local before = received(1)
+    local f = function(x) return x * 3 end
+    for i = 1, 50 do assert.equal(3 * i, rc[1]:apply_sync(f, i)) end
+    local g = function(x) return x - 1 end
+    assert.same({ 0, 1, 2 }, rc:load_balanced_view(1):map_sync(g, { 1, 2, 3 }))
+    -- f and g came once each; the counting function had come before.
+    assert.equal(before + 2, received(1))
+    cluster:restart_engines { 1 }
+    local fresh = received(1)
+    assert.equal(3, rc[1]:apply_sync(f, 1))
+    assert.equal(fresh + 1, received(1))
+  end)
+
   it("gives each engine its id and the cluster size", function()
     assert.same({ 0, 1, 2, 3 }, dview:apply_sync(function() return lpar.engine.id end))
     assert.same({ 4, 4, 4, 4 }, dview:apply_sync(function() return lpar.engine.n end))

@@ -31,6 +31,7 @@
 
 #include "binding.h"
 #include "cluster.h"
+#include "funcache.h"
 #include "lpar.h"
 #include "matrix.h"
 #include "route.h"
@@ -51,6 +52,7 @@ typedef struct cluster_ud {
   int raw;
   uint64_t undecodable; /* replies that did not decode: counted here only */
   lparB_buffer enc;     /* reused for every send */
+  lparF_sender funcs;   /* which functions each engine holds (funcache.h) */
 } cluster_ud;
 
 static const char *message_kind(int type) {
@@ -180,6 +182,8 @@ static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
   (void)c;
   cluster_ud *u = ud;
   lua_State *L = u->L;
+  /* An engine that says hello, or has gone, holds none of our functions. */
+  if (ev->kind == LPAR_EV_READY || ev->kind == LPAR_EV_EXIT) lparF_forget_engine(&u->funcs, ev->engine);
   if (u->handler_ref == LUA_NOREF) return;
   int top = lua_gettop(L);
   if (!lua_checkstack(L, 8)) return;
@@ -234,6 +238,7 @@ static cluster_ud *new_ud(lua_State *L, int raw) {
   cluster_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   memset(u, 0, sizeof *u);
   lparB_init(&u->enc);
+  lparF_init(&u->funcs);
   u->raw = raw;
   u->handler_ref = LUA_NOREF;
   luaL_setmetatable(L, CLUSTER_MT);
@@ -350,7 +355,8 @@ static int send_values(lua_State *L, cluster_ud *u, const double *deadline, int 
     flags |= LPAR_FLAG_DEADLINE;
   }
   lparS_shm shm = {.min_bytes = lpar_cluster_passes_fds(u->c, engine) ? LPARM_SHM_MIN_BYTES : 0};
-  int rc = lparS_encode_shm(L, first, lua_gettop(L) - first + 1, root, &u->enc, &shm, err, sizeof err);
+  int rc = lparS_encode_for(L, first, lua_gettop(L) - first + 1, root, &u->enc, &shm, &u->funcs,
+                            engine, err, sizeof err);
   if (rc < 0) {
     lua_pushnil(L);
     lua_pushstring(L, err);
@@ -359,6 +365,10 @@ static int send_values(lua_State *L, cluster_ud *u, const double *deadline, int 
   }
   rc = lpar_cluster_send_fds(u->c, engine, type, flags, (uint64_t)id, u->enc.data, u->enc.len,
                              shm.fds, shm.nfds);
+  if (rc == 0)
+    lparF_commit(&u->funcs, engine); /* the engine now holds the functions it set */
+  else
+    lparF_discard(&u->funcs);
   lparS_shm_done(&shm);
   if (u->enc.cap > (1u << 24)) lparB_free(&u->enc);
   if (rc < 0) return lparC_push_failure(L, rc, NULL);
@@ -507,6 +517,7 @@ static int l_stop(lua_State *L) {
   }
   lparC_unref(L, &u->handler_ref);
   lparB_free(&u->enc);
+  lparF_free(&u->funcs);
   return 0;
 }
 

@@ -29,6 +29,10 @@
 **     0x0F MATRIX  uv(rows) uv(cols), then 0x00 and rows*cols doubles
 **                  (row-major), or 0x01 uv(i) uv(offset): the i-th memfd
 **                  sent with the message, elements from `offset` (doubles)
+**     0x10 FUNCSET 8-byte nonce, uv(slot), then as FUNC: the receiver keeps
+**                  the bytecode as slot `slot` of the sender with that nonce
+**     0x11 FUNCREF 8-byte nonce, uv(slot), uv(nups), upvalues: FUNC with the
+**                  bytecode that sender set in that slot (see funcache.h)
 **     0x40..0x5F   STR of length tag - 0x40 (0..31), bytes follow
 **     0x80..0xFF   INT tag - 0x80 (0..127)
 **
@@ -63,6 +67,7 @@
 #include "lpar.h"
 #include "matrix.h"
 #include "matrix_codec.h"
+#include "funcache.h"
 #include "names.h"
 
 _Static_assert(sizeof(lua_Integer) == 8, "lpar needs 64-bit Lua integers");
@@ -71,6 +76,7 @@ _Static_assert(sizeof(lua_Number) == 8, "lpar needs double Lua floats");
 enum {
   T_NIL = 0x00, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR, T_TABLE, T_TABLEMT,
   T_REF, T_GLOBALS, T_FUNC, T_JOIN, T_CFUNC, T_LIB, T_END, T_MATRIX,
+  T_FUNCSET, T_FUNCREF,
   T_SHORTSTR = 0x40,
   T_SMALLINT = 0x80
 };
@@ -155,6 +161,8 @@ typedef struct enc {
   char *err;
   size_t errlen;
   lparS_shm *shm; /* or NULL: matrices inline */
+  lparF_sender *funcs; /* or NULL: every function with its bytecode */
+  int engine;          /* where the message goes, for funcs */
   seg path[LPAR_MAX_DEPTH + 2];
 } enc;
 
@@ -574,6 +582,45 @@ static int enc_dump(enc *S, int idx) {
 }
 
 /*
+** A function's code: FUNC with its bytecode, or, with a sender's function
+** slots, FUNCSET the first time it goes to this engine and FUNCREF after.
+*/
+static int enc_code(enc *S, int idx) {
+  if (S->funcs == NULL) {
+    int rc = put_tag(S, T_FUNC);
+    return rc ? rc : enc_dump(S, idx);
+  }
+  lua_State *L = S->L;
+  lparB_buffer *code = &S->funcs->scratch;
+  code->len = 0;
+  lua_pushvalue(L, idx);
+  int st = lua_dump(L, dump_writer, code, 0);
+  lua_pop(L, 1);
+  if (st != 0) return nomem(S);
+  int known = 0;
+  int slot = lparF_slot(S->funcs, S->engine, code->data, code->len, &known);
+  unsigned char *p = room(S, 2 + LPARF_NONCE_BYTES + 2 * UV_MAX + (known ? 0 : code->len));
+  if (p == NULL) return nomem(S);
+  size_t n = 0;
+  if (slot < 0) {
+    p[n++] = T_FUNC;
+  } else {
+    p[n++] = known ? T_FUNCREF : T_FUNCSET;
+    memcpy(p + n, S->funcs->nonce, LPARF_NONCE_BYTES);
+    n += LPARF_NONCE_BYTES;
+    n += put_uv(p + n, (uint64_t)slot);
+  }
+  if (!known || slot < 0) {
+    n += put_uv(p + n, code->len);
+    memcpy(p + n, code->data, code->len);
+    n += code->len;
+  }
+  S->b->len += n;
+  if (code->cap > (1u << 20)) lparB_free(code);
+  return 0;
+}
+
+/*
 ** An _ENV that is a table with an unregistered metatable is a proxy of the
 ** globals (a sandbox such as setmetatable({}, {__index = _G}), or busted's
 ** per-file environment): it rebinds to the receiver's globals like _ENV
@@ -625,7 +672,7 @@ static int enc_lfunc(enc *S, int idx) {
   if (rc != 1) return rc;
   if ((rc = enter(S)) != 0) return rc;
   lua_Integer ref = mark_seen(S, idx);
-  if ((rc = put_tag(S, T_FUNC)) != 0 || (rc = enc_dump(S, idx)) != 0) return rc;
+  if ((rc = enc_code(S, idx)) != 0) return rc;
   lua_Debug ar;
   lua_pushvalue(L, idx);
   lua_getinfo(L, ">u", &ar);
@@ -728,6 +775,11 @@ void lparS_shm_done(lparS_shm *shm) {
 
 int lparS_encode_shm(lua_State *L, int first, int count, const char *root, lparB_buffer *out,
                      lparS_shm *shm, char *err, size_t errlen) {
+  return lparS_encode_for(L, first, count, root, out, shm, NULL, 0, err, errlen);
+}
+
+int lparS_encode_for(lua_State *L, int first, int count, const char *root, lparB_buffer *out,
+                     lparS_shm *shm, lparF_sender *funcs, int engine, char *err, size_t errlen) {
   if (err && errlen) err[0] = '\0';
   int top = lua_gettop(L);
   if (count > 0) first = lua_absindex(L, first);
@@ -746,6 +798,9 @@ int lparS_encode_shm(lua_State *L, int first, int count, const char *root, lparB
   S.err = err;
   S.errlen = errlen;
   S.shm = shm;
+  S.funcs = funcs;
+  S.engine = engine;
+  if (funcs) lparF_discard(funcs);
   if (!lua_checkstack(L, 16)) return enc_fail(&S, LPAR_ENOMEM, "Lua stack overflow");
   lua_pushnil(L);
   S.seen = lua_gettop(L);
@@ -962,15 +1017,10 @@ static int dec_join(dec *D, int f, int n) {
   return 0;
 }
 
-static int dec_func(dec *D, const unsigned char *at) {
+/* Load bytecode code[0..len) as the function at `at`, then its upvalues. */
+static int dec_load(dec *D, const unsigned char *at, const char *code, size_t len) {
   lua_State *L = D->L;
-  if (!(D->flags & LPARS_ALLOW_CODE))
-    return bad(D, "bytecode not allowed from this peer (function at offset %zu)",
-               offset(D, at));
-  int rc = dec_enter(D, at);
-  uint64_t len = 0, nups = 0;
-  if (rc || (rc = get_len(D, &len, "bytecode", at)) != 0) return rc;
-  chunk c = {(const char *)D->p, (size_t)len};
+  chunk c = {code, len};
   int st = lua_load(L, chunk_reader, &c, "=remote", "b");
   if (st != LUA_OK) {
     if (st == LUA_ERRMEM) {
@@ -979,10 +1029,11 @@ static int dec_func(dec *D, const unsigned char *at) {
     }
     return bad(D, "bad bytecode at offset %zu: %s", offset(D, at), lua_tostring(L, -1));
   }
-  D->p += len;
   int f = lua_gettop(L);
   add_ref(D, f);
-  if ((rc = get_uv(D, &nups, "upvalue count")) != 0) return rc;
+  uint64_t nups = 0;
+  int rc = get_uv(D, &nups, "upvalue count");
+  if (rc) return rc;
   lua_Debug ar;
   lua_pushvalue(L, f);
   lua_getinfo(L, ">u", &ar);
@@ -999,6 +1050,46 @@ static int dec_func(dec *D, const unsigned char *at) {
   }
   D->depth--;
   return 0;
+}
+
+/* FUNC, FUNCSET or FUNCREF (the tag at `at`). */
+static int dec_func(dec *D, const unsigned char *at) {
+  lua_State *L = D->L;
+  if (!(D->flags & LPARS_ALLOW_CODE))
+    return bad(D, "bytecode not allowed from this peer (function at offset %zu)",
+               offset(D, at));
+  int rc = dec_enter(D, at);
+  if (rc) return rc;
+  const unsigned char *nonce = NULL;
+  uint64_t slot = 0, len = 0;
+  if (*at != T_FUNC) {
+    if (left(D) < LPARF_NONCE_BYTES)
+      return bad(D, "truncated function slot at offset %zu", offset(D, at));
+    nonce = D->p;
+    D->p += LPARF_NONCE_BYTES;
+    if ((rc = get_uv(D, &slot, "function slot")) != 0) return rc;
+    if (slot >= LPARF_SLOTS)
+      return bad(D, "bad function slot %llu at offset %zu", (unsigned long long)slot, offset(D, at));
+  }
+  if (*at == T_FUNCREF) {
+    if (!lparF_push(L, nonce, (unsigned)slot))
+      return bad(D, "function slot %llu at offset %zu is not kept here (this engine restarted, or "
+                 "forgot its functions after %d); send the function again",
+                 (unsigned long long)slot, offset(D, at), LPARF_MAX_KEPT);
+    size_t n;
+    const char *code = lua_tolstring(L, -1, &n);
+    rc = dec_load(D, at, code, n);
+    if (rc == 0) lua_remove(L, -2); /* the string; the function stays on top */
+    return rc;
+  }
+  if ((rc = get_len(D, &len, "bytecode", at)) != 0) return rc;
+  const char *code = (const char *)D->p;
+  D->p += len;
+  if (*at == T_FUNCSET)
+    lparF_keep(L, nonce, (unsigned)slot, code, (size_t)len);
+  else
+    lparF_count(L);
+  return dec_load(D, at, code, (size_t)len);
 }
 
 static int dec_named(dec *D, int tag, const unsigned char *at) {
@@ -1104,7 +1195,9 @@ static int dec_value(dec *D) {
     lua_rawgeti(L, D->refs, (lua_Integer)u);
     return 0;
   case T_GLOBALS: lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS); return 0;
-  case T_FUNC: return dec_func(D, at);
+  case T_FUNC:
+  case T_FUNCSET:
+  case T_FUNCREF: return dec_func(D, at);
   case T_MATRIX: return dec_matrix(D, at);
   case T_CFUNC:
   case T_LIB: return dec_named(D, (int)tag, at);

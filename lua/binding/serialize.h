@@ -53,6 +53,15 @@ typedef struct lparS_shm {
 
 int lparS_encode_shm(lua_State *L, int first, int count, const char *root, lparB_buffer *out,
                      lparS_shm *shm, char *err, size_t errlen);
+/*
+** The same, for a message to `engine` from a sender with function slots
+** (funcache.h; NULL: none): its functions go as FUNCSET or FUNCREF. The
+** caller calls lparF_commit(funcs, engine) once the message is sent.
+*/
+struct lparF_sender;
+int lparS_encode_for(lua_State *L, int first, int count, const char *root, lparB_buffer *out,
+                     lparS_shm *shm, struct lparF_sender *funcs, int engine, char *err,
+                     size_t errlen);
 int lparS_decode_shm(lua_State *L, const void *data, size_t len, unsigned flags,
                      const lparS_shm *shm, int *count, char *err, size_t errlen);
 /* Close the descriptors the encoder made (after sending) and forget all. */

@@ -20,6 +20,7 @@
 
 #include "check.h"
 #include "lpar.h"
+#include "funcache.h"
 #include "serialize.h"
 
 #define ERRLEN 256
@@ -452,7 +453,7 @@ static void test_decode_errors(void) {
   DECODE_ERROR("varint 11 bytes", "\x01\x01\x03\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",
                0, "varint too long");
   DECODE_ERROR("unknown tag", "\x01\x01\x7f", 0, "unknown tag 0x7f at offset 2");
-  DECODE_ERROR("unknown tag 0x10", "\x01\x02\x00\x10", 0, "unknown tag 0x10 at offset 3");
+  DECODE_ERROR("unknown tag 0x12", "\x01\x02\x00\x12", 0, "unknown tag 0x12 at offset 3");
   DECODE_ERROR("matrix from memfd without descriptors", "\x01\x01\x0f\x02\x02\x01\x00\x00", 0,
                "but 0 descriptors came");
   DECODE_ERROR("matrix bigger than its bytes", "\x01\x01\x0f\x02\x02\x00\x00", 0,
@@ -521,6 +522,70 @@ static void test_decode_function_errors(void) {
   }
   lparB_free(&b);
   lua_close(A);
+}
+
+/* Encode what src returns for `engine` with sender s, committed; the tag of its first value. */
+static int encode_for(lua_State *A, lparF_sender *s, int engine, int ref, lparB_buffer *b) {
+  char err[ERRLEN];
+  b->len = 0;
+  lua_rawgeti(A, LUA_REGISTRYINDEX, ref);
+  int top = lua_gettop(A);
+  int rc = lparS_encode_for(A, top, 1, "args", b, NULL, s, engine, err, sizeof err);
+  lua_settop(A, top - 1);
+  if (!CHECKF(rc == 0 && b->len > 2, "encode_for: %s", err)) return -1;
+  lparF_commit(s, engine);
+  return (unsigned char)b->data[2];
+}
+
+/* Decode b in B and call the function with 4: its result, or -1. */
+static lua_Integer call_decoded(lua_State *B, const lparB_buffer *b, char *err) {
+  int n = 0;
+  if (lparS_decode(B, b->data, b->len, CODE, &n, err, ERRLEN) != 0 || n != 1) return -1;
+  lua_pushinteger(B, 4);
+  if (lua_pcall(B, 1, 1, 0) != LUA_OK) return -1;
+  lua_Integer v = lua_tointeger(B, -1);
+  lua_pop(B, 1);
+  return v;
+}
+
+/* A function goes once per engine (FUNCSET), then by its slot (FUNCREF). */
+static void test_function_slots(void) {
+  lua_State *A = new_state(), *B = new_state(), *C = new_state();
+  char err[ERRLEN];
+  lparB_buffer b;
+  lparB_init(&b);
+  lparF_sender s;
+  lparF_init(&s);
+  run(A, "local k = 3 return function(x) return x + k end");
+  int ref = luaL_ref(A, LUA_REGISTRYINDEX);
+  CHECKF(encode_for(A, &s, 0, ref, &b) == 0x10, "first send sets the slot");
+  CHECKF(call_decoded(B, &b, err) == 7, "set: %s", err);
+  CHECKF(encode_for(A, &s, 0, ref, &b) == 0x11, "second send names the slot");
+  CHECKF(call_decoded(B, &b, err) == 7, "named: %s", err);
+  CHECKF(lparF_received(B) == 1, "one body received, not %lld", (long long)lparF_received(B));
+  /* Elsewhere the slot means nothing: a clear error, nothing pushed. */
+  decode_error("slot not kept", b.data, b.len, CODE, "is not kept here");
+  CHECKF(call_decoded(C, &b, err) == -1 && strstr(err, "send the function again"), "C: %s", err);
+  CHECKF(encode_for(A, &s, 1, ref, &b) == 0x10, "another engine gets it set");
+  lparF_forget_engine(&s, 0);
+  CHECKF(encode_for(A, &s, 0, ref, &b) == 0x10, "a restarted engine gets it set again");
+  /* A message that was not sent leaves the engine knowing nothing new. */
+  lparF_forget_engine(&s, 2);
+  lua_rawgeti(A, LUA_REGISTRYINDEX, ref);
+  b.len = 0;
+  lparS_encode_for(A, lua_gettop(A), 1, "args", &b, NULL, &s, 2, err, sizeof err);
+  lua_pop(A, 1);
+  lparF_discard(&s);
+  CHECKF(encode_for(A, &s, 2, ref, &b) == 0x10, "an unsent slot is set again");
+  DECODE_ERROR("slot refused", "\x01\x01\x11" "12345678\x00\x00", 0, "bytecode not allowed");
+  DECODE_ERROR("slot truncated", "\x01\x01\x11" "1234", CODE, "truncated function slot");
+  DECODE_ERROR("slot too big", "\x01\x01\x11" "12345678\x40\x00", CODE, "bad function slot 64");
+  DECODE_ERROR("set without code", "\x01\x01\x10" "12345678\x00\x09", CODE, "bad bytecode length 9");
+  lparF_free(&s);
+  lparB_free(&b);
+  lua_close(A);
+  lua_close(B);
+  lua_close(C);
 }
 
 /* A value of every kind, for the prefix and corruption tests. */
@@ -721,6 +786,7 @@ int main(int argc, char **argv) {
   test_depth();
   test_decode_errors();
   test_decode_function_errors();
+  test_function_slots();
   test_prefixes(rich_src, 0);
   test_prefixes(code_src, CODE);
   test_corruption();
