@@ -44,7 +44,6 @@ end
 local rc <close> = lpar.Cluster { n = 4 }:start_and_connect()
 local dview = rc:view()
 local e0 = rc[0]
-local identity = function(x) return x end
 
 -- Idle engine resident memory, from /proc, before any work.
 do
@@ -104,19 +103,12 @@ do
   e0:execute("blob = nil collectgarbage()", { block = true })
 end
 
--- Load-balanced tiny tasks, on the 4 engines (2 cores here).
+-- Tasks at scale (scripts/bench_tasks.lua): tiny tasks load-balanced and
+-- direct, a 1,000,000-task map's rate and memory, imap, two clients.
+dofile("scripts/bench_tasks.lua")(harness, rc)
+
 do
   local lb = rc:load_balanced_view()
-  local n = count(200000)
-  local list = {}
-  for i = 1, n do list[i] = i end
-  local reps = {}
-  for r = 1, 3 do
-    local t0 = uv.hrtime()
-    lb:map_sync(identity, list)
-    reps[r] = n / ((uv.hrtime() - t0) / 1e9)
-  end
-  row("lb_tiny", "tiny tasks, load-balanced map, 4 engines", pct(sorted(reps), 0.5), "/s", ">= 100000 /s")
   -- Balance: tasks of random 0-2 ms busy work against the ideal makespan.
   local m = quick and 100 or 1000
   local work, total = {}, 0
@@ -139,27 +131,6 @@ local function rss_mb(pid)
   local kb = f and tonumber(f:read("a"):match("VmRSS:%s*(%d+)")) or 0
   if f then f:close() end
   return kb / 1024
-end
-
--- A long map with chunksize=1: the client's memory after it is freed.
-do
-  local lb = rc:load_balanced_view()
-  local n = quick and 20000 or 1000000
-  collectgarbage()
-  local before, heap_before = rss_mb(), collectgarbage("count")
-  local list = {}
-  for i = 1, n do list[i] = i end
-  local t0 = uv.hrtime()
-  local out = lb:map_sync(identity, list, { chunksize = 1 })
-  local dt = (uv.hrtime() - t0) / 1e9
-  assert(#out == n)
-  list, out = nil, nil -- luacheck: ignore
-  collectgarbage()
-  collectgarbage()
-  row("lb_million", string.format("map of %d tiny tasks, chunksize 1", n), n / dt, "/s")
-  row("lb_million_heap", "  client Lua heap growth after it", (collectgarbage("count") - heap_before) / 1024, "MB",
-    "a few MB")
-  row("lb_million_rss", "  client RSS growth after it (malloc keeps freed memory)", rss_mb() - before, "MB")
 end
 
 -- Push matrices to one engine: 2 MiB and 64 MiB (shared memory, so the

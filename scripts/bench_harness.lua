@@ -1,11 +1,11 @@
 --- The benchmarks' shared harness: sample helpers, the row printer and the
 -- round-trip timer, for scripts/bench.lua and the benchmarks it also runs
--- alone (scripts/bench_hosts.lua).
+-- alone (scripts/bench_hosts.lua, scripts/bench_tasks.lua).
 --   local h = dofile("scripts/bench_harness.lua")(quick)
 local uv = require "luv"
 
 return function(quick)
-  local h = { rows = {}, by_key = {}, samples = {} }
+  local h = { rows = {}, by_key = {}, samples = {}, quick = quick }
   local scale = quick and 0.05 or 1
 
   --- A sample count, cut down in quick mode.
