@@ -99,15 +99,24 @@ function AsyncResult:__len() return total(self) end
 
 -- Internal: slots and events.
 
---- A new task slot for `engine`; the hub fills in its id.
-function methods:_slot(engine)
+--- A new task slot for `engine`; the hub fills in its id. `batch`: a
+-- compact map's slot for that many of its one-item tasks sent as one
+-- request (settled with the list of their values, `failed` naming errors).
+function methods:_slot(engine, batch)
   local s = { ar = self, engine = engine, kind = self._kind, submitted = core.now(),
               done = false } -- stdout and stderr: lists of chunks, made on first output
   local c = self._c
   if c then
-    c.made = c.made + 1
-    s.index, s.count, s.chunked = c.made, math.min(c.size, c.n - (c.made - 1) * c.size), c.size > 1
-    c.live[c.made] = s
+    local k = c.made + 1
+    s.index, s.count, s.chunked = k, math.min(c.size, c.n - (k - 1) * c.size), c.size > 1
+    if batch and batch > 1 then
+      s.batch = batch
+      for i = k, k + batch - 1 do c.live[i] = s end
+      c.made = k + batch - 1
+    else
+      c.live[k] = s
+      c.made = k
+    end
   else
     self._slots[#self._slots + 1] = s
   end
@@ -132,9 +141,36 @@ local function slot_at(self, k)
 end
 AsyncResult.slot_at = slot_at -- for the views
 
+--- The same for a batch: each of its tasks from the reply's list (or
+-- every one failed with the batch's error).
+local function compact_settle_batch(self, slot)
+  local c, k0, n = self._c, slot.index, slot.batch
+  local values, failed = slot.ok and slot.values, nil
+  if values then failed = values.failed end
+  local eng, id, t0, t1 = slot.engine or false, slot.id or false, slot.started or false, slot.completed
+  for i = 1, n do
+    local k = k0 + i - 1
+    local err = not values and slot.error or (failed and failed[i])
+    if err then
+      c.val[k] = err
+      c.failed[k] = true
+      c.nfailed = c.nfailed + 1
+    else
+      c.val[k] = values[i]
+    end
+    c.eng[k], c.id[k], c.t0[k], c.t1[k] = eng, id, t0, t1
+    c.live[k] = nil
+    if not c.ordered then self._arrivals[#self._arrivals + 1] = k end
+  end
+  -- What the batch printed goes with its first task.
+  if slot.stdout then c.stdout[k0] = slot.stdout end
+  if slot.stderr then c.stderr[k0] = slot.stderr end
+end
+
 --- Keep a settled slot's facts in the compact arrays, and let it go.
 local function compact_settle(self, slot)
   local c, k = self._c, slot.index
+  if slot.batch then return compact_settle_batch(self, slot) end
   if slot.ok then
     c.val[k] = slot.values
   else
@@ -176,7 +212,7 @@ function methods:_settle(slot, ok, started, completed, value)
   if slot.done then return end
   slot.done, slot.ok, slot.started, slot.completed = true, ok, started, completed or core.now()
   if ok then slot.values = value else slot.error = value end
-  self._done = self._done + 1
+  self._done = self._done + (slot.batch or 1)
   if self._c then compact_settle(self, slot) else self._arrivals[#self._arrivals + 1] = slot end
   if self._done == total(self) then
     self._completed = core.now()

@@ -49,6 +49,30 @@ local function map_chunk(f, chunk)
   return out
 end
 
+-- What a batch of a map's one-item tasks runs on its engine: each item on
+-- its own, its value in the list or its error in `failed`. An interrupt
+-- stops the whole batch, as it stops a task.
+local function map_batch(f, items, n)
+  local out, failed = {}, nil
+  local function report(e)
+    if type(e) == "string" and e:match("interrupted$") then return e end
+    return { message = tostring(e), traceback = debug.traceback(tostring(e), 2) }
+  end
+  for i = 1, n do
+    local ok, v = xpcall(f, report, items[i])
+    if ok then
+      out[i] = v
+    elseif type(v) == "string" then
+      error(v, 0)
+    else
+      failed = failed or {}
+      failed[i] = v
+    end
+  end
+  out.failed = failed
+  return out
+end
+
 local function deps_state(list)
   if not list then return "ready" end
   for _, ar in ipairs(list) do
@@ -155,7 +179,7 @@ function Task:fail(err)
   self.timer = nil
   self.slot.task = nil
   self.result:_settle(self.slot, false, nil, nil, err)
-  if self.result._feed then self.result._feed() end
+  if self.result._feed then self.result._feed(self) end
 end
 
 --- Send `task` to `engine`: "sent", "failed" (it cannot be sent anywhere,
@@ -167,6 +191,8 @@ function Scheduler:send(task, engine)
     ok, err = self.hub:submit(engine, APPLY, "args", task, task.f, table.unpack(task.args, 1, task.args.n))
   elseif task.chunk then
     ok, err = self.hub:submit(engine, APPLY, "args", task, map_chunk, task.f, task.chunk)
+  elseif task.batch then
+    ok, err = self.hub:submit(engine, APPLY, "args", task, map_batch, task.f, task.batch, task.slot.batch)
   else
     ok, err = self.hub:submit(engine, APPLY, "args", task, task.f, task.item)
   end
@@ -321,9 +347,11 @@ function Task:_display(_, output) self.result:_display(self.slot, output) end
 local function interrupt_tasks(ar)
   ar._interrupting = true
   if ar._stop then ar._stop(errors.TaskError.new("aborted", "interrupted before it ran", nil)) end
+  local seen = {}
   for _, s in pairs(ar._c and ar._c.live or ar._slots) do
     local task = not s.done and s.task
-    if task and not task.done then
+    if task and not task.done and not seen[task] then
+      seen[task] = true
       task.retries = 0
       if task.running then
         task.sched.hub:interrupt_task(task.engine, task.id)
@@ -361,8 +389,16 @@ function Task:_settle(rec, ok, started, completed, value)
   if self.timer then wait.release_timer(self.timer) end
   self.timer = nil
   self.slot.task = nil
+  if ok and self.batch then
+    if type(value) ~= "table" then
+      ok, value = false, errors.RemoteError.new(rec.engine, "map",
+        { message = "a batch came back without its list" }, rec.id)
+    elseif value.failed then
+      for i, e in pairs(value.failed) do value.failed[i] = errors.RemoteError.new(rec.engine, "map", e, rec.id) end
+    end
+  end
   self.result:_settle(self.slot, ok, started, completed, value)
-  if self.result._feed then self.result._feed() end
+  if self.result._feed then self.result._feed(self) end
   -- Interrupting: the task queued behind this one on its engine starts now.
   if self.result._interrupting then interrupt_tasks(self.result) end
   s:dispatch()
@@ -416,6 +452,10 @@ local options = require "lpar.options"
 local MAP_OPTIONS = options.set({ "chunksize", "ordered" }, FLAGS)
 -- Tasks of one map in flight at most (more with many engines).
 local MAP_WINDOW = 1024
+-- A batch of tiny one-item tasks aims to take this long on its engine,
+-- and holds at most MAX_BATCH of them.
+local BATCH_SECONDS = 0.0005
+local MAX_BATCH = 64
 
 --- A load-balanced view of `client` over the engines of `spec` (nil: all);
 -- made by rc:load_balanced_view(targets).
@@ -451,7 +491,7 @@ end
 -- for one item of a map, or f over each of `chunk` for several (then
 -- the task's result is its first value). Submitted at `since` (default
 -- now: its timeout counts from then).
-local function submit_task(self, ar, slot, f, since, args, item, chunk)
+local function submit_task(self, ar, slot, f, since, args, item, chunk, batch)
   if not SCHEMES[self.scheme] then
     error(string.format("unknown scheme %q (least, lru, random)", tostring(self.scheme)), 3)
   end
@@ -461,7 +501,7 @@ local function submit_task(self, ar, slot, f, since, args, item, chunk)
   local depth = self.timeout and 1 or math.max(1, self.queue_depth or 2)
   local task = setmetatable({
     sched = sched, result = ar, slot = slot, kind = slot.kind, f = f, args = args, item = item,
-    chunk = chunk, one = args == nil, retries = self.retries or 0,
+    chunk = chunk, batch = batch, one = args == nil, retries = self.retries or 0,
     timeout = self.timeout, depth = depth, scheme = self.scheme,
     deadline = self.timeout and (since or core.now()) + self.timeout or nil,
     targets = type(self.targets) == "table" and self.targets or nil,
@@ -518,20 +558,40 @@ function LoadBalancedView:map_async(f, list, opts)
   list = table.move(list, 1, n, 1, {})
   local ar = AsyncResult.new("map", { compact = { n = n, size = size, ordered = opts.ordered ~= false } })
   local since = core.now()
-  local window = math.max(MAP_WINDOW, 4 * view.queue_depth * #self.client)
+  local engines = math.max(1, #self.client)
+  local window = math.max(MAP_WINDOW, 4 * view.queue_depth * engines)
+  -- One-item tasks that prove tiny go several to a request (each keeps its
+  -- own result and error): not with a timeout or retries, which are per task.
+  local batching = size == 1 and not view.timeout and (view.retries or 0) == 0
+  local item_time -- seconds an item takes on its engine, as seen so far
   local first, in_flight, feeding = 1, 0, false
+  local function batch_size()
+    if not batching or not item_time then return 1 end
+    local k = math.floor(BATCH_SECONDS / math.max(item_time, 1e-7))
+    -- Not so many that the last ones leave engines idle.
+    k = math.min(k, MAX_BATCH, (n - first + 1) // (4 * engines))
+    return math.max(1, k)
+  end
   local function feed()
     if feeding then return end -- a task failed as it was submitted: the loop goes on
     feeding = true
     while first <= n and in_flight < window do
       local last = math.min(n, first + size - 1)
-      local slot = ar:_slot(nil)
+      local k = batch_size()
       in_flight = in_flight + 1
-      if size == 1 then
+      if k > 1 then
+        last = first + k - 1
+        local slot = ar:_slot(nil, k)
+        local items = table.move(list, first, last, 1, {})
+        for i = first, last do list[i] = nil end
+        submit_task(view, ar, slot, f, since, nil, nil, nil, items)
+      elseif size == 1 then
+        local slot = ar:_slot(nil)
         local item = list[first]
         list[first] = nil
         submit_task(view, ar, slot, f, since, nil, item)
       else
+        local slot = ar:_slot(nil)
         local chunk = table.move(list, first, last, 1, {})
         for i = first, last do list[i] = nil end
         submit_task(view, ar, slot, f, since, nil, nil, chunk)
@@ -540,8 +600,13 @@ function LoadBalancedView:map_async(f, list, opts)
     end
     feeding = false
   end
-  ar._feed = function()
+  ar._feed = function(task)
     in_flight = in_flight - 1
+    local slot = task and task.slot
+    if batching and slot and slot.started and slot.completed and slot.ok then
+      local t = (slot.completed - slot.started) / (slot.batch or 1)
+      item_time = item_time and 0.8 * item_time + 0.2 * t or t
+    end
     feed()
   end
   -- Abort and Ctrl-C: the tasks not made yet fail as the queued ones do.
@@ -649,7 +714,7 @@ function LoadBalancedView.abort(client, results)
       local task = list[i]
       if task and not task.done and not task.running and wanted[task.result] then
         task:fail(errors.TaskError.new("aborted", "task was aborted before it ran", nil))
-        n = n + 1
+        n = n + (task.slot.batch or 1)
       end
     end
   end
