@@ -139,8 +139,12 @@ describe("a load-balanced view", function()
     local ok, err = pcall(ar.get, ar, 5)
     local waited = core.now() - t0
     assert.is_false(ok)
-    assert.matches("ran past its timeout of 0.2s and was interrupted", tostring(err))
-    assert.is_true(waited >= 0.15 and waited < 0.45, "failed after " .. waited .. " s")
+    assert.equal("timeout", err.reason)
+    -- "and was interrupted", or, on a machine too busy for the interrupt to
+    -- come back within 0.1 s, "it was interrupted, but engine N has not
+    -- stopped it yet": either way at its deadline.
+    assert.matches("ran past its timeout of 0.2s", tostring(err))
+    assert.is_true(waited >= 0.15 and waited < 0.5, "failed after " .. waited .. " s")
   end)
 
   it("holds `after` tasks until their dependencies are done, and `follow` to their engine", function()

@@ -407,7 +407,7 @@ end
 -- After a running task's deadline, how long its interrupt may take to
 -- come back as its reply before the task is failed anyway (a task deep in
 -- a C call only stops when the call returns).
-local INTERRUPT_GRACE = 0.04
+local INTERRUPT_GRACE = 0.1
 
 --- Its deadline: a task still queued (here, or on an engine that has not
 -- begun it) fails now and never runs; a running one is interrupted.
