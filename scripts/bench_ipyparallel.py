@@ -94,6 +94,13 @@ def main():
     lb.map_sync(identity, range(n))
     emit("lb_tiny", n / (time.perf_counter() - t0), "/s")
 
+    views = [rc[i] for i in rc.ids]
+    n = count(2000)
+    t0 = time.perf_counter()
+    ars = [views[i % len(views)].apply_async(identity, i) for i in range(n)]
+    rc.wait(ars)
+    emit("direct_apply_async", n / (time.perf_counter() - t0), "/s")
+
     size = 1024
     while size <= 256 * 1024:
         a = np.random.random(size)

@@ -41,6 +41,8 @@ end
 
 AsyncResult.methods = methods -- for the prompt's completion of ar:
 
+local live_slot -- a compact result's slot in flight for a task (below)
+
 --- Call fn once this result is ready (waits register here).
 local function add_waiter(self, fn)
   local list = self._waiters
@@ -73,7 +75,7 @@ function AsyncResult.__index(self, k)
     local c = self._c
     if c then
       for i = 1, c.made do
-        local live = c.live[i]
+        local live = live_slot(c, i)
         if live then ids[i] = live.engine else ids[i] = c.eng[i] or nil end
       end
     else
@@ -109,12 +111,13 @@ function methods:_slot(engine, batch)
   if c then
     local k = c.made + 1
     s.index, s.count, s.chunked = k, math.min(c.size, c.n - (k - 1) * c.size), c.size > 1
+    -- Kept by its first task only: a table of every task in flight
+    -- would churn through rehashes.
+    c.live[k] = s
     if batch and batch > 1 then
       s.batch = batch
-      for i = k, k + batch - 1 do c.live[i] = s end
       c.made = k + batch - 1
     else
-      c.live[k] = s
       c.made = k
     end
   else
@@ -126,11 +129,24 @@ end
 -- Slots made so far.
 local function made(self) return self._c and self._c.made or #self._slots end
 
+-- Most one-item tasks of a map sent as one request.
+AsyncResult.MAX_BATCH = 64
+
+--- The slot in flight that holds task k of a compact result, or nil.
+live_slot = function(c, k)
+  if c.t1[k] ~= nil then return nil end -- settled
+  for j = k, math.max(1, k - AsyncResult.MAX_BATCH + 1), -1 do
+    local s = c.live[j]
+    if s then return j + (s.batch or 1) > k and s or nil end
+  end
+  return nil
+end
+
 --- Slot k: a compact result's settled task as a table made for the asking.
 local function slot_at(self, k)
   local c = self._c
   if not c then return self._slots[k] end
-  local live = c.live[k]
+  local live = live_slot(c, k)
   if live or k > c.made then return live end
   local failed = c.failed[k] or nil
   return { index = k, kind = self._kind, engine = c.eng[k] or nil, id = c.id[k] or nil,
@@ -159,9 +175,9 @@ local function compact_settle_batch(self, slot)
       c.val[k] = values[i]
     end
     c.eng[k], c.id[k], c.t0[k], c.t1[k] = eng, id, t0, t1
-    c.live[k] = nil
     if not c.ordered then self._arrivals[#self._arrivals + 1] = k end
   end
+  c.live[k0] = nil
   -- What the batch printed goes with its first task.
   if slot.stdout then c.stdout[k0] = slot.stdout end
   if slot.stderr then c.stderr[k0] = slot.stderr end
@@ -307,6 +323,8 @@ end
 -- a failed task gives its error for each of its items.
 function methods:_map_values()
   local c = self._c
+  -- The common case, in one C call: one item a task, in order, none failed.
+  if c.size == 1 and c.ordered and c.nfailed == 0 then return table.move(c.val, 1, c.n, 1, {}) end
   local out, i = {}, 0
   local function put(k)
     local n = math.min(c.size, c.n - (k - 1) * c.size)
@@ -436,7 +454,7 @@ function methods:wall_time()
     for k = 1, c.made do
       local t0, t1 = c.t0[k], c.t1[k]
       if t0 then first = math.min(first or t0, t0) end
-      if t1 and c.live[k] == nil then last = math.max(last or t1, t1) end
+      if t1 then last = math.max(last or t1, t1) end
     end
     return first and last and last - first or nil
   end

@@ -455,7 +455,7 @@ local MAP_WINDOW = 1024
 -- A batch of tiny one-item tasks aims to take this long on its engine,
 -- and holds at most MAX_BATCH of them.
 local BATCH_SECONDS = 0.0005
-local MAX_BATCH = 64
+local MAX_BATCH = AsyncResult.MAX_BATCH
 
 --- A load-balanced view of `client` over the engines of `spec` (nil: all);
 -- made by rc:load_balanced_view(targets).
