@@ -331,10 +331,13 @@ function Scheduler:place(task, ids, from_queue)
   end
 end
 
-function Scheduler:enqueue(task)
+--- Queue `task` and place what can go; with `later`, only queue it (a map
+-- queues a window of tasks, then dispatches once: a dispatch per task made
+-- submitting thousands take tens of ms in which the loop saw no event).
+function Scheduler:enqueue(task, later)
   self.tail = self.tail + 1
   self.queue[self.tail] = task
-  self:dispatch()
+  if not later then self:dispatch() end
 end
 
 -- A task is the record the hub settles; it forwards to its AsyncResult slot.
@@ -490,8 +493,8 @@ end
 --- Queue one task as `slot` of `ar`: f(table.unpack(args)), or f(item)
 -- for one item of a map, or f over each of `chunk` for several (then
 -- the task's result is its first value). Submitted at `since` (default
--- now: its timeout counts from then).
-local function submit_task(self, ar, slot, f, since, args, item, chunk, batch)
+-- now: its timeout counts from then). `later`: the caller dispatches.
+local function submit_task(self, ar, slot, f, since, args, item, chunk, batch, later)
   if not SCHEMES[self.scheme] then
     error(string.format("unknown scheme %q (least, lru, random)", tostring(self.scheme)), 3)
   end
@@ -513,7 +516,7 @@ local function submit_task(self, ar, slot, f, since, args, item, chunk, batch)
   end
   slot.task = task -- while it is pending: for Ctrl-C (interrupt_tasks)
   ar._interrupt = interrupt_tasks
-  sched:enqueue(task)
+  sched:enqueue(task, later)
   return task
 end
 
@@ -558,6 +561,7 @@ function LoadBalancedView:map_async(f, list, opts)
   list = table.move(list, 1, n, 1, {})
   local ar = AsyncResult.new("map", { compact = { n = n, size = size, ordered = opts.ordered ~= false } })
   local since = core.now()
+  local sched = scheduler_of(self.client._hub)
   local engines = math.max(1, #self.client)
   local window = math.max(MAP_WINDOW, 4 * view.queue_depth * engines)
   -- One-item tasks that prove tiny go several to a request (each keeps its
@@ -584,21 +588,22 @@ function LoadBalancedView:map_async(f, list, opts)
         local slot = ar:_slot(nil, k)
         local items = table.move(list, first, last, 1, {})
         for i = first, last do list[i] = nil end
-        submit_task(view, ar, slot, f, since, nil, nil, nil, items)
+        submit_task(view, ar, slot, f, since, nil, nil, nil, items, true)
       elseif size == 1 then
         local slot = ar:_slot(nil)
         local item = list[first]
         list[first] = nil
-        submit_task(view, ar, slot, f, since, nil, item)
+        submit_task(view, ar, slot, f, since, nil, item, nil, nil, true)
       else
         local slot = ar:_slot(nil)
         local chunk = table.move(list, first, last, 1, {})
         for i = first, last do list[i] = nil end
-        submit_task(view, ar, slot, f, since, nil, nil, chunk)
+        submit_task(view, ar, slot, f, since, nil, nil, chunk, nil, true)
       end
       first = last + 1
     end
     feeding = false
+    sched:dispatch()
   end
   ar._feed = function(task)
     in_flight = in_flight - 1
@@ -619,7 +624,6 @@ function LoadBalancedView:map_async(f, list, opts)
       ar:_settle(slot, false, nil, nil, err)
     end
   end
-  local sched = scheduler_of(self.client._hub)
   local hub = sched.hub
   if hub.core then hub.core:batch(feed) else feed() end
   return ar
