@@ -5,7 +5,7 @@
 local uv = require "luv"
 
 return function(quick)
-  local h = { rows = {}, by_key = {}, samples = {} }
+  local h = { rows = {}, by_key = {}, samples = {}, quick = quick }
   local scale = quick and 0.05 or 1
 
   --- A sample count, cut down in quick mode.

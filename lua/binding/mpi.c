@@ -124,11 +124,15 @@ static int interrupted(lua_State *L) {
   return 1;
 }
 
-/* Between two polls: spin for 20 us, yield up to 1 ms, then sleep 100 us. */
+/*
+** Between two polls: spin for 20 us, then yield for up to 20 ms (ranks that
+** share cores get them, and a collective of a few ms loses nothing to a
+** sleep), then sleep 100 us at a time.
+*/
 static void backoff(double started) {
   double t = now() - started;
   if (t < 20e-6) return;
-  if (t < 1e-3) {
+  if (t < 20e-3) {
     sched_yield();
     return;
   }
@@ -172,6 +176,12 @@ static void *hold_bytes(lua_State *L, hold *h, int i, size_t bytes) {
   if (s == NULL) luaL_error(L, "lpar.mpi: out of memory (%zu bytes)", bytes);
   h->st[i] = s;
   return s->data;
+}
+
+/* A successful operation lets go of its memory now, not when the GC gets to the hold. */
+static int done(hold *k, int nresults) {
+  hold_clear(k);
+  return nresults;
 }
 
 static void orphan_free(orphan *o) {
@@ -444,7 +454,8 @@ static void receive_matched(lua_State *L, MPI_Message *msg, MPI_Status *st, int 
     luaL_error(L, "lpar.mpi: recv into a %zux%zu matrix: rank %d sent %s", m->rows, m->cols,
                st->MPI_SOURCE, h.kind == K_MATRIX ? "a matrix of another size" : "no matrix");
   push_head_value(L, &h, s, payload, st->MPI_SOURCE, "recv");
-  lua_remove(L, -2); /* the hold: a pushed matrix holds its own reference */
+  hold_clear(k); /* a pushed matrix holds its own reference */
+  lua_remove(L, -2);
 }
 
 /* Probe once (or until matched, when `block`); 1 and the value pushed when received. */
@@ -672,7 +683,7 @@ static int l_barrier(lua_State *L) {
   MPI_Request r;
   MPI_Ibarrier(c->comm, &r);
   collective_wait(L, c, "barrier", &r, k);
-  return 0;
+  return done(k, 0);
 }
 
 static MPI_Op check_op(lua_State *L, int idx) {
@@ -707,12 +718,12 @@ static int reduce_common(lua_State *L, comm *c, const char *name, int root) {
     else
       MPI_Ireduce(in, out, 1, t, op, root, c->comm, &r);
     collective_wait(L, c, name, &r, k);
-    if (!here) return 0;
+    if (!here) return done(k, 0);
     if (isint)
       lua_pushinteger(L, (lua_Integer)out->i);
     else
       lua_pushnumber(L, out->d);
-    return 1;
+    return done(k, 1);
   }
   lparM_matrix *m = lparM_test(L, 2);
   if (m == NULL)
@@ -738,9 +749,9 @@ static int reduce_common(lua_State *L, comm *c, const char *name, int root) {
   else
     MPI_Ireduce(src, out, (int)n, MPI_DOUBLE, op, root, c->comm, &r);
   collective_wait(L, c, name, &r, k);
-  if (!here) return 0;
+  if (!here) return done(k, 0);
   lparM_push(L, k->st[1], m->rows, m->cols);
-  return 1;
+  return done(k, 1);
 }
 
 /* comm:allreduce(v, op?): v combined over all ranks ("sum", "prod", "max", "min"). */
@@ -786,13 +797,13 @@ static int l_bcast(lua_State *L) {
       MPI_Type_free(&p.dtype);
     }
     lua_pushvalue(L, 2);
-    return 1;
+    return done(k, 1);
   }
   MPI_Ibcast(h, (int)sizeof *h, MPI_BYTE, root, c->comm, &r);
   collective_wait(L, c, "bcast", &r, k);
   if (h->kind != K_MATRIX && h->kind != K_VALUE) {
     push_head_value(L, h, NULL, 0, root, "bcast");
-    return 1;
+    return done(k, 1);
   }
   if (h->rows < 0 || h->cols < 0 || h->rows > INT_MAX || (h->kind == K_MATRIX && h->rows * h->cols > INT_MAX))
     return luaL_error(L, "lpar.mpi: bcast: a malformed head from the root");
@@ -820,7 +831,7 @@ static int l_bcast(lua_State *L) {
   else
     push_head_value(L, h, k->st[1], h->kind == K_MATRIX ? count * sizeof(double) : count, root,
                     "bcast");
-  return 1;
+  return done(k, 1);
 }
 
 /* Encode the value at idx into k->mem; its length. */
@@ -881,9 +892,9 @@ static int gather_common(lua_State *L, comm *c, const char *name, int root) {
   else
     MPI_Igatherv(k->mem, len, MPI_BYTE, all, sizes, displs, MPI_BYTE, root, c->comm, &r);
   collective_wait(L, c, name, &r, k);
-  if (!here) return 0;
+  if (!here) return done(k, 0);
   push_list(L, all, sizes, displs, c->size, name);
-  return 1;
+  return done(k, 1);
 }
 
 /* comm:gather(v, root?): on root, the list of every rank's v (rank r at [r + 1]). */
@@ -940,7 +951,7 @@ static int l_scatter(lua_State *L) {
   MPI_Iscatterv(k->mem, sizes, displs, MPI_BYTE, piece, *mine, MPI_BYTE, root, c->comm, &r);
   collective_wait(L, c, "scatter", &r, k);
   push_decoded(L, piece, (size_t)*mine, "scatter");
-  return 1;
+  return done(k, 1);
 }
 
 /* ---- communicators ----------------------------------------------------- */
