@@ -160,6 +160,12 @@ describe("lpar.mpi", function()
     assert.is_true(tonumber(bytes) <= tonumber(abc) * 1.01, out)
   end)
 
+  it("runs psum.lua, ipyparallel's MPI parallel sum, on a cluster of its own", function()
+    local out, code = scratch.sh(helpers.lpar .. " examples/psum.lua 2 1000 2>&1")
+    assert.equal(0, code, out)
+    assert.matches("psum of 1..1000 over 2 engines: 500500 on each of them %(n%(n%+1%)/2 = 500500%)", out)
+  end)
+
   it("raises a clear error for require 'lpar.mpi' outside MPI: on a plain engine and in plain Lua", function()
     local plain <close> = lpar.Cluster { n = 1 }:start_and_connect()
     local ok, err = pcall(plain[0].apply_sync, plain[0], function() return require "lpar.mpi" end)
