@@ -266,8 +266,8 @@ static void matrix_payload(lua_State *L, const lparM_matrix *m, packed *p) {
   }
 }
 
-/* Pack the value at idx; `encode_all`: matrices too go through the encoding. */
-static void pack(lua_State *L, int idx, packed *p, const char *root, int encode_all) {
+/* Pack the value at idx: a number in the head, a matrix as its elements, the rest encoded. */
+static void pack(lua_State *L, int idx, packed *p, const char *root) {
   memset(p, 0, sizeof *p);
   lparB_init(&p->buf);
   p->dtype = MPI_BYTE;
@@ -281,7 +281,7 @@ static void pack(lua_State *L, int idx, packed *p, const char *root, int encode_
     p->h.num = lua_tonumber(L, idx);
   } else if (lua_isnoneornil(L, idx)) {
     p->h.kind = K_NIL;
-  } else if (m && !encode_all) {
+  } else if (m) {
     p->h.kind = K_MATRIX;
     p->h.rows = (int64_t)m->rows;
     p->h.cols = (int64_t)m->cols;
@@ -350,7 +350,7 @@ typedef struct request {
 } request;
 
 static void post_send(lua_State *L, comm *c, int idx, int dest, int tag, request *q) {
-  pack(L, idx, &q->p, "value", 0);
+  pack(L, idx, &q->p, "value");
   q->h = q->p.h;
   q->type = message_type(&q->h, q->p.data, q->p.dtype, q->p.dcount);
   int rc = MPI_Isend(MPI_BOTTOM, 1, q->type, dest, tag, c->comm, &q->req);
@@ -783,7 +783,7 @@ static int l_bcast(lua_State *L) {
   MPI_Request r;
   if (c->rank == root) {
     packed p;
-    pack(L, 2, &p, "value", 0);
+    pack(L, 2, &p, "value");
     *h = p.h;
     k->st[1] = p.st; /* the hold owns p's memory from here */
     k->mem = p.buf.data;
