@@ -100,12 +100,16 @@ describe("lpar.mpi", function()
       local big = matrix.zeros(256, 1100)
       local into = big:sub(101, 228, 51, 1074)
       local back = mpi.sendrecv(m:sub(1, 128, 1, 1024), prv, 6, nxt, 6, into)
+      -- numbers and nil travel in the message's head
+      local x, y, z = mpi.sendrecv(mpi.rank + 0.5, nxt, 7, prv, 7), mpi.sendrecv(mpi.rank, nxt, 8, prv, 8),
+        mpi.sendrecv(nil, nxt, 9, prv, 9)
       return { r:get(1, 1), r:get(128, 1024), r.rows, r.cols, src, tag, rawequal(back, into),
-               big:get(101, 51), big:get(228, 1074), big:get(100, 51) }
+               big:get(101, 51), big:get(228, 1074), big:get(100, 51), x, math.type(y), y, z == nil }
     end)
     for e = 0, 3 do
       local prv, nxt = (e - 1) % 4, (e + 1) % 4
-      assert.same({ prv, prv * 2, 128, 1024, prv, 5, true, nxt, nxt * 2, 0 }, got[e + 1])
+      assert.same({ prv, prv * 2, 128, 1024, prv, 5, true, nxt, nxt * 2, 0, prv + 0.5, "integer", prv, true },
+        got[e + 1])
     end
   end)
 
