@@ -398,6 +398,23 @@ static void open_engine_module(lua_State *L, lparE_state *st) {
   lua_call(L, 1, 0);
 }
 
+/*
+** Under the MPI launcher (LPAR_MPI=1, set by the rank's `lpar engine
+** --rank`), load lpar.mpi now: MPI_Init waits for every rank, which start
+** together, where a task's first require on one engine would wait for all.
+** A failure is logged, and the task's own require raises it again.
+*/
+static void start_mpi(lua_State *L, int id) {
+  const char *v = getenv("LPAR_MPI");
+  if (v == NULL || strcmp(v, "1") != 0) return;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "lpar.mpi");
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    fprintf(stderr, "lpar-engine %d: %s\n", id, lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
+}
+
 int main(void) {
   lparE_state st = {.fd = env_int("LPAR_FD", -1), .side = env_int("LPAR_SIDE_FD", -1),
                     .id = env_int("LPAR_ENGINE_ID", 0),
@@ -428,6 +445,7 @@ int main(void) {
   open_engine_module(L, &st);
   lparE_capture_output(L, &st);
   lparE_interrupt_init(L);
+  start_mpi(L, st.id);
 
   char hello[96];
   int n = snprintf(hello, sizeof hello, "lpar-engine %s id=%d pid=%ld", LPAR_VERSION, st.id,

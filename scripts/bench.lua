@@ -352,6 +352,9 @@ end
 -- Engines on other hosts (scripts/bench_hosts.lua: namespace hosts over ssh).
 dofile("scripts/bench_hosts.lua")(harness)
 
+-- lpar.mpi between MPI engines (scripts/bench_mpi.lua: SUMMA, allreduce).
+dofile("scripts/bench_mpi.lua")(harness)
+
 -- results.json: machine, versions, date, every figure; written with
 -- lua-dkjson, so strings are escaped as JSON wants and NaN or inf become null.
 local function json(v)

@@ -85,6 +85,8 @@ describe("the examples", function()
       "client Lua heap growth", "client RSS growth", "A:dot%(B%) n=512, 1 thread", "A:dot%(B%) n=512, 2 threads",
       "standalone: round trip / embedded, p50", "standalone: push 64 MiB / 2 MiB, time",
       "standalone: idle controller CPU over 2 s", "standalone TCP: push 2 MiB matrix",
+      "mpi: SUMMA / OpenBLAS", "mpi: SUMMA on 4 engines, client bytes / %(A%+B%+C%)",
+      "mpi: allreduce 1 MiB / memcpy 1 MiB", "mpi: allreduce of one number, 4 engines",
     } do
       assert.matches(row .. "[^\n]- +%-?%d+%.%d+ ", out)
     end

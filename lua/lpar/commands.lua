@@ -488,7 +488,10 @@ local function engine_join(opts)
     if alive == 0 then done = true end
   end
   function engine.bad() end
-  cluster = core.new_cluster { raw = true, handler = function(kind, ...) engine[kind](...) end }
+  -- An MPI rank's engine starts MPI as it starts (lpar.mpi; engines/engine.c).
+  local mpi = opts.rank and (os.getenv("OMPI_COMM_WORLD_RANK") or os.getenv("PMIX_RANK") or os.getenv("PMI_RANK"))
+  cluster = core.new_cluster { raw = true, env = mpi and { "LPAR_MPI=1" } or nil,
+                               handler = function(kind, ...) engine[kind](...) end }
   for id = first, first + count - 1 do
     local pid, serr = cluster:spawn(id, joined.n)
     if not pid then
