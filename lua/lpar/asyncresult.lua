@@ -25,17 +25,26 @@ function AsyncResult.new(kind, opts)
           val = {}, failed = {}, nfailed = 0, eng = {}, id = {}, t0 = {}, t1 = {},
           stdout = {}, stderr = {}, submitted = core.now() }
   end
+  -- Every field a settle or a wait looks at is present (false, not nil):
+  -- a missing one would go through __index below at each look.
   return setmetatable({
-    _c = c,
-    _total = c and c.tasks,
-    _ordered = c and c.ordered,
+    _c = c or false,
+    _total = c and c.tasks or false,
+    _ordered = c and c.ordered or false,
     _kind = kind,
     _slots = {},
     _done = 0,
-    _single = opts.single,
-    _finish = opts.finish,
+    _single = opts.single or false,
+    _finish = opts.finish or false,
     _arrivals = {},
     _submitted = core.now(),
+    _completed = false,
+    _waiters = false,
+    _interrupt = false,
+    _interrupting = false,
+    _feed = false,
+    _stop = false,
+    on_output = false,
   }, AsyncResult)
 end
 
@@ -233,7 +242,7 @@ function methods:_settle(slot, ok, started, completed, value)
   if self._done == total(self) then
     self._completed = core.now()
     local waiters = self._waiters
-    self._waiters = nil
+    self._waiters = false
     for _, fn in ipairs(waiters or {}) do fn() end
   end
 end

@@ -125,7 +125,7 @@ function px.run(code, opts, client)
     return ar
   end
   local ok, err = pcall(ar.wait, ar, opts.timeout)
-  ar.on_output = nil
+  ar.on_output = false
   if not ok then error(err, 2) end
   if not streamed then
     for _, s in ipairs(ar._slots) do
