@@ -76,6 +76,7 @@ typedef struct lparY_engine_info {
   int status, signal; /* how it ended (DEAD) */
   uint64_t in_flight; /* requests sent, not answered */
   int64_t silent_ms;  /* since a local engine last sent a frame; -1 when not known */
+  uint64_t link_sent; /* joined: bytes sent so far on its host's link (all its engines') */
 } lparY_engine_info;
 
 typedef struct lparY_stats {

@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -188,6 +190,35 @@ static void reply_text(lua_State *L, lparE_state *st, int ok, int first, int cou
                enc->data, enc->len);
 }
 
+/*
+** A request whose payload is in shared memory (LPAR_FLAG_SHM): the frame's
+** payload is the length, u64 little-endian, and `fd` a memfd holding at
+** least that many bytes. Mapped read-only at *body; 0, or -1 with err.
+*/
+static int map_body(const char *payload, size_t len, int fd, int nfds, void **body,
+                    size_t *body_len, char *err, size_t errlen) {
+  struct stat sb;
+  uint64_t n = 0;
+  if (len != 8 || nfds < 1) {
+    snprintf(err, errlen, "shared-memory request without its length or its memory");
+    return -1;
+  }
+  for (int i = 7; i >= 0; i--) n = n << 8 | (unsigned char)payload[i];
+  if (n > LPAR_MAX_PAYLOAD || fstat(fd, &sb) != 0 || (uint64_t)sb.st_size < n) {
+    snprintf(err, errlen, "shared-memory request longer than its memory");
+    return -1;
+  }
+  /* An empty one still maps a page, so munmap has something to release. */
+  void *p = mmap(NULL, n ? (size_t)n : 1, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (p == MAP_FAILED) {
+    snprintf(err, errlen, "cannot map the request's shared memory: %s", strerror(errno));
+    return -1;
+  }
+  *body = p;
+  *body_len = (size_t)n;
+  return 0;
+}
+
 static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const char *payload,
                   lparB_buffer *enc) {
   double started = lparE_now();
@@ -201,16 +232,30 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
   lparS_shm shm = {.nfds = 0};
   if ((h->flags & LPAR_FLAG_FDS) && st->side >= 0) /* sent just before the frame */
     shm.nfds = lparH_recv_fds(st->side, shm.fds, LPARH_MAX_FDS, 1);
+  size_t len = (size_t)h->len;
+  void *body = NULL;
+  size_t body_len = 0;
   if (shm.nfds < 0) {
     shm.nfds = 0;
     snprintf(err, sizeof err, "the request's shared memory did not arrive");
-  } else if (h->flags & LPAR_FLAG_RAW) { /* the payload is the code itself */
-    lua_pushlstring(L, payload, (size_t)h->len);
-    decoded = 1;
+  } else if ((h->flags & LPAR_FLAG_SHM) &&
+             map_body(payload, len, shm.fds[shm.nfds > 0 ? shm.nfds - 1 : 0], shm.nfds, &body,
+                      &body_len, err, sizeof err) < 0) {
+    /* err says why */
   } else {
-    decoded = lparS_decode_shm(L, payload, (size_t)h->len, LPARS_ALLOW_CODE, &shm, &nvals, err,
-                               sizeof err) == 0;
+    if (body) { /* the payload is in the last descriptor, one copy for the host's engines */
+      payload = body;
+      len = body_len;
+      close(shm.fds[--shm.nfds]);
+    }
+    if (h->flags & LPAR_FLAG_RAW) { /* the payload is the code itself */
+      lua_pushlstring(L, payload, len);
+      decoded = 1;
+    } else {
+      decoded = lparS_decode_shm(L, payload, len, LPARS_ALLOW_CODE, &shm, &nvals, err, sizeof err) == 0;
+    }
   }
+  if (body) munmap(body, body_len ? body_len : 1);
   for (int i = 0; i < shm.nfds; i++) close(shm.fds[i]); /* storages hold their own */
   if (!decoded) {
     st->bad_messages++;

@@ -18,6 +18,7 @@
 #include <sodium.h>
 
 #include "binding.h"
+#include "hostrelay.h"
 #include "relay.h"
 #include "serialize.h"
 
@@ -281,5 +282,171 @@ void lparC_open_relay(lua_State *L) {
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
   static const luaL_Reg functions[] = {{"relay", l_relay}, {NULL, NULL}};
+  luaL_setfuncs(L, functions, 0);
+}
+
+/*
+** The lpar.hostrelay type: a joined host's relay (core/hostrelay.h).
+**
+**   core.host_relay{link=, first=, count=, n=, host=, engine=, env={...}, handler=}
+**
+** takes the link of `link`, a connected lpar.cluster that has joined (the
+** cluster is left with none). The handler hears ("ready", engine),
+** ("exit", engine, status, signal) and ("closed", reason, silent).
+*/
+#define HOSTRELAY_MT "lpar.hostrelay"
+
+typedef struct hostrelay_ud {
+  lparJ_relay *j;
+  lua_State *L;
+  int handler_ref;
+} hostrelay_ud;
+
+static int push_host_event(lua_State *L) {
+  const lparJ_event *ev = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  switch (ev->kind) {
+  case LPARJ_READY:
+    lua_pushstring(L, "ready");
+    lua_pushinteger(L, ev->engine);
+    return 2;
+  case LPARJ_EXIT:
+    lua_pushstring(L, "exit");
+    lua_pushinteger(L, ev->engine);
+    lua_pushinteger(L, ev->status);
+    lua_pushinteger(L, ev->signal);
+    return 4;
+  case LPARJ_CLOSED:
+    lua_pushstring(L, "closed");
+    lua_pushstring(L, ev->reason);
+    lua_pushboolean(L, ev->silent);
+    return 3;
+  }
+  return 0;
+}
+
+static void on_host_event(lparJ_relay *j, const lparJ_event *ev, void *ud) {
+  (void)j;
+  hostrelay_ud *u = ud;
+  lua_State *L = u->L;
+  if (u->handler_ref == LUA_NOREF || !lua_checkstack(L, 8)) return;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, lparC_traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
+  lua_pushcfunction(L, push_host_event);
+  lua_pushlightuserdata(L, (void *)ev);
+  if (lua_pcall(L, 1, LUA_MULTRET, 0) == LUA_OK) {
+    if (lua_pcall(L, lua_gettop(L) - (top + 2), 0, top + 1) != LUA_OK)
+      fprintf(stderr, "lpar engine: error in the relay: %s\n", lua_tostring(L, -1));
+  } else {
+    fprintf(stderr, "lpar engine: a relay event was lost: %s\n", lua_tostring(L, -1));
+  }
+  lua_settop(L, top);
+}
+
+static int int_field(lua_State *L, const char *name, int fallback) {
+  lua_getfield(L, 1, name);
+  int v = (int)luaL_optinteger(L, -1, fallback);
+  lua_pop(L, 1);
+  return v;
+}
+
+static int l_host_relay(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lparJ_config cfg = {.on_event = on_host_event};
+  cfg.first = int_field(L, "first", -1);
+  cfg.count = int_field(L, "count", 0);
+  cfg.n = int_field(L, "n", 0);
+  cfg.host = opt_field(L, "host");
+  cfg.engines.engine_path = opt_field(L, "engine");
+  lua_getfield(L, 1, "handler");
+  luaL_argexpected(L, lua_isfunction(L, -1), 1, "table with a handler function");
+  lua_pop(L, 1);
+  hostrelay_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
+  memset(u, 0, sizeof *u);
+  u->handler_ref = LUA_NOREF;
+  luaL_setmetatable(L, HOSTRELAY_MT);
+  lua_getfield(L, 1, "link");
+  lparR_route *link = lparC_take_link(L, lua_gettop(L)); /* raises before anything is owned */
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "handler");
+  u->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  u->L = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  cfg.ud = u;
+  char err[512] = "";
+  int rc = lparJ_new(luv_loop(L), link, &cfg, &u->j, err, sizeof err);
+  if (rc < 0) {
+    u->j = NULL;
+    lparC_unref(L, &u->handler_ref);
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    lua_pushinteger(L, rc);
+    return 3;
+  }
+  return 1;
+}
+
+static hostrelay_ud *check_hostrelay(lua_State *L) {
+  hostrelay_ud *u = luaL_checkudata(L, 1, HOSTRELAY_MT);
+  if (u->j == NULL) luaL_error(L, "the host relay is stopped");
+  return u;
+}
+
+static int l_host_spawn(lua_State *L) {
+  hostrelay_ud *u = check_hostrelay(L);
+  char err[512];
+  int rc = lparJ_spawn(u->j, (int)luaL_checkinteger(L, 2), err, sizeof err);
+  if (rc < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    lua_pushinteger(L, rc);
+    return 3;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_host_stats(lua_State *L) {
+  hostrelay_ud *u = check_hostrelay(L);
+  lparJ_stats s;
+  lparJ_get_stats(u->j, &s);
+  lua_createtable(L, 0, 5);
+  lua_pushinteger(L, (lua_Integer)s.requests);
+  lua_setfield(L, -2, "requests");
+  lua_pushinteger(L, (lua_Integer)s.deliveries);
+  lua_setfield(L, -2, "deliveries");
+  lua_pushinteger(L, (lua_Integer)s.shared);
+  lua_setfield(L, -2, "shared");
+  lua_pushinteger(L, (lua_Integer)s.bytes_in);
+  lua_setfield(L, -2, "bytes_in");
+  lua_pushinteger(L, (lua_Integer)s.bad_messages);
+  lua_setfield(L, -2, "bad_messages");
+  return 1;
+}
+
+static int l_host_stop(lua_State *L) {
+  hostrelay_ud *u = luaL_checkudata(L, 1, HOSTRELAY_MT);
+  if (u->j) {
+    lparJ_free(u->j);
+    u->j = NULL;
+  }
+  lparC_unref(L, &u->handler_ref);
+  return 0;
+}
+
+void lparC_open_hostrelay(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"spawn", l_host_spawn}, {"stats", l_host_stats}, {"stop", l_host_stop}, {NULL, NULL}};
+  luaL_newmetatable(L, HOSTRELAY_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_host_stop);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, l_host_stop);
+  lua_setfield(L, -2, "__close");
+  lua_pop(L, 1);
+  static const luaL_Reg functions[] = {{"host_relay", l_host_relay}, {NULL, NULL}};
   luaL_setfuncs(L, functions, 0);
 }
