@@ -6,7 +6,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include "shm.h"
@@ -81,8 +80,8 @@ static void on_local_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
 
 /*
 ** One request's payload as the host's engines get it: inline when small;
-** else in a memfd made once, which every engine maps (ref: the descriptor
-** and the 8-byte length that stands for the payload).
+** else in a sealed memfd made once, which every engine maps (the frame
+** carries its descriptor and, as its payload, the 8-byte length).
 */
 typedef struct body {
   const char *p;
@@ -94,11 +93,8 @@ typedef struct body {
 static int body_open(lparJ_relay *j, body *b, const char *p, size_t len) {
   *b = (body){.p = p, .len = len, .fd = -1};
   if (len < LPARJ_SHM_MIN) return LPAR_OK;
-  void *map;
-  int rc = lparH_create(len, &b->fd, &map);
+  int rc = lparH_create_sealed(p, len, &b->fd);
   if (rc < 0) return rc;
-  memcpy(map, p, len);
-  munmap(map, len);
   for (int i = 0; i < 8; i++) b->size[i] = (char)((uint64_t)len >> (8 * i));
   j->stats.shared++;
   return LPAR_OK;

@@ -209,7 +209,7 @@ static int map_body(const char *payload, size_t len, int fd, int nfds, void **bo
     return -1;
   }
   /* An empty one still maps a page, so munmap has something to release. */
-  void *p = mmap(NULL, n ? (size_t)n : 1, PROT_READ, MAP_PRIVATE, fd, 0);
+  void *p = mmap(NULL, n ? (size_t)n : 1, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
   if (p == MAP_FAILED) {
     snprintf(err, errlen, "cannot map the request's shared memory: %s", strerror(errno));
     return -1;
