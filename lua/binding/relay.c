@@ -215,7 +215,7 @@ static const char *state_name(lparY_engine_state s) {
   }
 }
 
-/* relay:engine(id) -> {state=, kind=, pid=, status=, signal=, queue=} or nil */
+/* relay:engine(id) -> {state=, kind=, pid=, status=, signal=, queue=, silent_ms=, link_sent=} or nil */
 static int l_engine(lua_State *L) {
   relay_ud *u = check_relay(L);
   lparY_engine_info e;
@@ -236,6 +236,10 @@ static int l_engine(lua_State *L) {
   if (e.silent_ms >= 0) {
     lua_pushinteger(L, (lua_Integer)e.silent_ms);
     lua_setfield(L, -2, "silent_ms");
+  }
+  if (e.joined) {
+    lua_pushinteger(L, (lua_Integer)e.link_sent);
+    lua_setfield(L, -2, "link_sent");
   }
   return 1;
 }

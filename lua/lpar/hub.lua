@@ -480,7 +480,8 @@ function Hub:queue_status()
     local st, err = self:call("status")
     if not st then error("queue_status: " .. tostring(err), 3) end
     for id, e in pairs(st.engines) do
-      status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms, host = e.host }
+      status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms, host = e.host,
+                     link_sent = e.link_sent }
     end
     status.bad_messages, status.refused, status.disconnected, status.clients =
       st.bad_messages, st.refused, st.disconnected, st.clients
