@@ -128,9 +128,10 @@ describe("the ssh launcher on namespace hosts", function()
   it("pushes to all engines on both hosts at once, each getting the values whole", function()
     local big = matrix.random(256 * 1024, 1, 7) -- 2 MiB: handed to a host's engines by shared memory
     local dview = rc:view()
-    dview:push({ big = big, small = { id = "x", list = { 1, 2, 3 } } }, { block = true })
+    dview:push({ pushed = big, small = { id = "x", list = { 1, 2, 3 } } }, { block = true })
     local got = dview:apply_sync(function()
-      return { id = lpar.engine.id, rows = big.rows, sum = big:sum(), last = big:get(256 * 1024, 1),
+      local m, small = _G.pushed, _G.small -- the globals the push set, not upvalues of this function
+      return { id = lpar.engine.id, rows = m.rows, sum = m:sum(), last = m:get(256 * 1024, 1),
                small = small.id .. #small.list }
     end)
     assert.equal(4, #got)
