@@ -397,6 +397,28 @@ describe("engines that join", function()
   end)
 end)
 
+describe("engines that join with local ones", function()
+  it("get one push to all, each engine its values whole (shared memory here, inline to the joined)", function()
+    local out = base .. "/engine2.out"
+    local command = "exec " .. helpers.lpar .. " engine --profile main -n 2 > '" .. out .. "' 2>&1"
+    local handle, pid = uv.spawn("/bin/sh", { args = { "-c", command } }, function() end)
+    assert.is_truthy(handle)
+    local rc <close> = lpar.Client { profile = "main" }
+    assert.is_true(helpers.wait_until(function() return #rc == 4 end, 10))
+    local m = require("lpar.matrix").random(128 * 1024, 2, 5)
+    local dview = rc:view()
+    dview:push({ m = m, tag = "t" }, { block = true })
+    local got = dview:apply_sync(function() return lpar.engine.id .. " " .. _G.tag .. " " .. _G.m:sum() end)
+    for i, id in ipairs(rc.ids) do assert.equal(id .. " t " .. m:sum(), got[i]) end
+    local st = rc:queue_status()
+    assert.is_nil(st[0].link_sent) -- a local engine has no host link
+    assert.is_true(st[rc.ids[4]].link_sent > 0)
+    uv.kill(pid, "sigterm")
+    assert.is_true(helpers.wait_until(function() return #rc == 2 end, 5))
+    helpers.close(handle)
+  end)
+end)
+
 describe("TCP", function()
   it("is used only when asked, on 127.0.0.1, with the same authentication", function()
     start("tcp", "-n 1 --port 0")
