@@ -11,6 +11,11 @@
 ** control operations (connect, status, restart, shutdown, join) stay in
 ** Lua: CONTROL frames reach it as events, and it answers with lparY_answer.
 **
+** A request for several engines comes once, with a route list
+** (LPAR_FLAG_ROUTES, wire.h): each local engine gets its own frame, and
+** the engines behind each host's relay one frame for that host, so a push
+** to many engines crosses each host's link once.
+**
 ** Engines behind links that cannot carry descriptors (TCP clients, engines
 ** joined over a link) get their matrices inline: requests from a TCP client
 ** are flagged LPAR_FLAG_INLINE so the engine answers inline, and clients are
