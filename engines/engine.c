@@ -12,7 +12,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -193,34 +192,45 @@ static void reply_text(lua_State *L, lparE_state *st, int ok, int first, int cou
 /*
 ** A request whose payload is in shared memory (LPAR_FLAG_SHM): the frame's
 ** payload is the length, u64 little-endian, and `fd` a memfd holding at
-** least that many bytes. Mapped read-only at *body; 0, or -1 with err.
+** least that many bytes. Read into `in` (replacing the frame's payload):
+** one copy, with none of the page-table work a mapping of it would cost
+** each engine. 0, or -1 with err.
 */
-static int map_body(const char *payload, size_t len, int fd, int nfds, void **body,
-                    size_t *body_len, char *err, size_t errlen) {
+static int read_body(lparB_buffer *in, size_t len, int fd, int nfds, char *err, size_t errlen) {
   struct stat sb;
   uint64_t n = 0;
   if (len != 8 || nfds < 1) {
     snprintf(err, errlen, "shared-memory request without its length or its memory");
     return -1;
   }
-  for (int i = 7; i >= 0; i--) n = n << 8 | (unsigned char)payload[i];
+  for (int i = 7; i >= 0; i--) n = n << 8 | (unsigned char)in->data[i];
   if (n > LPAR_MAX_PAYLOAD || fstat(fd, &sb) != 0 || (uint64_t)sb.st_size < n) {
     snprintf(err, errlen, "shared-memory request longer than its memory");
     return -1;
   }
-  /* An empty one still maps a page, so munmap has something to release. */
-  void *p = mmap(NULL, n ? (size_t)n : 1, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-  if (p == MAP_FAILED) {
-    snprintf(err, errlen, "cannot map the request's shared memory: %s", strerror(errno));
+  in->len = 0;
+  if (lparB_reserve(in, (size_t)n + 1) < 0) {
+    snprintf(err, errlen, "out of memory for a request of %llu bytes", (unsigned long long)n);
     return -1;
   }
-  *body = p;
-  *body_len = (size_t)n;
+  size_t got = 0;
+  while (got < n) {
+    ssize_t k = pread(fd, in->data + got, (size_t)n - got, (off_t)got);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) {
+      snprintf(err, errlen, "cannot read the request's shared memory: %s",
+               k < 0 ? strerror(errno) : "cut short");
+      return -1;
+    }
+    got += (size_t)k;
+  }
+  in->len = (size_t)n;
   return 0;
 }
 
-static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const char *payload,
+static void serve(lua_State *L, lparE_state *st, const lparW_header *h, lparB_buffer *in,
                   lparB_buffer *enc) {
+  const char *payload = in->data;
   double started = lparE_now();
   char err[512];
   int base = lua_gettop(L);
@@ -233,19 +243,17 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
   if ((h->flags & LPAR_FLAG_FDS) && st->side >= 0) /* sent just before the frame */
     shm.nfds = lparH_recv_fds(st->side, shm.fds, LPARH_MAX_FDS, 1);
   size_t len = (size_t)h->len;
-  void *body = NULL;
-  size_t body_len = 0;
   if (shm.nfds < 0) {
     shm.nfds = 0;
     snprintf(err, sizeof err, "the request's shared memory did not arrive");
   } else if ((h->flags & LPAR_FLAG_SHM) &&
-             map_body(payload, len, shm.fds[shm.nfds > 0 ? shm.nfds - 1 : 0], shm.nfds, &body,
-                      &body_len, err, sizeof err) < 0) {
+             read_body(in, len, shm.fds[shm.nfds > 0 ? shm.nfds - 1 : 0], shm.nfds, err,
+                       sizeof err) < 0) {
     /* err says why */
   } else {
-    if (body) { /* the payload is in the last descriptor, one copy for the host's engines */
-      payload = body;
-      len = body_len;
+    if (h->flags & LPAR_FLAG_SHM) { /* the payload came from the last descriptor */
+      payload = in->data;
+      len = in->len;
       close(shm.fds[--shm.nfds]);
     }
     if (h->flags & LPAR_FLAG_RAW) { /* the payload is the code itself */
@@ -255,7 +263,6 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
       decoded = lparS_decode_shm(L, payload, len, LPARS_ALLOW_CODE, &shm, &nvals, err, sizeof err) == 0;
     }
   }
-  if (body) munmap(body, body_len ? body_len : 1);
   for (int i = 0; i < shm.nfds; i++) close(shm.fds[i]); /* storages hold their own */
   if (!decoded) {
     st->bad_messages++;
@@ -447,7 +454,7 @@ int main(void) {
     }
     st.task = h.id;
     st.inline_reply = (h.flags & LPAR_FLAG_INLINE) != 0;
-    serve(L, &st, &h, in.data, &enc);
+    serve(L, &st, &h, &in, &enc);
     if (st.gone) break;
     if (in.cap > (1u << 24)) lparB_free(&in); /* do not hold a huge buffer while idle */
     if (enc.cap > (1u << 24)) lparB_free(&enc);
