@@ -412,24 +412,6 @@ static int l_host_spawn(lua_State *L) {
   return 1;
 }
 
-static int l_host_stats(lua_State *L) {
-  hostrelay_ud *u = check_hostrelay(L);
-  lparJ_stats s;
-  lparJ_get_stats(u->j, &s);
-  lua_createtable(L, 0, 5);
-  lua_pushinteger(L, (lua_Integer)s.requests);
-  lua_setfield(L, -2, "requests");
-  lua_pushinteger(L, (lua_Integer)s.deliveries);
-  lua_setfield(L, -2, "deliveries");
-  lua_pushinteger(L, (lua_Integer)s.shared);
-  lua_setfield(L, -2, "shared");
-  lua_pushinteger(L, (lua_Integer)s.bytes_in);
-  lua_setfield(L, -2, "bytes_in");
-  lua_pushinteger(L, (lua_Integer)s.bad_messages);
-  lua_setfield(L, -2, "bad_messages");
-  return 1;
-}
-
 static int l_host_stop(lua_State *L) {
   hostrelay_ud *u = luaL_checkudata(L, 1, HOSTRELAY_MT);
   if (u->j) {
@@ -442,7 +424,7 @@ static int l_host_stop(lua_State *L) {
 
 void lparC_open_hostrelay(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"spawn", l_host_spawn}, {"stats", l_host_stats}, {"stop", l_host_stop}, {NULL, NULL}};
+    {"spawn", l_host_spawn}, {"stop", l_host_stop}, {NULL, NULL}};
   luaL_newmetatable(L, HOSTRELAY_MT);
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
