@@ -31,9 +31,9 @@ typedef struct relay_ud {
   lparB_buffer enc;
 } relay_ud;
 
-/* Protected: (u, ev) -> the handler's arguments. */
+/* Protected: (ev) -> the handler's arguments. */
 static int push_relay_event(lua_State *L) {
-  const lparY_event *ev = lua_touserdata(L, 2);
+  const lparY_event *ev = lua_touserdata(L, 1);
   lua_settop(L, 0);
   switch (ev->kind) {
   case LPARY_ENGINE_READY:
@@ -72,24 +72,33 @@ static int push_relay_event(lua_State *L) {
   return 0;
 }
 
+/*
+** Hand an event to the Lua handler `ref`: `push` turns (ev) into the
+** handler's arguments, and both run protected, so neither a decoding
+** failure nor an error in the handler unwinds through libuv; `who` names
+** the handler's owner in what is printed then.
+*/
+static void call_handler(lua_State *L, int ref, lua_CFunction push, const void *ev,
+                         const char *who) {
+  if (ref == LUA_NOREF || !lua_checkstack(L, 8)) return;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, lparC_traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+  lua_pushcfunction(L, push);
+  lua_pushlightuserdata(L, (void *)ev);
+  if (lua_pcall(L, 1, LUA_MULTRET, 0) == LUA_OK) {
+    if (lua_pcall(L, lua_gettop(L) - (top + 2), 0, top + 1) != LUA_OK)
+      fprintf(stderr, "lpar: error in the %s: %s\n", who, lua_tostring(L, -1));
+  } else {
+    fprintf(stderr, "lpar: a %s event was lost: %s\n", who, lua_tostring(L, -1));
+  }
+  lua_settop(L, top);
+}
+
 static void on_relay_event(lparY_relay *y, const lparY_event *ev, void *ud) {
   (void)y;
   relay_ud *u = ud;
-  lua_State *L = u->L;
-  if (u->handler_ref == LUA_NOREF || !lua_checkstack(L, 8)) return;
-  int top = lua_gettop(L);
-  lua_pushcfunction(L, lparC_traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
-  lua_pushcfunction(L, push_relay_event);
-  lua_pushlightuserdata(L, u);
-  lua_pushlightuserdata(L, (void *)ev);
-  if (lua_pcall(L, 2, LUA_MULTRET, 0) == LUA_OK) {
-    if (lua_pcall(L, lua_gettop(L) - (top + 2), 0, top + 1) != LUA_OK)
-      fprintf(stderr, "lpar: error in the controller: %s\n", lua_tostring(L, -1));
-  } else {
-    fprintf(stderr, "lpar: a controller event was lost: %s\n", lua_tostring(L, -1));
-  }
-  lua_settop(L, top);
+  call_handler(u->L, u->handler_ref, push_relay_event, ev, "controller");
 }
 
 static relay_ud *check_relay(lua_State *L) {
@@ -332,20 +341,7 @@ static int push_host_event(lua_State *L) {
 static void on_host_event(lparJ_relay *j, const lparJ_event *ev, void *ud) {
   (void)j;
   hostrelay_ud *u = ud;
-  lua_State *L = u->L;
-  if (u->handler_ref == LUA_NOREF || !lua_checkstack(L, 8)) return;
-  int top = lua_gettop(L);
-  lua_pushcfunction(L, lparC_traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
-  lua_pushcfunction(L, push_host_event);
-  lua_pushlightuserdata(L, (void *)ev);
-  if (lua_pcall(L, 1, LUA_MULTRET, 0) == LUA_OK) {
-    if (lua_pcall(L, lua_gettop(L) - (top + 2), 0, top + 1) != LUA_OK)
-      fprintf(stderr, "lpar engine: error in the relay: %s\n", lua_tostring(L, -1));
-  } else {
-    fprintf(stderr, "lpar engine: a relay event was lost: %s\n", lua_tostring(L, -1));
-  }
-  lua_settop(L, top);
+  call_handler(u->L, u->handler_ref, push_host_event, ev, "host relay");
 }
 
 static int int_field(lua_State *L, const char *name, int fallback) {
