@@ -556,6 +556,39 @@ int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags,
   return rc == LPAR_EINVAL && nfds > 0 ? LPAR_EUNSENDABLE : rc;
 }
 
+int lpar_cluster_send_many(lpar_cluster *c, const int *engines, int n, int type, unsigned flags,
+                           uint64_t first_id, const void *payload, size_t len, const int *fds,
+                           int nfds, int *rcs) {
+  if (n < 1 || engines == NULL) return LPAR_EINVAL;
+  if (c->freeing) return LPAR_ECLOSED;
+  flags &= ~(unsigned)(LPAR_FLAG_ROUTES | LPAR_FLAG_SHM);
+  if (c->link == NULL || n == 1) {
+    int first = LPAR_OK;
+    for (int i = 0; i < n; i++) {
+      int rc = lpar_cluster_send_fds(c, engines[i], type, flags, first_id + (uint64_t)i, payload,
+                                     len, fds, nfds);
+      if (rcs) rcs[i] = rc;
+      if (rc < 0 && first == LPAR_OK) first = rc;
+    }
+    return first;
+  }
+  /* Behind a controller: once over the link, with the route list. */
+  if (n > LPARW_MAX_FANOUT) return LPAR_EINVAL;
+  for (int i = 0; i < n; i++)
+    if (engines[i] < 0 || engines[i] > LPARR_MAX_ROUTE) return LPAR_ENOENGINE;
+  size_t bytes = lparW_fanout_bytes((size_t)n);
+  char *list = malloc(bytes);
+  if (list == NULL) return LPAR_ENOMEM;
+  lparW_fanout_count(list, (size_t)n);
+  for (int i = 0; i < n; i++) lparW_fanout_put(list, (size_t)i, (unsigned)engines[i], (unsigned)i);
+  int rc = lparR_send2(c->link, type, flags | LPAR_FLAG_ROUTES, 0, first_id, list, bytes, payload,
+                       len, fds, nfds);
+  free(list);
+  if (rc == LPAR_EINVAL && nfds > 0) rc = LPAR_EUNSENDABLE;
+  for (int i = 0; rcs && i < n; i++) rcs[i] = rc;
+  return rc;
+}
+
 int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *code, size_t len) {
   return lpar_cluster_send(c, engine, LPAR_MSG_EXECUTE, LPAR_FLAG_TEXT | LPAR_FLAG_RAW, id, code,
                            len);
@@ -622,6 +655,15 @@ int lparK_send_raw(lpar_cluster *c, int engine, const void *bytes, size_t len) {
 }
 
 lparR_route *lparK_link(lpar_cluster *c) { return c->link; }
+
+lparR_route *lparK_take_link(lpar_cluster *c) {
+  lparR_route *r = c->link;
+  if (r == NULL) return NULL;
+  lparR_set_handlers(r, NULL, NULL);
+  c->link = NULL;
+  handle_gone(c); /* the link no longer keeps c; its new owner closes it */
+  return r;
+}
 int lparK_connected(const lpar_cluster *c) { return c->engine_path == NULL; }
 
 static double now_ms(void) {

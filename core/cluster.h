@@ -16,5 +16,11 @@ int lparK_send_raw(lpar_cluster *c, int engine, const void *bytes, size_t len);
 int lparK_connected(const lpar_cluster *c);
 /* A connected cluster's link to its controller, or NULL. */
 lparR_route *lparK_link(lpar_cluster *c);
+/*
+** Take a connected cluster's link away from it, its handlers cleared, for
+** a host's relay to own (hostrelay.h); the cluster is left with no link.
+** NULL when it has none.
+*/
+lparR_route *lparK_take_link(lpar_cluster *c);
 
 #endif

@@ -108,12 +108,23 @@ enum lpar_msg_type {
 #define LPAR_FLAG_FDS 0x4u    /* descriptors (shared memory) came with it; set by lpar */
 #define LPAR_FLAG_INLINE 0x8u /* answer with matrices inline, no descriptors */
 /*
+** Set by lpar, never by a host: LPAR_FLAG_ROUTES marks one request for
+** several engines on a controller's link, its payload led by a route list
+** (core/wire.h: each engine gets its own request id, and answers as for a
+** request of its own); LPAR_FLAG_SHM marks a frame to a local engine whose
+** payload is in shared memory (the last descriptor, a memfd; the frame's
+** own payload is its length, u64 little-endian), so a host's relay hands
+** one copy of a request to all its engines.
+*/
+#define LPAR_FLAG_ROUTES 0x10u
+#define LPAR_FLAG_SHM 0x20u
+/*
 ** The request has a deadline: its payload starts with 8 bytes, a double of
 ** CLOCK_REALTIME seconds (the hosts' clocks agree, as NTP keeps them). The
 ** engine answers STARTED as it begins such a request, or, when the deadline
 ** has passed while it waited, an ERROR without running it.
 */
-#define LPAR_FLAG_DEADLINE 0x10u
+#define LPAR_FLAG_DEADLINE 0x40u
 
 #define LPAR_MAX_PAYLOAD ((uint64_t)1 << 30)
 
@@ -211,6 +222,19 @@ LPAR_API int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsign
 */
 LPAR_API void lpar_cluster_batch_begin(lpar_cluster *c);
 LPAR_API void lpar_cluster_batch_end(lpar_cluster *c);
+
+/*
+** One message to several engines: engines[i] gets it under request id
+** first_id + i, and answers as for a message of its own. Behind a
+** controller it crosses the link once, and the controller sends it once to
+** each host whose engines are among them; local engines get one frame
+** each, sharing the descriptors. When rcs is not NULL, rcs[i] gets the
+** outcome for engines[i]. 0 when it went to every engine, else the first
+** failure (LPAR_EINVAL: n < 1, or more than 4096 engines behind a controller).
+*/
+LPAR_API int lpar_cluster_send_many(lpar_cluster *c, const int *engines, int n, int type,
+                                   unsigned flags, uint64_t first_id, const void *payload,
+                                   size_t len, const int *fds, int nfds, int *rcs);
 
 /*
 ** 1 when messages to `engine` can carry descriptors: not over TCP, nor to

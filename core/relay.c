@@ -149,7 +149,8 @@ static void reply(lparY_relay *y, int id, const lparW_header *h, const char *pay
   }
   peer *p = find_peer(y, (uint32_t)(h->id >> CID_BITS));
   if (p == NULL || p->route == NULL) return; /* its client left: the task ran all the same */
-  lparR_send(p->route, h->type, h->flags, (unsigned)id, h->id & CID_MASK, payload, (size_t)h->len,
+  unsigned flags = h->flags & ~(unsigned)(LPAR_FLAG_ROUTES | LPAR_FLAG_SHM);
+  lparR_send(p->route, h->type, flags, (unsigned)id, h->id & CID_MASK, payload, (size_t)h->len,
              fds, p->passes_fds ? nfds : 0);
 }
 
@@ -180,6 +181,12 @@ static void refuse_request(peer *p, int id, const yengine *e) {
   send_state(p, id, e && e->state == LPARY_DEAD ? e : &gone);
 }
 
+/* A request's flags as they go on: what only lpar sets is cleared. */
+static unsigned request_flags(const peer *p, const lparW_header *h) {
+  unsigned flags = h->flags & ~(unsigned)(LPAR_FLAG_FDS | LPAR_FLAG_ROUTES | LPAR_FLAG_SHM);
+  return p->passes_fds ? flags : flags | LPAR_FLAG_INLINE;
+}
+
 static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *payload, int *fds,
                     int nfds) {
   int id = (int)h->route;
@@ -190,8 +197,7 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
     return;
   }
   uint64_t gid = (uint64_t)p->serial << CID_BITS | h->id;
-  unsigned flags = h->flags & ~LPAR_FLAG_FDS;
-  if (!p->passes_fds) flags |= LPAR_FLAG_INLINE;
+  unsigned flags = request_flags(p, h);
   int rc;
   if (e->joined) {
     /* Its link is read by a relay that sends matrices inline. */
@@ -213,6 +219,90 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
   e->in_flight++;
 }
 
+/*
+** The entries of a client's route list that go to engines behind the same
+** host's relay as entry `at` (joined engines, ready), from `at` on: into
+** `sub` as that host's route list (its engines' indices), marked done.
+** How many.
+*/
+static size_t host_entries(lparY_relay *y, const lparW_fanout *f, size_t at, const peer *via,
+                           char *done, char *sub) {
+  size_t k = 0;
+  for (size_t j = at; j < f->n; j++) {
+    unsigned route, offset;
+    if (done[j]) continue;
+    lparW_fanout_get(f, j, &route, &offset);
+    yengine *e = known_engine(y, (int)route);
+    if (e == NULL || e->state != LPARY_READY || !e->joined || e->via != via) continue;
+    lparW_fanout_put(sub, k++, (unsigned)e->index, offset);
+    e->in_flight++;
+    done[j] = 1;
+  }
+  lparW_fanout_count(sub, k);
+  return k;
+}
+
+/*
+** One request for several engines (LPAR_FLAG_ROUTES): each local engine
+** gets its own frame, sharing the descriptors; the engines behind each
+** host's relay get one frame for that host, with their route list, so the
+** payload crosses each host's link once. Entry i answers under the
+** client's id + its offset, as a request of its own would.
+*/
+static void request_many(lparY_relay *y, peer *p, const lparW_header *h, const char *payload,
+                         int *fds, int nfds) {
+  lparW_fanout f;
+  const char *why;
+  if (lparW_fanout_parse(payload, h->len, &f, &why) < 0 || h->id > CID_MASK - 0xffff) {
+    y->bad_messages++; /* a sound header with a malformed list: only it is dropped */
+    return;
+  }
+  char *done = calloc(f.n, 1), *sub = malloc(lparW_fanout_bytes(f.n));
+  if (done == NULL || sub == NULL) {
+    free(done);
+    free(sub);
+    for (size_t i = 0; i < f.n; i++) {
+      unsigned route, offset;
+      lparW_fanout_get(&f, i, &route, &offset);
+      refuse_request(p, (int)route, known_engine(y, (int)route));
+    }
+    return;
+  }
+  uint64_t gid = (uint64_t)p->serial << CID_BITS | h->id;
+  unsigned flags = request_flags(p, h);
+  for (size_t i = 0; i < f.n; i++) {
+    if (done[i]) continue;
+    unsigned route, offset;
+    lparW_fanout_get(&f, i, &route, &offset);
+    int id = (int)route;
+    yengine *e = known_engine(y, id);
+    if (e == NULL || e->state != LPARY_READY) {
+      done[i] = 1;
+      refuse_request(p, id, e); /* the client thought it was up: tell it how it ended */
+      continue;
+    }
+    if (!e->joined) {
+      done[i] = 1;
+      int rc = lpar_cluster_send_fds(y->local, id, h->type, flags, gid + offset, f.body, f.body_len,
+                                     fds, nfds);
+      if (rc == LPAR_OK)
+        e->in_flight++;
+      else if (!(rc == LPAR_EDEAD && e->state == LPARY_READY)) /* else its EXIT follows */
+        refuse_request(p, id, e);
+      continue;
+    }
+    peer *via = e->via;
+    if (via == NULL || via->route == NULL) continue; /* its link is closing: its EXIT follows */
+    size_t k = host_entries(y, &f, i, via, done, sub);
+    /* Its link is read by a relay that sends matrices inline. A failed send
+    ** closes the link, and the host's engines end with the reason. */
+    lparR_send2(via->route, h->type, flags | LPAR_FLAG_INLINE | LPAR_FLAG_ROUTES, 0, gid, sub,
+                lparW_fanout_bytes(k), f.body, f.body_len, NULL, 0);
+  }
+  free(done);
+  free(sub);
+}
+
 static void interrupt(lparY_relay *y, peer *p, const lparW_header *h) {
   yengine *e = known_engine(y, (int)h->route);
   if (e == NULL || e->state != LPARY_READY || h->id > CID_MASK) return;
@@ -232,7 +322,12 @@ static void client_frame(lparY_relay *y, peer *p, const lparW_header *h, const c
   case LPAR_MSG_EXECUTE:
   case LPAR_MSG_APPLY:
   case LPAR_MSG_PUSH:
-  case LPAR_MSG_PULL: request(y, p, h, payload, fds, nfds); break;
+  case LPAR_MSG_PULL:
+    if (h->flags & LPAR_FLAG_ROUTES)
+      request_many(y, p, h, payload, fds, nfds);
+    else
+      request(y, p, h, payload, fds, nfds);
+    break;
   case LPAR_MSG_INTERRUPT: interrupt(y, p, h); break;
   case LPAR_MSG_SIGNAL: {
     char text[16];
@@ -493,6 +588,7 @@ int lparY_engine(const lparY_relay *y, int id, lparY_engine_info *out) {
   *out = (lparY_engine_info){.state = e->state, .joined = e->joined, .pid = e->pid,
                              .status = e->status, .signal = e->signal, .in_flight = e->in_flight,
                              .silent_ms = -1};
+  if (e->joined && e->via && e->via->route) out->link_sent = lparR_bytes_sent(e->via->route);
   if (!e->joined && e->state == LPARY_READY) {
     int64_t ms = lpar_cluster_silence_ms(y->local, id);
     if (ms >= 0) out->silent_ms = ms;

@@ -11,6 +11,11 @@
 ** control operations (connect, status, restart, shutdown, join) stay in
 ** Lua: CONTROL frames reach it as events, and it answers with lparY_answer.
 **
+** A request for several engines comes once, with a route list
+** (LPAR_FLAG_ROUTES, wire.h): each local engine gets its own frame, and
+** the engines behind each host's relay one frame for that host, so a push
+** to many engines crosses each host's link once.
+**
 ** Engines behind links that cannot carry descriptors (TCP clients, engines
 ** joined over a link) get their matrices inline: requests from a TCP client
 ** are flagged LPAR_FLAG_INLINE so the engine answers inline, and clients are
@@ -76,6 +81,7 @@ typedef struct lparY_engine_info {
   int status, signal; /* how it ended (DEAD) */
   uint64_t in_flight; /* requests sent, not answered */
   int64_t silent_ms;  /* since a local engine last sent a frame; -1 when not known */
+  uint64_t link_sent; /* joined: bytes sent so far on its host's link (all its engines') */
 } lparY_engine_info;
 
 typedef struct lparY_stats {

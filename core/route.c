@@ -66,6 +66,7 @@ struct lparR_route {
   int sealed, session, authenticated;
   int dispatching;         /* inside dispatch: a failed write closes after it */
   int corked;              /* frames wait in the queue until lparR_uncork */
+  uint64_t bytes_sent;     /* frames sent, as they take the wire (headers and tags too) */
   char write_failed[160];  /* why the last write failed, while dispatching */
   size_t opened; /* segments of the frame at the reader's front opened so far */
   lparA_channel chan;
@@ -359,13 +360,27 @@ static void seal_segment(lparR_route *r, char *wire, size_t len, size_t k, const
   lparA_seal(&r->chan, wire, LPARW_HEADER_SIZE, plain ? plain : at, n, at, (unsigned char *)at + n);
 }
 
+/* Bytes [from, from + n) of the payload `pre` then `payload`, copied to dst. */
+static void gather(char *dst, const char *pre, size_t prelen, const char *payload, size_t from,
+                   size_t n) {
+  if (from < prelen) {
+    size_t k = prelen - from < n ? prelen - from : n;
+    memcpy(dst, pre + from, k);
+    dst += k;
+    from += k;
+    n -= k;
+  }
+  if (n > 0) memcpy(dst, payload + (from - prelen), n);
+}
+
 /*
 ** Queue a large sealed frame and write it as it is sealed: each segment may
 ** go out while the next is being sealed. Before the session starts, the
-** plaintext waits in place instead, to be sealed by seal_waiting.
+** plaintext waits in place instead, to be sealed by seal_waiting. The
+** payload is `pre` then `payload` (a route list before a request).
 */
-static int send_sealed(lparR_route *r, const char head[LPARW_HEADER_SIZE], const char *payload,
-                       size_t len, const int *fds, int nfds) {
+static int send_sealed(lparR_route *r, const char head[LPARW_HEADER_SIZE], const char *pre,
+                       size_t prelen, const char *payload, size_t len, const int *fds, int nfds) {
   chunk *c = chunk_new(sealed_size(len));
   if (c == NULL) return LPAR_ENOMEM;
   if (nfds > 0 && chunk_keep_fds(c, fds, nfds) < 0) {
@@ -376,7 +391,7 @@ static int send_sealed(lparR_route *r, const char head[LPARW_HEADER_SIZE], const
   size_t nseg = lparW_segments(len, SEGMENT);
   if (!r->session) {
     for (size_t k = 0; k < nseg; k++)
-      memcpy(c->data + segment_at(k), payload + k * SEGMENT, segment_len(len, k));
+      gather(c->data + segment_at(k), pre, prelen, payload, k * SEGMENT, segment_len(len, k));
     c->unsealed = 1;
     c->ready = 0;
     enqueue(r, c);
@@ -385,7 +400,12 @@ static int send_sealed(lparR_route *r, const char head[LPARW_HEADER_SIZE], const
   c->ready = LPARW_HEADER_SIZE;
   enqueue(r, c);
   for (size_t k = 0; k < nseg; k++) {
-    seal_segment(r, c->data, len, k, payload + k * SEGMENT);
+    const char *plain = NULL; /* a segment that holds some of `pre` is gathered and sealed in place */
+    if (k * SEGMENT >= prelen)
+      plain = payload + (k * SEGMENT - prelen);
+    else
+      gather(c->data + segment_at(k), pre, prelen, payload, k * SEGMENT, segment_len(len, k));
+    seal_segment(r, c->data, len, k, plain);
     c->ready = k + 1 == nseg ? c->len : segment_at(k + 1);
     if (k + 1 == nseg) break;
     if (r->head == c) flush(r); /* what is sealed goes while the rest is sealed */
@@ -395,27 +415,47 @@ static int send_sealed(lparR_route *r, const char head[LPARW_HEADER_SIZE], const
   return r->closing ? LPAR_EDEAD : LPAR_OK;
 }
 
-int lparR_send(lparR_route *r, int type, unsigned flags, unsigned route, uint64_t id,
-               const void *payload, size_t len, const int *fds, int nfds) {
-  int rc = check_send(r, route, len, nfds);
+int lparR_send2(lparR_route *r, int type, unsigned flags, unsigned route, uint64_t id,
+                const void *pre, size_t prelen, const void *payload, size_t len, const int *fds,
+                int nfds) {
+  if (len > LPAR_MAX_PAYLOAD || prelen > LPAR_MAX_PAYLOAD - len) return LPAR_ETOOBIG;
+  size_t total = prelen + len;
+  int rc = check_send(r, route, total, nfds);
   if (rc < 0) return rc;
   flags = nfds > 0 ? (flags | LPAR_FLAG_FDS) : (flags & ~LPAR_FLAG_FDS);
   char head[LPARW_HEADER_SIZE];
-  lparW_pack_routed(head, type, flags, route, id, len);
+  lparW_pack_routed(head, type, flags, route, id, total);
   if (r->kind == LPARR_ENGINE) {
     /* Descriptors first, on the side socket: the engine reads them after the frame. */
     if (nfds > 0 && (r->side < 0 || lparH_send_fds(r->side, fds, nfds) < 0)) return LPAR_EDEAD;
-    struct iovec iov[2] = {{head, sizeof head}, {(void *)payload, len}};
-    return write_or_queue(r, iov, len ? 2 : 1, NULL, 0);
+    r->bytes_sent += LPARW_HEADER_SIZE + total;
+    struct iovec iov[3] = {{head, sizeof head}};
+    int niov = 1;
+    if (prelen) iov[niov++] = (struct iovec){(void *)pre, prelen};
+    if (len) iov[niov++] = (struct iovec){(void *)payload, len};
+    return write_or_queue(r, iov, niov, NULL, 0);
   }
-  if (r->session && (r->head == NULL || r->corked) && len <= SMALL_FRAME) {
-    char body[SMALL_FRAME + LPARA_TAG_BYTES];
-    lparA_seal(&r->chan, head, sizeof head, payload, len, body, (unsigned char *)body + len);
-    struct iovec iov[2] = {{head, sizeof head}, {body, len + LPARA_TAG_BYTES}};
+  r->bytes_sent += sealed_size(total);
+  if (r->session && (r->head == NULL || r->corked) && total <= SMALL_FRAME) {
+    char plain[SMALL_FRAME], body[SMALL_FRAME + LPARA_TAG_BYTES];
+    const char *p = payload;
+    if (prelen) {
+      gather(plain, pre, prelen, payload, 0, total);
+      p = plain;
+    }
+    lparA_seal(&r->chan, head, sizeof head, p, total, body, (unsigned char *)body + total);
+    struct iovec iov[2] = {{head, sizeof head}, {body, total + LPARA_TAG_BYTES}};
     return write_or_queue(r, iov, 2, fds, nfds);
   }
-  return send_sealed(r, head, payload, len, fds, nfds);
+  return send_sealed(r, head, pre, prelen, payload, total, fds, nfds);
 }
+
+int lparR_send(lparR_route *r, int type, unsigned flags, unsigned route, uint64_t id,
+               const void *payload, size_t len, const int *fds, int nfds) {
+  return lparR_send2(r, type, flags, route, id, NULL, 0, payload, len, fds, nfds);
+}
+
+uint64_t lparR_bytes_sent(const lparR_route *r) { return r->bytes_sent; }
 
 int lparR_send_raw(lparR_route *r, const void *bytes, size_t len) {
   if (r->closing || r->write_failed[0]) return LPAR_EDEAD;

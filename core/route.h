@@ -105,6 +105,15 @@ int lparR_evict_oldest_stranger(lparR_owner *o, const char *reason);
 */
 int lparR_send(lparR_route *r, int type, unsigned flags, unsigned route, uint64_t id,
                const void *payload, size_t len, const int *fds, int nfds);
+/*
+** The same with the payload in two pieces, `pre` then `payload` (a route
+** list before a request), sent as one frame without joining them first.
+*/
+int lparR_send2(lparR_route *r, int type, unsigned flags, unsigned route, uint64_t id,
+                const void *pre, size_t prelen, const void *payload, size_t len, const int *fds,
+                int nfds);
+/* Bytes of the frames sent so far, as they take the wire (headers and tags too). */
+uint64_t lparR_bytes_sent(const lparR_route *r);
 /* Bytes as they are, queued in order with the frames: for tests of bad input. */
 int lparR_send_raw(lparR_route *r, const void *bytes, size_t len);
 /*

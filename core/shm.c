@@ -5,6 +5,7 @@
 #include "shm.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -27,6 +28,29 @@ int lparH_create(size_t bytes, int *fd, void **map) {
   }
   *fd = f;
   *map = p;
+  return LPAR_OK;
+}
+
+int lparH_create_sealed(const void *bytes, size_t len, int *fd) {
+  int f = memfd_create("lpar-request", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (f < 0) return LPAR_ESYS;
+  /* Written, not mapped: no page tables to fill and tear down here. */
+  const char *p = bytes;
+  size_t done = 0;
+  while (done < len) {
+    ssize_t k = write(f, p + done, len - done);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) {
+      close(f);
+      return LPAR_ENOMEM;
+    }
+    done += (size_t)k;
+  }
+  if (fcntl(f, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    close(f);
+    return LPAR_ESYS;
+  }
+  *fd = f;
   return LPAR_OK;
 }
 

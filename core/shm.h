@@ -15,6 +15,12 @@
 
 /* A new memfd of `bytes`, mapped shared read-write at *map. 0 or LPAR_E*. */
 int lparH_create(size_t bytes, int *fd, void **map);
+/*
+** A new memfd holding a copy of bytes[0..len), sealed against any change
+** (F_SEAL_WRITE, SHRINK, GROW): its readers share one copy that none of
+** them can alter or cut short. 0 or LPAR_E*.
+*/
+int lparH_create_sealed(const void *bytes, size_t len, int *fd);
 /* Map `bytes` of memfd `fd` privately (copy-on-write). 0 or LPAR_E*. */
 int lparH_map_private(int fd, size_t bytes, void **map);
 /* Replace the mapping at `map` by a fresh memfd holding the same bytes. */

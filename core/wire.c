@@ -64,7 +64,7 @@ int lparW_parse_routed(const char in[LPARW_HEADER_SIZE], lparW_header *h, uint64
     return LPAR_EBADMSG;
   }
   if (h->flags & ~(unsigned)(LPAR_FLAG_TEXT | LPAR_FLAG_RAW | LPAR_FLAG_FDS | LPAR_FLAG_INLINE |
-                                  LPAR_FLAG_DEADLINE)) {
+                             LPAR_FLAG_ROUTES | LPAR_FLAG_SHM | LPAR_FLAG_DEADLINE)) {
     *reason = "unknown flags";
     return LPAR_EBADMSG;
   }
@@ -187,6 +187,50 @@ void lparW_exit_parse(const char *text, size_t len, int *status, int *signal, ch
     return;
   }
   if (buf[used] == ' ') snprintf(why, whylen, "%s", buf + used + 1);
+}
+
+static unsigned get_u16(const char *p) {
+  return (unsigned)(unsigned char)p[0] | (unsigned)(unsigned char)p[1] << 8;
+}
+
+static void put_u16(char *p, unsigned v) {
+  p[0] = (char)(v & 0xff);
+  p[1] = (char)((v >> 8) & 0xff);
+}
+
+size_t lparW_fanout_bytes(size_t n) { return 2 + 4 * n; }
+
+int lparW_fanout_parse(const char *payload, uint64_t len, lparW_fanout *f, const char **reason) {
+  if (len < 2) {
+    *reason = "route list shorter than its count";
+    return LPAR_EBADMSG;
+  }
+  size_t n = get_u16(payload);
+  if (n == 0 || n > LPARW_MAX_FANOUT) {
+    *reason = n == 0 ? "empty route list" : "route list longer than 4096 engines";
+    return LPAR_EBADMSG;
+  }
+  if (lparW_fanout_bytes(n) > len) {
+    *reason = "route list longer than the payload";
+    return LPAR_EBADMSG;
+  }
+  f->n = n;
+  f->entries = payload + 2;
+  f->body = payload + lparW_fanout_bytes(n);
+  f->body_len = (size_t)len - lparW_fanout_bytes(n);
+  return LPAR_OK;
+}
+
+void lparW_fanout_get(const lparW_fanout *f, size_t i, unsigned *route, unsigned *offset) {
+  *route = get_u16(f->entries + 4 * i);
+  *offset = get_u16(f->entries + 4 * i + 2);
+}
+
+void lparW_fanout_count(char *list, size_t n) { put_u16(list, (unsigned)n); }
+
+void lparW_fanout_put(char *list, size_t i, unsigned route, unsigned offset) {
+  put_u16(list + 2 + 4 * i, route);
+  put_u16(list + 2 + 4 * i + 2, offset);
 }
 
 int lparW_write_all(int fd, const void *p, size_t n) {

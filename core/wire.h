@@ -87,6 +87,37 @@ int lparW_hello_pid(const char *hello, size_t len);
 void lparW_exit_parse(const char *text, size_t len, int *status, int *signal, char *why,
                       size_t whylen);
 
+/*
+** A route list (LPAR_FLAG_ROUTES): one request for several engines behind
+** one link, sent once. The payload starts with the list, then the
+** request's own payload:
+**   count u16 | count x (route u16, offset u16) | payload
+** little-endian. Entry i is for the engine its route names, under request
+** id (header id + offset): each engine answers as for a request of its own.
+** A client sends one to its controller, which sends each host's relay one
+** with that host's entries (routes then index the host's engines); the
+** relay hands the payload to each of its engines. A list with no entries,
+** more than LPARW_MAX_FANOUT, or longer than the payload is malformed: the
+** frame is dropped and counted (its header was sound, so the link stays).
+*/
+#define LPARW_MAX_FANOUT 4096
+
+typedef struct lparW_fanout {
+  size_t n;             /* entries */
+  const char *entries;  /* n x 4 bytes */
+  const char *body;     /* the request's own payload */
+  size_t body_len;
+} lparW_fanout;
+
+/* Bytes a list of n entries takes. */
+size_t lparW_fanout_bytes(size_t n);
+/* 0, or LPAR_EBADMSG with *reason naming the fault. */
+int lparW_fanout_parse(const char *payload, uint64_t len, lparW_fanout *f, const char **reason);
+void lparW_fanout_get(const lparW_fanout *f, size_t i, unsigned *route, unsigned *offset);
+/* Writing one into list[0 .. lparW_fanout_bytes(n)): the count, then each entry. */
+void lparW_fanout_count(char *list, size_t n);
+void lparW_fanout_put(char *list, size_t i, unsigned route, unsigned offset);
+
 /* Blocking helpers for the engine: whole frames over a blocking socket. */
 int lparW_write_all(int fd, const void *p, size_t n);
 int lparW_send(int fd, int type, unsigned flags, uint64_t id, const void *payload,

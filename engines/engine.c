@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -205,9 +206,9 @@ static void refuse_request(lua_State *L, lparE_state *st, double started, const 
 ** payload; 1 to run the request (STARTED is sent), 0 when it was answered
 ** instead, because its deadline passed while it waited here or it is malformed.
 */
-static int within_deadline(lua_State *L, lparE_state *st, lparW_header *h, const char **payload,
+static int within_deadline(lua_State *L, lparE_state *st, const char **payload, size_t *len,
                            double started, lparB_buffer *enc) {
-  if (h->len < sizeof(double)) {
+  if (*len < sizeof(double)) {
     st->bad_messages++;
     refuse_request(L, st, started, "malformed request: a deadline flag without a deadline", enc);
     return 0;
@@ -215,7 +216,7 @@ static int within_deadline(lua_State *L, lparE_state *st, lparW_header *h, const
   double deadline;
   memcpy(&deadline, *payload, sizeof deadline);
   *payload += sizeof deadline;
-  h->len -= sizeof deadline;
+  *len -= sizeof deadline;
   if (started > deadline) {
     char why[160];
     snprintf(why, sizeof why, "timed out while queued on engine %d: its deadline passed %.3fs before it could start",
@@ -227,16 +228,75 @@ static int within_deadline(lua_State *L, lparE_state *st, lparW_header *h, const
   return 1;
 }
 
-static void serve(lua_State *L, lparE_state *st, lparW_header *h, const char *payload,
-                  lparB_buffer *enc) {
+/*
+** A request whose payload is in shared memory (LPAR_FLAG_SHM): the frame's
+** payload `frame` is the length, u64 little-endian, and `fd` a memfd holding
+** at least that many bytes. Read into `body`: one copy, with none of the
+** page-table work a mapping of it would cost each engine. 0, or -1 with err.
+*/
+static int read_body(const char *frame, size_t len, lparB_buffer *body, int fd, int nfds, char *err,
+                     size_t errlen) {
+  struct stat sb;
+  uint64_t n = 0;
+  if (len != 8 || nfds < 1) {
+    snprintf(err, errlen, "shared-memory request without its length or its memory");
+    return -1;
+  }
+  for (int i = 7; i >= 0; i--) n = n << 8 | (unsigned char)frame[i];
+  if (n > LPAR_MAX_PAYLOAD || fstat(fd, &sb) != 0 || (uint64_t)sb.st_size < n) {
+    snprintf(err, errlen, "shared-memory request longer than its memory");
+    return -1;
+  }
+  body->len = 0;
+  if (lparB_reserve(body, (size_t)n + 1) < 0) {
+    snprintf(err, errlen, "out of memory for a request of %llu bytes", (unsigned long long)n);
+    return -1;
+  }
+  size_t got = 0;
+  while (got < n) {
+    ssize_t k = pread(fd, body->data + got, (size_t)n - got, (off_t)got);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) {
+      snprintf(err, errlen, "cannot read the request's shared memory: %s",
+               k < 0 ? strerror(errno) : "cut short");
+      return -1;
+    }
+    got += (size_t)k;
+  }
+  body->len = (size_t)n;
+  return 0;
+}
+
+/*
+** Serve one request: `payload` is the frame's, in the reader's buffer
+** (frames after it may follow there); a shared-memory request is read into
+** `body` instead.
+*/
+static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const char *payload,
+                  lparB_buffer *body, lparB_buffer *enc) {
   double started = lparE_now();
   char err[512];
-  if ((h->flags & LPAR_FLAG_DEADLINE) && !within_deadline(L, st, h, &payload, started, enc)) {
-    if ((h->flags & LPAR_FLAG_FDS) && st->side >= 0) { /* its descriptors are not wanted */
-      int fds[LPARH_MAX_FDS];
-      int n = lparH_recv_fds(st->side, fds, LPARH_MAX_FDS, 1);
-      for (int i = 0; i < n; i++) close(fds[i]);
+  lparS_shm shm = {.nfds = 0};
+  if ((h->flags & LPAR_FLAG_FDS) && st->side >= 0) /* sent just before the frame */
+    shm.nfds = lparH_recv_fds(st->side, shm.fds, LPARH_MAX_FDS, 1);
+  size_t len = (size_t)h->len;
+  int have = 1; /* the request's bytes are here */
+  if (shm.nfds < 0) {
+    shm.nfds = 0;
+    have = 0;
+    snprintf(err, sizeof err, "the request's shared memory did not arrive");
+  } else if (h->flags & LPAR_FLAG_SHM) {
+    if (read_body(payload, len, body, shm.fds[shm.nfds > 0 ? shm.nfds - 1 : 0], shm.nfds, err,
+                  sizeof err) < 0) {
+      have = 0;
+    } else { /* the payload came from the last descriptor */
+      payload = body->data;
+      len = body->len;
+      close(shm.fds[--shm.nfds]);
     }
+  }
+  if (have && (h->flags & LPAR_FLAG_DEADLINE) && !within_deadline(L, st, &payload, &len, started, enc)) {
+    for (int i = 0; i < shm.nfds; i++) close(shm.fds[i]); /* not wanted */
     return;
   }
   int base = lua_gettop(L);
@@ -245,18 +305,13 @@ static void serve(lua_State *L, lparE_state *st, lparW_header *h, const char *pa
   lua_pushinteger(L, h->type);
   lua_pushinteger(L, h->flags);
   int nvals = 1, decoded = 0;
-  lparS_shm shm = {.nfds = 0};
-  if ((h->flags & LPAR_FLAG_FDS) && st->side >= 0) /* sent just before the frame */
-    shm.nfds = lparH_recv_fds(st->side, shm.fds, LPARH_MAX_FDS, 1);
-  if (shm.nfds < 0) {
-    shm.nfds = 0;
-    snprintf(err, sizeof err, "the request's shared memory did not arrive");
+  if (!have) {
+    /* err says why */
   } else if (h->flags & LPAR_FLAG_RAW) { /* the payload is the code itself */
-    lua_pushlstring(L, payload, (size_t)h->len);
+    lua_pushlstring(L, payload, len);
     decoded = 1;
   } else {
-    decoded = lparS_decode_shm(L, payload, (size_t)h->len, LPARS_ALLOW_CODE, &shm, &nvals, err,
-                               sizeof err) == 0;
+    decoded = lparS_decode_shm(L, payload, len, LPARS_ALLOW_CODE, &shm, &nvals, err, sizeof err) == 0;
   }
   for (int i = 0; i < shm.nfds; i++) close(shm.fds[i]); /* storages hold their own */
   if (!decoded) {
@@ -461,10 +516,11 @@ int main(void) {
   ** reads and a poll each.
   */
   lparW_reader in;
-  lparB_buffer enc;
+  lparB_buffer enc, body; /* replies; a request from shared memory */
   int status = 0;
   lparW_reader_init(&in);
   lparB_init(&enc);
+  lparB_init(&body);
   lparE_heartbeat_init(st.fd, env_int("LPAR_HEARTBEAT_MS", LPAR_HEARTBEAT_MS));
   for (;;) {
     lparW_header h;
@@ -478,9 +534,10 @@ int main(void) {
     if (rc == 1) {
       st.task = h.id;
       st.inline_reply = (h.flags & LPAR_FLAG_INLINE) != 0;
-      serve(L, &st, &h, payload, &enc);
+      serve(L, &st, &h, payload, &body, &enc);
       if (st.gone) break;
       if (enc.cap > (1u << 24)) lparB_free(&enc); /* do not hold a huge buffer while idle */
+      if (body.cap > (1u << 24)) lparB_free(&body);
       continue;
     }
     if (in.buf.len == 0 && in.buf.cap > (1u << 24)) lparW_reader_free(&in);
@@ -518,6 +575,7 @@ int main(void) {
   lua_close(L);
   lparW_reader_free(&in);
   lparB_free(&enc);
+  lparB_free(&body);
   lparB_free(&st.out);
   lparB_free(&st.err);
   return status;

@@ -125,6 +125,49 @@ describe("the ssh launcher on namespace hosts", function()
     assert.is_true(C:max_abs_diff(A:dot(B)) < 1e-9)
   end)
 
+  it("pushes to all engines on both hosts at once, each getting the values whole", function()
+    local big = matrix.random(256 * 1024, 1, 7) -- 2 MiB: handed to a host's engines by shared memory
+    local dview = rc:view()
+    dview:push({ pushed = big, small = { id = "x", list = { 1, 2, 3 } } }, { block = true })
+    local got = dview:apply_sync(function()
+      local m, small = _G.pushed, _G.small -- the globals the push set, not upvalues of this function
+      return { id = lpar.engine.id, rows = m.rows, sum = m:sum(), last = m:get(256 * 1024, 1),
+               small = small.id .. #small.list }
+    end)
+    assert.equal(4, #got)
+    for i, g in ipairs(got) do
+      assert.equal(i - 1, g.id)
+      assert.equal(256 * 1024, g.rows)
+      assert.equal(big:sum(), g.sum)
+      assert.equal(big:get(256 * 1024, 1), g.last)
+      assert.equal("x3", g.small)
+    end
+    -- An execute to all (small, inline) still answers per engine, in target order.
+    assert.same({ 0, 1, 2, 3 }, dview:apply_sync(function() return lpar.engine.id end))
+  end)
+
+  it("sends a push to a host's engines across its link once, not once per engine", function()
+    local a = matrix.random(256 * 1024, 1, 3)
+    local size = 256 * 1024 * 8
+    local function sent()
+      local st = rc:queue_status()
+      return { st[0].link_sent, st[2].link_sent } -- engines 0, 1 on the first host; 2, 3 on the second
+    end
+    local before = sent()
+    rc:view():push({ a = a }, { block = true })
+    local after = sent()
+    for h = 1, 2 do
+      local bytes = after[h] - before[h]
+      -- Two engines behind each link: once per engine would be twice this.
+      assert.is_true(bytes >= size and bytes < 1.25 * size,
+        string.format("host %d's link carried %d bytes for a push of %d to its 2 engines", h, bytes, size))
+    end
+    before = sent()
+    rc[0]:push({ a = a }, { block = true })
+    after = sent()
+    assert.is_true(after[1] - before[1] >= size and after[2] - before[2] < 4096) -- only the host of engine 0
+  end)
+
   it("reports a remote engine SIGKILLed mid-task within 1 s, and the others go on", function()
     local mark = base .. "/started-3"
     local running = rc[3]:apply(function(path)

@@ -9,7 +9,8 @@
 **   odd:  a client with the key: the rest is a list of frames, each
 **         [type][flags][route u16][len u16][payload], sealed properly, with a
 **         byte 0xFF meaning "the next bytes go unsealed"; every frame handed
-**         over must be one that was sent, whole.
+**         over must be one that was sent, whole; a frame flagged
+**         LPAR_FLAG_ROUTES has its route list parsed and walked.
 ** Nothing may crash, leak or read out of bounds.
 */
 #include <stddef.h>
@@ -23,11 +24,13 @@
 #include "auth.h"
 #include "lpar.h"
 #include "route.h"
+#include "wire.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 typedef struct state {
   int closed, frames, keyed;
+  unsigned routes; /* route-list entries read (kept so the reads are not optimised away) */
   uint64_t sent; /* frames sealed by the keyed client */
 } state;
 
@@ -37,6 +40,20 @@ static void on_frame(lparR_route *r, const lparW_header *h, const char *payload,
   state *s = ud;
   if (!s->keyed) __builtin_trap(); /* a frame opened without the key: impossible */
   if (++s->frames > (int)s->sent || h->len > 65535) __builtin_trap();
+  /* A request for several engines: its route list is read as a relay reads it. */
+  lparW_fanout f;
+  const char *why;
+  if ((h->flags & LPAR_FLAG_ROUTES) && lparW_fanout_parse(payload, h->len, &f, &why) == 0) {
+    if (f.n == 0 || f.n > LPARW_MAX_FANOUT || f.body < payload || f.body + f.body_len != payload + h->len)
+      __builtin_trap();
+    unsigned sum = 0;
+    for (size_t i = 0; i < f.n; i++) {
+      unsigned route, offset;
+      lparW_fanout_get(&f, i, &route, &offset);
+      sum += route ^ offset;
+    }
+    s->routes += sum & 1;
+  }
 }
 
 static void on_close(lparR_route *r, const char *reason, int refused, void *ud) {

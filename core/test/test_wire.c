@@ -180,7 +180,36 @@ static void test_send_recv(void) {
   lparB_free(&b);
 }
 
+/* Route lists: what is packed parses back; each malformed list is named. */
+static void test_fanout(void) {
+  char buf[2 + 4 * 3 + 5];
+  lparW_fanout_count(buf, 3);
+  for (unsigned i = 0; i < 3; i++) lparW_fanout_put(buf, i, 1000 + i, 7 * i);
+  memcpy(buf + lparW_fanout_bytes(3), "hello", 5);
+  lparW_fanout f;
+  const char *why = NULL;
+  CHECK(lparW_fanout_parse(buf, sizeof buf, &f, &why) == LPAR_OK);
+  CHECK(f.n == 3 && f.body_len == 5 && memcmp(f.body, "hello", 5) == 0);
+  unsigned route, offset;
+  lparW_fanout_get(&f, 2, &route, &offset);
+  CHECK(route == 1002 && offset == 14);
+  CHECK(lparW_fanout_parse(buf, lparW_fanout_bytes(3), &f, &why) == LPAR_OK && f.body_len == 0);
+  CHECK(lparW_fanout_parse(buf, lparW_fanout_bytes(3) - 1, &f, &why) == LPAR_EBADMSG &&
+        strstr(why, "longer than the payload"));
+  CHECK(lparW_fanout_parse(buf, 1, &f, &why) == LPAR_EBADMSG && strstr(why, "shorter than its count"));
+  lparW_fanout_count(buf, 0);
+  CHECK(lparW_fanout_parse(buf, sizeof buf, &f, &why) == LPAR_EBADMSG && strstr(why, "empty"));
+  lparW_fanout_count(buf, LPARW_MAX_FANOUT + 1);
+  CHECK(lparW_fanout_parse(buf, sizeof buf, &f, &why) == LPAR_EBADMSG && strstr(why, "4096"));
+  /* The flags a route list and a shared payload are marked with are known ones. */
+  char h[LPARW_HEADER_SIZE];
+  lparW_header out;
+  lparW_pack_routed(h, LPAR_MSG_PUSH, LPAR_FLAG_ROUTES | LPAR_FLAG_SHM, 0, 1, 0);
+  CHECK(lparW_parse_routed(h, &out, LPAR_MAX_PAYLOAD, &why) == LPAR_OK);
+}
+
 int main(void) {
+  test_fanout();
   test_header_round_trip();
   test_bad_headers();
   test_routed();

@@ -36,6 +36,7 @@
 #include "matrix.h"
 #include "route.h"
 #include "serialize.h"
+#include "wire.h"
 
 #define CLUSTER_MT "lpar.cluster"
 #define STAMPS_SIZE (2 * sizeof(double))
@@ -261,23 +262,28 @@ static int opt_bool(lua_State *L, const char *field) {
   return v;
 }
 
-static int l_new_cluster(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  lua_getfield(L, 1, "engine");
-  const char *engine = luaL_optstring(L, -1, NULL);
-  lua_getfield(L, 1, "blas_threads");
-  int blas = (int)luaL_optinteger(L, -1, 0);
-  lua_getfield(L, 1, "env");
+const char **lparC_check_env(lua_State *L, int t) {
+  lua_getfield(L, t, "env");
   int nenv = lua_istable(L, -1) ? (int)luaL_len(L, -1) : 0;
   const char **env = lua_newuserdatauv(L, sizeof(char *) * (size_t)(nenv + 1), 0);
   for (int i = 0; i < nenv; i++) {
     lua_geti(L, -2, i + 1);
     env[i] = lua_tostring(L, -1);
     if (env[i] == NULL || strchr(env[i], '=') == NULL)
-      return luaL_error(L, "env[%d] must be a \"NAME=value\" string", i + 1);
+      luaL_error(L, "env[%d] must be a \"NAME=value\" string", i + 1);
     lua_pop(L, 1); /* the string stays alive in the env table */
   }
   env[nenv] = NULL;
+  return env;
+}
+
+static int l_new_cluster(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_getfield(L, 1, "engine");
+  const char *engine = luaL_optstring(L, -1, NULL);
+  lua_getfield(L, 1, "blas_threads");
+  int blas = (int)luaL_optinteger(L, -1, 0);
+  const char **env = lparC_check_env(L, 1);
   int handler = get_handler(L);
   cluster_ud *u = new_ud(L, opt_bool(L, "raw"));
   u->handler_ref = handler;
@@ -391,6 +397,71 @@ static int l_send_by(lua_State *L) {
   return send_values(L, u, &deadline, 6);
 }
 
+/*
+** cluster:send_many(engines, type, first_id, root, values...): one request
+** to every engine of the list, encoded once, engines[i] under first_id + i - 1;
+** behind a controller, one frame (see lpar_cluster_send_many). The engines
+** must all take descriptors or none (cluster:passes_fds). true when it went
+** to all; nil, msg, code when it went to none; false and {[i] = {msg, code}}
+** for the engines it did not reach.
+*/
+static int l_send_many(lua_State *L) {
+  cluster_ud *u = check_cluster(L);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  int type = (int)luaL_checkinteger(L, 3);
+  lua_Integer first = luaL_checkinteger(L, 4);
+  const char *root = luaL_checkstring(L, 5);
+  lua_Integer n = luaL_len(L, 2);
+  if (n < 1 || n > LPARW_MAX_FANOUT) return luaL_error(L, "send_many: 1 to %d engines", LPARW_MAX_FANOUT);
+  int *engines = lua_newuserdatauv(L, 2 * sizeof(int) * (size_t)n, 0), *rcs = engines + n;
+  lua_insert(L, 6); /* kept alive below the values */
+  for (lua_Integer i = 0; i < n; i++) {
+    lua_geti(L, 2, i + 1);
+    engines[i] = (int)luaL_checkinteger(L, -1);
+    lua_pop(L, 1);
+  }
+  char err[512];
+  u->enc.len = 0;
+  lparS_shm shm = {.min_bytes = lpar_cluster_passes_fds(u->c, engines[0]) ? LPARM_SHM_MIN_BYTES : 0};
+  int rc = lparS_encode_shm(L, 7, lua_gettop(L) - 6, root, &u->enc, &shm, err, sizeof err);
+  if (rc < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    lua_pushinteger(L, rc);
+    return 3;
+  }
+  rc = lpar_cluster_send_many(u->c, engines, (int)n, type, 0, (uint64_t)first, u->enc.data,
+                              u->enc.len, shm.fds, shm.nfds, rcs);
+  lparS_shm_done(&shm);
+  if (u->enc.cap > (1u << 24)) lparB_free(&u->enc);
+  if (rc == LPAR_OK) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  int reached = 0;
+  for (lua_Integer i = 0; i < n; i++) reached += rcs[i] == LPAR_OK;
+  if (reached == 0) return lparC_push_failure(L, rc, NULL);
+  lua_pushboolean(L, 0);
+  lua_createtable(L, 0, 0);
+  for (lua_Integer i = 0; i < n; i++) {
+    if (rcs[i] == LPAR_OK) continue;
+    lua_createtable(L, 2, 0);
+    lua_pushstring(L, lpar_strerror(rcs[i]));
+    lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, rcs[i]);
+    lua_rawseti(L, -2, 2);
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 2;
+}
+
+/* cluster:passes_fds(engine): whether messages to it may carry shared memory. */
+static int l_passes_fds(lua_State *L) {
+  cluster_ud *u = check_cluster(L);
+  lua_pushboolean(L, lpar_cluster_passes_fds(u->c, (int)luaL_checkinteger(L, 2)));
+  return 1;
+}
+
 /* cluster:send_bytes(engine, type, flags, id, payload): a payload already encoded. */
 static int l_send_bytes(lua_State *L) {
   cluster_ud *u = check_cluster(L);
@@ -435,6 +506,13 @@ static int l_seal(lua_State *L) {
   lua_pushlstring(L, b.data, b.len);
   lparB_free(&b);
   return 1;
+}
+
+struct lparR_route *lparC_take_link(lua_State *L, int idx) {
+  cluster_ud *u = luaL_checkudata(L, idx, CLUSTER_MT);
+  lparR_route *r = u->c ? lparK_take_link(u->c) : NULL;
+  if (r == NULL) luaL_error(L, "the cluster has no link to take (not connected, or its link closed)");
+  return r;
 }
 
 static const struct {
@@ -539,6 +617,7 @@ static int l_batch(lua_State *L) {
 static const luaL_Reg cluster_methods[] = {
   {"batch", l_batch},         {"send_by", l_send_by},
   {"spawn", l_spawn},         {"send", l_send},           {"send_bytes", l_send_bytes},
+  {"send_many", l_send_many}, {"passes_fds", l_passes_fds},
   {"send_raw", l_send_raw},   {"seal", l_seal},           {"signal", l_signal},
   {"interrupt", l_interrupt}, {"pid", l_pid}, {"silence", l_silence},             {"stats", l_stats},
   {"is_open", l_is_open},     {"stop", l_stop},           {NULL, NULL}};

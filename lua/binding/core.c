@@ -172,6 +172,7 @@ int luaopen_lpar_core(lua_State *L) {
   luaL_newlib(L, functions);
   lparC_open_cluster(L);
   lparC_open_relay(L);
+  lparC_open_hostrelay(L);
   static const struct {
     const char *name;
     int value;

@@ -63,6 +63,10 @@ lparM_storage *lparM_storage_new(size_t count) {
   return storage_alloc(count, 1);
 }
 
+lparM_storage *lparM_storage_new_uninit(size_t count) {
+  return storage_alloc(count, 0);
+}
+
 void lparM_storage_retain(lparM_storage *s) {
   s->refs++;
 }

@@ -37,6 +37,8 @@ typedef struct lparM_matrix {
 
 /* New malloc'd storage of `count` doubles, refs = 1, zeroed; NULL when out of memory. */
 lparM_storage *lparM_storage_new(size_t count);
+/* The same, not zeroed: for a caller that writes every element at once (a decoder). */
+lparM_storage *lparM_storage_new_uninit(size_t count);
 /* Counts are plain ints: a storage belongs to one process and one thread. */
 void lparM_storage_retain(lparM_storage *s);
 /* Drops a reference; the last one calls s->release. NULL is allowed. */

@@ -18,6 +18,7 @@
 #include <sodium.h>
 
 #include "binding.h"
+#include "hostrelay.h"
 #include "relay.h"
 #include "serialize.h"
 
@@ -30,9 +31,9 @@ typedef struct relay_ud {
   lparB_buffer enc;
 } relay_ud;
 
-/* Protected: (u, ev) -> the handler's arguments. */
+/* Protected: (ev) -> the handler's arguments. */
 static int push_relay_event(lua_State *L) {
-  const lparY_event *ev = lua_touserdata(L, 2);
+  const lparY_event *ev = lua_touserdata(L, 1);
   lua_settop(L, 0);
   switch (ev->kind) {
   case LPARY_ENGINE_READY:
@@ -71,24 +72,33 @@ static int push_relay_event(lua_State *L) {
   return 0;
 }
 
+/*
+** Hand an event to the Lua handler `ref`: `push` turns (ev) into the
+** handler's arguments, and both run protected, so neither a decoding
+** failure nor an error in the handler unwinds through libuv; `who` names
+** the handler's owner in what is printed then.
+*/
+static void call_handler(lua_State *L, int ref, lua_CFunction push, const void *ev,
+                         const char *who) {
+  if (ref == LUA_NOREF || !lua_checkstack(L, 8)) return;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, lparC_traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+  lua_pushcfunction(L, push);
+  lua_pushlightuserdata(L, (void *)ev);
+  if (lua_pcall(L, 1, LUA_MULTRET, 0) == LUA_OK) {
+    if (lua_pcall(L, lua_gettop(L) - (top + 2), 0, top + 1) != LUA_OK)
+      fprintf(stderr, "lpar: error in the %s: %s\n", who, lua_tostring(L, -1));
+  } else {
+    fprintf(stderr, "lpar: a %s event was lost: %s\n", who, lua_tostring(L, -1));
+  }
+  lua_settop(L, top);
+}
+
 static void on_relay_event(lparY_relay *y, const lparY_event *ev, void *ud) {
   (void)y;
   relay_ud *u = ud;
-  lua_State *L = u->L;
-  if (u->handler_ref == LUA_NOREF || !lua_checkstack(L, 8)) return;
-  int top = lua_gettop(L);
-  lua_pushcfunction(L, lparC_traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
-  lua_pushcfunction(L, push_relay_event);
-  lua_pushlightuserdata(L, u);
-  lua_pushlightuserdata(L, (void *)ev);
-  if (lua_pcall(L, 2, LUA_MULTRET, 0) == LUA_OK) {
-    if (lua_pcall(L, lua_gettop(L) - (top + 2), 0, top + 1) != LUA_OK)
-      fprintf(stderr, "lpar: error in the controller: %s\n", lua_tostring(L, -1));
-  } else {
-    fprintf(stderr, "lpar: a controller event was lost: %s\n", lua_tostring(L, -1));
-  }
-  lua_settop(L, top);
+  call_handler(u->L, u->handler_ref, push_relay_event, ev, "controller");
 }
 
 static relay_ud *check_relay(lua_State *L) {
@@ -214,7 +224,7 @@ static const char *state_name(lparY_engine_state s) {
   }
 }
 
-/* relay:engine(id) -> {state=, kind=, pid=, status=, signal=, queue=} or nil */
+/* relay:engine(id) -> {state=, kind=, pid=, status=, signal=, queue=, silent_ms=, link_sent=} or nil */
 static int l_engine(lua_State *L) {
   relay_ud *u = check_relay(L);
   lparY_engine_info e;
@@ -235,6 +245,10 @@ static int l_engine(lua_State *L) {
   if (e.silent_ms >= 0) {
     lua_pushinteger(L, (lua_Integer)e.silent_ms);
     lua_setfield(L, -2, "silent_ms");
+  }
+  if (e.joined) {
+    lua_pushinteger(L, (lua_Integer)e.link_sent);
+    lua_setfield(L, -2, "link_sent");
   }
   return 1;
 }
@@ -281,5 +295,141 @@ void lparC_open_relay(lua_State *L) {
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
   static const luaL_Reg functions[] = {{"relay", l_relay}, {NULL, NULL}};
+  luaL_setfuncs(L, functions, 0);
+}
+
+/*
+** The lpar.hostrelay type: a joined host's relay (core/hostrelay.h).
+**
+**   core.host_relay{link=, first=, count=, n=, host=, engine=, env={...}, handler=}
+**
+** takes the link of `link`, a connected lpar.cluster that has joined (the
+** cluster is left with none). The handler hears ("ready", engine),
+** ("exit", engine, status, signal) and ("closed", reason, silent).
+*/
+#define HOSTRELAY_MT "lpar.hostrelay"
+
+typedef struct hostrelay_ud {
+  lparJ_relay *j;
+  lua_State *L;
+  int handler_ref;
+} hostrelay_ud;
+
+static int push_host_event(lua_State *L) {
+  const lparJ_event *ev = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  switch (ev->kind) {
+  case LPARJ_READY:
+    lua_pushstring(L, "ready");
+    lua_pushinteger(L, ev->engine);
+    return 2;
+  case LPARJ_EXIT:
+    lua_pushstring(L, "exit");
+    lua_pushinteger(L, ev->engine);
+    lua_pushinteger(L, ev->status);
+    lua_pushinteger(L, ev->signal);
+    return 4;
+  case LPARJ_CLOSED:
+    lua_pushstring(L, "closed");
+    lua_pushstring(L, ev->reason);
+    lua_pushboolean(L, ev->silent);
+    return 3;
+  }
+  return 0;
+}
+
+static void on_host_event(lparJ_relay *j, const lparJ_event *ev, void *ud) {
+  (void)j;
+  hostrelay_ud *u = ud;
+  call_handler(u->L, u->handler_ref, push_host_event, ev, "host relay");
+}
+
+static int int_field(lua_State *L, const char *name, int fallback) {
+  lua_getfield(L, 1, name);
+  int v = (int)luaL_optinteger(L, -1, fallback);
+  lua_pop(L, 1);
+  return v;
+}
+
+static int l_host_relay(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lparJ_config cfg = {.on_event = on_host_event};
+  cfg.first = int_field(L, "first", -1);
+  cfg.count = int_field(L, "count", 0);
+  cfg.n = int_field(L, "n", 0);
+  cfg.host = opt_field(L, "host");
+  cfg.engines.engine_path = opt_field(L, "engine");
+  cfg.engines.env = lparC_check_env(L, 1); /* stays on the stack until lparJ_new has copied it */
+  lua_getfield(L, 1, "handler");
+  luaL_argexpected(L, lua_isfunction(L, -1), 1, "table with a handler function");
+  lua_pop(L, 1);
+  hostrelay_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
+  memset(u, 0, sizeof *u);
+  u->handler_ref = LUA_NOREF;
+  luaL_setmetatable(L, HOSTRELAY_MT);
+  lua_getfield(L, 1, "link");
+  lparR_route *link = lparC_take_link(L, lua_gettop(L)); /* raises before anything is owned */
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "handler");
+  u->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  u->L = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  cfg.ud = u;
+  char err[512] = "";
+  int rc = lparJ_new(luv_loop(L), link, &cfg, &u->j, err, sizeof err);
+  if (rc < 0) {
+    u->j = NULL;
+    lparC_unref(L, &u->handler_ref);
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    lua_pushinteger(L, rc);
+    return 3;
+  }
+  return 1;
+}
+
+static hostrelay_ud *check_hostrelay(lua_State *L) {
+  hostrelay_ud *u = luaL_checkudata(L, 1, HOSTRELAY_MT);
+  if (u->j == NULL) luaL_error(L, "the host relay is stopped");
+  return u;
+}
+
+static int l_host_spawn(lua_State *L) {
+  hostrelay_ud *u = check_hostrelay(L);
+  char err[512];
+  int rc = lparJ_spawn(u->j, (int)luaL_checkinteger(L, 2), err, sizeof err);
+  if (rc < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    lua_pushinteger(L, rc);
+    return 3;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_host_stop(lua_State *L) {
+  hostrelay_ud *u = luaL_checkudata(L, 1, HOSTRELAY_MT);
+  if (u->j) {
+    lparJ_free(u->j);
+    u->j = NULL;
+  }
+  lparC_unref(L, &u->handler_ref);
+  return 0;
+}
+
+void lparC_open_hostrelay(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"spawn", l_host_spawn}, {"stop", l_host_stop}, {NULL, NULL}};
+  luaL_newmetatable(L, HOSTRELAY_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_host_stop);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, l_host_stop);
+  lua_setfield(L, -2, "__close");
+  lua_pop(L, 1);
+  static const luaL_Reg functions[] = {{"host_relay", l_host_relay}, {NULL, NULL}};
   luaL_setfuncs(L, functions, 0);
 }

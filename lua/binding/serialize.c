@@ -1134,7 +1134,7 @@ static int dec_matrix(dec *D, const unsigned char *at) {
     if (count > left(D) / sizeof(double))
       return bad(D, "matrix of %llux%llu at offset %zu: only %zu bytes left",
                  (unsigned long long)rows, (unsigned long long)cols, offset(D, at), left(D));
-    s = lparM_storage_new((size_t)count);
+    s = lparM_storage_new_uninit((size_t)count); /* every element is copied in below */
     if (s == NULL) return bad(D, "out of memory for a %llux%llu matrix", (unsigned long long)rows,
                               (unsigned long long)cols);
     memcpy(s->data, D->p, (size_t)count * sizeof(double));

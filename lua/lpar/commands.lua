@@ -392,11 +392,6 @@ end
 
 -- ---- engine ----
 
--- A host's relay and its controller each know the other alive by its
--- frames: the controller pings every second (core/relay.c); with nothing
--- heard for this long, the relay takes the controller for gone.
-local SILENT_S = 5
-
 --- The engine id an MPI or Slurm launcher gave this process: its rank.
 local function rank_from_environment()
   for _, name in ipairs { "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID" } do
@@ -438,8 +433,11 @@ end
 
 --- Engines that join a running cluster: K local lpar-engines (ids first ..
 -- first + K - 1) behind one relay, over one authenticated link to the
--- controller, the route field naming each by its index (frames pass through
--- as bytes; the controller asks these engines for matrices inline).
+-- controller, the route field naming each by its index. Once joined, the
+-- link belongs to the host relay (core/hostrelay.c), which moves every frame
+-- in C, answers the controller's heartbeats, hands a request for several
+-- engines to each by shared memory, and stops when nothing was heard from the
+-- controller for 5 s; Lua hears only engines coming and going, and the link.
 local function engine_join(opts)
   local count = positive(opts.n or "1", "-n")
   local info = engine_info(opts)
@@ -447,75 +445,48 @@ local function engine_join(opts)
   if opts.id and not first then error(string.format("--id must be an integer, not '%s'", opts.id), 0) end
   local host = opts.host_name or uv.os_gethostname()
   -- What the controller tells of its other engines is not this relay's business.
-  local relay = { ready = function() end, exit = function() end }
+  local relay = { ready = function() end, exit = function() end, frame = function() end }
   local link, joined = join_link(info, relay, { count = count, id = first, host = host })
   if not link then return fail("cannot reach the cluster in %s: %s", info.file, joined) end
   first = joined.id
-  local cluster, done, status, heard = nil, false, 0, uv.now()
-  local alive = count
-  function relay.frame(index, mtype, flags, mid, payload)
-    heard = uv.now()
-    local id = first + index
-    if mtype == core.PING then
-      link:send_bytes(0, core.PING, core.FLAG_RAW, 0, "")
-    elseif index >= count then
-      return -- not one of ours
-    elseif mtype == core.SIGNAL then
-      cluster:signal(id, tonumber(payload))
-    elseif mtype == core.INTERRUPT then
-      cluster:interrupt(id, mid)
-    elseif mtype ~= core.HELLO and mtype ~= core.EXIT then
-      cluster:send_bytes(id, mtype, flags, mid, payload)
-    end
-  end
-  function relay.closed(reason)
-    if not done then io.stderr:write("lpar engine: the controller went away: ", reason, "\n") end
-    done = true
-  end
-  local engine = {}
-  function engine.ready(id, hello)
+  local done, status, alive = false, 0, count
+  local events = {}
+  function events.ready(id)
     print(string.format("lpar engine: engine %d joined the cluster in %s", id, info.file))
     io.stdout:flush()
-    link:send_bytes(id - first, core.HELLO, core.FLAG_RAW, 0, hello .. " host=" .. host)
   end
-  function engine.frame(id, mtype, flags, mid, payload)
-    link:send_bytes(id - first, mtype, flags, mid, payload)
-  end
-  function engine.exit(id, st, sig)
-    link:send_bytes(id - first, core.EXIT, core.FLAG_RAW, 0, string.format("%d %d", st, sig))
+  function events.exit(_, st)
     if st ~= 0 then status = 1 end
     alive = alive - 1
     if alive == 0 then done = true end
   end
-  function engine.bad() end
+  function events.closed(reason, silent)
+    if silent then
+      if not done then io.stderr:write("lpar engine: ", reason, "; stopping\n") end
+      status = 1
+    elseif not done then
+      io.stderr:write("lpar engine: the controller went away: ", reason, "\n")
+    end
+    done = true
+  end
   -- An MPI rank's engine starts MPI as it starts (lpar.mpi; engines/engine.c).
   local mpi = opts.rank and (os.getenv("OMPI_COMM_WORLD_RANK") or os.getenv("PMIX_RANK") or os.getenv("PMI_RANK"))
-  cluster = core.new_cluster { raw = true, env = mpi and { "LPAR_MPI=1" } or nil,
-                               handler = function(kind, ...) engine[kind](...) end }
-  for id = first, first + count - 1 do
-    local pid, serr = cluster:spawn(id, joined.n)
-    if not pid then
+  local hr, herr = core.host_relay { link = link, first = first, count = count, n = joined.n, host = host,
+                                     env = mpi and { "LPAR_MPI=1" } or nil,
+                                     handler = function(kind, ...) events[kind](...) end }
+  link:stop()
+  if not hr then return fail("cannot relay for the cluster in %s: %s", info.file, herr) end
+  for index = 0, count - 1 do
+    local ok, serr = hr:spawn(index)
+    if not ok then
       io.stderr:write("lpar engine: cannot start lpar-engine: ", tostring(serr), "\n")
-      engine.exit(id, 127, 0)
+      events.exit(first + index, 127, 0)
     end
   end
-  -- A link gone silent (a network cut) is a controller gone: the engines go too.
-  local watch = uv.new_timer()
-  watch:start(1000, 1000, function()
-    if uv.now() - heard > SILENT_S * 1000 then
-      if not done then
-        io.stderr:write(string.format("lpar engine: nothing heard from the controller for %d s; stopping\n", SILENT_S))
-      end
-      done, status = true, 1
-    end
-  end)
   local stop_signals = on_signals({ "sigint", "sigterm", "sighup" }, function() done = true end)
   while not done do uv.run("once") end
   stop_signals()
-  watch:stop()
-  watch:close()
-  cluster:stop()
-  link:stop()
+  hr:stop()
   uv.run("nowait")
   return status
 end

@@ -111,7 +111,7 @@ function Controller:status()
       local state = e.state
       if state == "ready" and (e.silent_ms or 0) > NOT_RESPONDING_MS then state = "not responding" end
       engines[eid] = { queue = e.queue, state = state, pid = e.pid, kind = e.kind, silent_ms = e.silent_ms,
-                       host = self.hosts[eid] or self.hostname }
+                       host = self.hosts[eid] or self.hostname, link_sent = e.link_sent }
     end
   end
   return {

@@ -169,6 +169,27 @@ function Hub:unavailable(engine)
   return errors.EngineError.new(engine, nil, how)
 end
 
+--- An engine whose socket closed before its exit was seen: it takes nothing
+-- more (load-balanced tasks go elsewhere), and when we may run the loop, wait
+-- a moment for the exit so the error says how the engine ended. The error.
+local function lost(self, engine, err)
+  local e = self.engines[engine]
+  if e.state == "ready" then
+    e.state, e.how = "lost", "lost its connection (" .. err .. ")"
+    self.ids_cache = nil
+  end
+  if not core.loop_running() then
+    wait.until_done(function() return self.engines[engine].state == "dead" end, 1)
+  end
+  return errors.EngineError.new(engine, nil, self.engines[engine].how)
+end
+
+local function track(self, engine, id, record)
+  record.engine, record.id = engine, id
+  self.pending[id] = record
+  self.npending = self.npending + 1
+end
+
 --- Send a request; `record` ({ ar =, kind =, deadline =, one = }) receives
 -- the answer through its ar: its values packed, or only the first if
 -- `one`. With a deadline (core.now() seconds) the engine drops the request
@@ -188,23 +209,49 @@ function Hub:submit(engine, mtype, root, record, ...)
   end
   if not ok then
     if code ~= core.EDEAD then return nil, err end
-    -- Its socket closed before its exit was seen: it takes nothing more
-    -- (load-balanced tasks go elsewhere), and when we may run the loop,
-    -- wait a moment for the exit so the error says how the engine ended.
-    local e = self.engines[engine]
-    if e.state == "ready" then
-      e.state, e.how = "lost", "lost its connection (" .. err .. ")"
-      self.ids_cache = nil
-    end
-    if not core.loop_running() then
-      wait.until_done(function() return self.engines[engine].state == "dead" end, 1)
-    end
-    return nil, errors.EngineError.new(engine, nil, self.engines[engine].how)
+    return nil, lost(self, engine, err)
   end
-  record.engine, record.id = engine, id
-  self.pending[id] = record
-  self.npending = self.npending + 1
+  track(self, engine, id, record)
   return id
+end
+
+--- The same request to every engine of `engines` (up, as Hub:unavailable
+-- says), encoded once: behind a controller one frame, which crosses each
+-- host's link once; records[i] receives engines[i]'s answer. Returns a
+-- table of errors by index, for the engines it did not reach (empty when
+-- it reached all).
+function Hub:submit_many(engines, mtype, root, records, ...)
+  -- Engines that take shared memory and those that take matrices inline get an encoding each.
+  local groups, order = {}, {}
+  for i, engine in ipairs(engines) do
+    local key = self.core:passes_fds(engine)
+    local g = groups[key]
+    if not g then
+      g = { engines = {}, index = {} }
+      groups[key], order[#order + 1] = g, key
+    end
+    g.engines[#g.engines + 1], g.index[#g.index + 1] = engine, i
+  end
+  local errs = {}
+  for _, key in ipairs(order) do
+    local g = groups[key]
+    local first = self.next_id + 1
+    self.next_id = self.next_id + #g.engines
+    local ok, err, code = self.core:send_many(g.engines, mtype, first, root, ...)
+    for j, engine in ipairs(g.engines) do
+      local i = g.index[j]
+      if ok then
+        track(self, engine, first + j - 1, records[i])
+      elseif ok == false and not err[j] then
+        track(self, engine, first + j - 1, records[i])
+      else
+        local why, why_code = err, code
+        if ok == false then why, why_code = err[j][1], err[j][2] end
+        errs[i] = why_code == core.EDEAD and lost(self, engine, why) or why
+      end
+    end
+  end
+  return errs
 end
 
 function Hub:send_raw(engine, bytes)
@@ -455,7 +502,8 @@ function Hub:queue_status()
     local st, err = self:call("status")
     if not st then error("queue_status: " .. tostring(err), 3) end
     for id, e in pairs(st.engines) do
-      status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms, host = e.host }
+      status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms, host = e.host,
+                     link_sent = e.link_sent }
     end
     status.bad_messages, status.refused, status.disconnected, status.clients =
       st.bad_messages, st.refused, st.disconnected, st.clients

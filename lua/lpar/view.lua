@@ -71,7 +71,8 @@ local function interrupt_slots(ar)
 end
 
 --- Send one request per target, with the values `per_target(i, n)` gives
--- for the i-th of n targets, or else the same `...` to all. `finish` turns
+-- for the i-th of n targets, or else the same `...` to all (encoded once,
+-- and sent once to a controller, Hub:submit_many). `finish` turns
 -- the settled slots into get()'s values. Raises at the user's call site.
 local function submit(self, kind, mtype, root, finish, per_target, ...)
   local hub = self.client._hub
@@ -82,6 +83,18 @@ local function submit(self, kind, mtype, root, finish, per_target, ...)
   end
   local ar = AsyncResult.new(kind, { single = single(self), finish = finish })
   ar._hub, ar._interrupt = hub, interrupt_slots
+  if not per_target and #ids > 1 then
+    -- One request for all: encoded once, and once over each link.
+    local slots = {}
+    for i, id in ipairs(ids) do slots[i] = ar:_slot(id) end
+    local errs = hub:submit_many(ids, mtype, root, slots, ...)
+    local failed = 0
+    for _ in pairs(errs) do failed = failed + 1 end
+    if failed == #ids then error(errs[1], 3) end -- it reached none
+    for i, err in pairs(errs) do ar:_settle(slots[i], false, nil, nil, err) end
+    self._outstanding[ar] = true
+    return ar
+  end
   for i, id in ipairs(ids) do
     local slot = ar:_slot(id)
     local ok, err
