@@ -8,9 +8,9 @@ local uv = require "luv"
 
 local identity = function(x) return x end
 
---- This process's memory from /proc/self/status, in MB ("VmRSS", "VmHWM").
-local function status_mb(field)
-  local f = io.open("/proc/self/status")
+--- A process's memory from /proc/PID/status (default this one), in MB ("VmRSS", "VmHWM").
+local function status_mb(field, pid)
+  local f = io.open("/proc/" .. (pid or "self") .. "/status")
   local kb = f and tonumber(f:read("a"):match(field .. ":%s*(%d+)")) or 0
   if f then f:close() end
   return kb / 1024
@@ -125,8 +125,12 @@ local function bench_two_clients(b)
   local ok, err = pcall(function()
     local n = count(100000)
     local rc = lpar.Client { profile = "tasks" }
+    local f = assert(io.open(dir .. "/profile_tasks/connection.json"))
+    local controller = math.tointeger(require("dkjson").decode(f:read("a")).pid)
+    f:close()
     local lb = rc:load_balanced_view()
     map_rate(lb, 1000)
+    local rss0 = status_mb("VmRSS", controller)
     local alone = map_rate(lb, n)
     row("two_clients_alone", "standalone: one client's map of identity", alone, "/s")
     local other = io.popen(string.format("%s scripts/bench_tasks.lua --client tasks %d", lpar_cmd, n))
@@ -140,6 +144,16 @@ local function bench_two_clients(b)
       "0.8x - 1.2x")
     row("two_clients_fair", "  two clients at once: this one's rate / the other's", mine / theirs, "x",
       "0.8x - 1.25x")
+    -- The controller over a million tasks from the two clients: its memory.
+    local mid = status_mb("VmRSS", controller)
+    local big = b.quick and 20000 or 500000
+    other = io.popen(string.format("%s scripts/bench_tasks.lua --client tasks %d", lpar_cmd, big))
+    map_rate(lb, big)
+    other:read("a")
+    other:close()
+    row("controller_rss_tasks", string.format("  controller RSS growth over %d more tasks from two clients", 2 * big),
+      status_mb("VmRSS", controller) - mid, "MB", "flat")
+    print(string.format("  (controller RSS: %.1f MB at the start, %.1f MB after the first maps)", rss0, mid))
     rc:shutdown()
     rc:close()
   end)
