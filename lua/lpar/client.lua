@@ -4,6 +4,7 @@
 -- `rc:shutdown()`, `rc:close()`. A Client is a to-be-closed value: closing
 -- one that started its cluster (Cluster:start_and_connect) stops that
 -- cluster; closing one connected to a standalone cluster only detaches.
+-- `rc[i]` also takes what rc:view does: `rc["0:2"]`, `rc[{0, 1}]`.
 --   lpar.Client{profile = "default"}  or  lpar.Client{connection_file = path}
 local DirectView = require "lpar.view"
 local LoadBalancedView = require "lpar.balanced"
@@ -32,12 +33,21 @@ end
 
 Client.methods = methods -- for the prompt's completion of rc:
 
+--- Is `k` a target spec as rc[k] takes it: a list of ids, or a string
+-- of a slice or a comma list ("0:2", "::2", "-1", "0,2")?
+local function target_key(k)
+  if type(k) == "table" then return getmetatable(k) == nil end
+  return type(k) == "string" and k:find("^[%d%s:,%-]+$") ~= nil
+end
+
 function Client.__index(self, k)
   if k == "ids" then return self._hub:ids() end
   if math.type(k) == "integer" then
     return DirectView.new(self, k)
   end
-  return methods[k]
+  local m = methods[k]
+  if m == nil and target_key(k) then return DirectView.new(self, k) end
+  return m
 end
 
 function Client:__len() return #self._hub:ids_shared() end
