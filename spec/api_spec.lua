@@ -3,7 +3,7 @@
 -- resubmit, view:remote, view:parallel, dview.vars, and C functions and
 -- lpar's modules travelling by name.
 -- Globals of the engines, read by functions that run there:
--- luacheck: globals np vx
+-- luacheck: globals np vx runs count
 local lpar = require "lpar"
 local matrix = require "lpar.matrix"
 
@@ -33,6 +33,115 @@ describe("the task API", function()
       assert.has_error(function() return rc[{ 0, 5 }] end, "no engine 5 (engines: 0 1)")
       assert.equal("function", type(rc.view))
       assert.is_nil(rc.no_such_method)
+    end)
+  end)
+
+  describe("rc:wait()", function()
+    it("waits for every result not done yet when given none", function()
+      local lb = rc:load_balanced_view()
+      local a = rc[0]:apply_async(function() local t = os.clock() while os.clock() - t < 0.2 do end return 1 end)
+      local b = lb:apply_async(function() local t = os.clock() while os.clock() - t < 0.3 do end return 2 end)
+      local c = rc:view():execute("vx = 3")
+      assert.is_true(rc:wait(nil, 10))
+      assert.is_true(a:ready() and b:ready() and c:ready())
+      assert.equal(2, b:get())
+    end)
+
+    it("is bounded by its timeout", function()
+      local slow = rc[1]:apply_async(function() local t = os.clock() while os.clock() - t < 1 do end end)
+      local now = require("lpar.core").now
+      local t0 = now()
+      assert.is_false(rc:wait(nil, 0.1))
+      assert.is_true(now() - t0 < 0.9) -- back well before the task ends
+      assert.is_true(rc:wait(nil, 10))
+      assert.is_true(slow:ready())
+    end)
+
+    it("says where the timeout goes when given a number", function()
+      assert.has_error(function() rc:wait(5) end,
+        "Client:wait: expected a result, a list of results or nil (every result), got number; "
+          .. "the timeout comes second: rc:wait(nil, 5)")
+    end)
+  end)
+
+  describe("result_status, purge_results, resubmit", function()
+    local function spin(s) local t = os.clock() while os.clock() - t < s do end return s end
+
+    it("result_status splits results into pending and completed, in the order given", function()
+      local done = rc[0]:apply_async(function() return "done" end)
+      done:wait(5)
+      local busy = rc[1]:apply_async(spin, 0.5)
+      local st = rc:result_status({ busy, done })
+      assert.same({ busy }, st.pending)
+      assert.same({ done }, st.completed)
+      assert.is_nil(st.results)
+      busy:wait(5)
+      st = rc:result_status({ busy, done }, { status_only = false })
+      assert.same({ busy, done }, st.completed)
+      assert.equal("done", st.results[done])
+      assert.equal(0.5, st.results[busy])
+      assert.same({ done }, rc:result_status(done).completed)
+    end)
+
+    it("result_status names what is not one of this client's results", function()
+      assert.has_error(function() rc:result_status({ {} }) end,
+        "result_status: element 1 is table, not an AsyncResult")
+      assert.has_error(function() rc:result_status("x") end,
+        "result_status: expected a result or a list of results, got string")
+    end)
+
+    it("purge_results lets go of a result's values; a pending one is refused and nothing purged", function()
+      local a = rc[0]:apply_async(function() return ("x"):rep(1000) end)
+      a:wait(5)
+      local busy = rc[1]:apply_async(spin, 0.3)
+      assert.has_error(function() rc:purge_results({ a, busy }) end,
+        "purge_results: result 2 is still pending: wait for it or abort it first")
+      assert.equal(1000, #a:get()) -- not purged: the call purged nothing
+      assert.equal(1, rc:purge_results(a))
+      assert.has_error(function() a:get() end, "AsyncResult:get(): the result was purged (rc:purge_results)")
+      assert.has_error(function() rc:result_status(a) end,
+        "result_status: result 1 was purged (rc:purge_results)")
+      busy:wait(5)
+    end)
+
+    it('purge_results("all") purges every completed result and keeps the pending ones', function()
+      local a = rc[0]:apply_async(function() return 1 end)
+      a:wait(5)
+      local busy = rc[1]:apply_async(spin, 0.3)
+      assert.is_true(rc:purge_results("all") >= 1)
+      assert.has_error(function() a:get() end, "AsyncResult:get(): the result was purged (rc:purge_results)")
+      assert.equal(0.3, busy:get(5))
+      assert.same({ busy }, rc:result_status(busy).completed)
+    end)
+
+    it("resubmit runs a finished call again, direct on the same engines and load-balanced", function()
+      rc:view():execute("runs = (runs or 0) + 1", { block = true })
+      local direct = rc[1]:apply_async(function() runs = runs + 1 return lpar.engine.id, runs end)
+      direct:wait(5)
+      local again = rc:resubmit(direct)
+      assert.are_not.equal(direct, again)
+      local id, runs = again:get(5)
+      assert.equal(1, id)
+      assert.equal(3, runs)
+      local lb = rc:load_balanced_view()
+      local m = lb:map_async(function(x) return x * 2 end, { 1, 2, 3 })
+      local f = lb:apply_async(function() error("flaky") end)
+      rc:wait({ m, f }, 5)
+      local new = rc:resubmit({ m, f })
+      assert.same({ 2, 4, 6 }, new[1]:get(5))
+      assert.has_error(function() new[2]:get(5) end)
+      assert.matches("flaky", tostring(select(2, pcall(new[2].get, new[2], 5))))
+    end)
+
+    it("resubmit refuses a pending result, and then resubmits nothing", function()
+      rc[0]:execute("count = 0", { block = true })
+      local done = rc[0]:apply_async(function() count = count + 1 end)
+      done:wait(5)
+      local busy = rc[1]:apply_async(spin, 0.3)
+      assert.has_error(function() rc:resubmit({ done, busy }) end,
+        "resubmit: result 2 is still pending: in-flight tasks may not be resubmitted")
+      busy:wait(5)
+      assert.equal(1, rc[0]:pull("count", { block = true }))
     end)
   end)
 

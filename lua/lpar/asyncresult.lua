@@ -151,6 +151,7 @@ function methods:get(opts)
     require("lpar.options").check("get", opts, { timeout = true, return_errors = true })
     timeout, return_errors = opts.timeout, opts.return_errors
   end
+  if self._purged then error("AsyncResult:get(): the result was purged (rc:purge_results)", 2) end
   local ready, stuck = wait.until_done(function() return self:ready() end, timeout,
     function(fn) self._waiters[#self._waiters + 1] = fn end, 2, interrupter(self))
   if not ready then

@@ -393,6 +393,7 @@ function LoadBalancedView:apply_async(f, ...)
   if #self.client == 0 then error("no engines are running", 2) end
   local ar = AsyncResult.new("apply", { single = true })
   submit_task(self, ar, ar:_slot(nil), f, table.pack(...))
+  self.client:_track(ar, self.apply_async, self, f, ...) -- for rc:wait(), rc:resubmit
   return ar
 end
 
@@ -458,6 +459,7 @@ function LoadBalancedView:map_async(f, list, opts)
     slot.count = #chunk
     submit_task(view, ar, slot, map_chunk, table.pack(f, chunk))
   end
+  self.client:_track(ar, self.map_async, self, f, list, opts) -- for rc:wait(), rc:resubmit
   return ar
 end
 

@@ -66,7 +66,8 @@ local function single(self) return math.type(self.targets) == "integer" end
 --- Send one request per target, with the values `per_target(i, n)` gives
 -- for the i-th of n targets, or else the same `...` to all. `finish` turns
 -- the settled slots into get()'s values. Raises at the user's call site.
-local function submit(self, kind, mtype, root, finish, per_target, ...)
+local submit
+function submit(self, kind, mtype, root, finish, per_target, ...)
   local hub = self.client._hub
   local ids = self:_targets(3)
   for _, id in ipairs(ids) do
@@ -94,6 +95,7 @@ local function submit(self, kind, mtype, root, finish, per_target, ...)
     end
   end
   self._outstanding[ar] = true
+  self.client:_track(ar, submit, self, kind, mtype, root, finish, per_target, ...) -- for rc:resubmit
   return ar
 end
 
