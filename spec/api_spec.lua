@@ -145,6 +145,92 @@ describe("the task API", function()
     end)
   end)
 
+  describe("dview.vars", function()
+    it("pushes with vars.x = v and pulls with vars.x, as ipyparallel's view['x']", function()
+      local dview = rc:view()
+      dview.vars.vx = { 1, 2 }
+      assert.same({ { 1, 2 }, { 1, 2 } }, dview.vars.vx)
+      assert.same({ 1, 2 }, rc[1].vars.vx)
+      rc[0].vars.vx = "zero"
+      assert.same({ "zero", { 1, 2 } }, dview.vars.vx)
+    end)
+
+    it("raises a NameError for a name not defined, as pull does; nil removes a name", function()
+      rc[0].vars.vx = 1
+      rc[0].vars.vx = nil
+      assert.has_error(function() return rc[0].vars.vx end)
+      local _, err = pcall(function() return rc[0].vars.vx end)
+      assert.matches("NameError: name 'vx' is not defined", tostring(err))
+      assert.has_error(function() return rc[0].vars[1] end, "vars: names must be strings, got number")
+    end)
+  end)
+
+  describe("view:remote(f)", function()
+    it("is a callable that applies f on the view's engines, with its flags", function()
+      local add = rc:view():remote(function(x) return x + lpar.engine.id end)
+      local ar = add(10)
+      assert.same({ 10, 11 }, ar:get(5))
+      assert.same({ 20, 21 }, rc:view():remote(function(x) return x + lpar.engine.id end, { block = true })(20))
+      local lb = rc:load_balanced_view():remote(function(x) return x * 2 end, { block = true })
+      assert.equal(42, lb(21))
+    end)
+
+    it("refuses what is not a function and flags the view does not have", function()
+      assert.has_error(function() rc:view():remote(42) end, "remote: expected a function, got number")
+      assert.has_error(function() rc:view():remote(print, { blok = true }) end,
+        "remote: unknown view flag 'blok' (did you mean 'block'?)")
+    end)
+  end)
+
+  describe("view:parallel(f)", function()
+    local function offset(part) -- a part of the list, tagged by the engine it ran on
+      local out = {}
+      for i, v in ipairs(part) do out[i] = v + 100 * lpar.engine.id end
+      return out
+    end
+
+    it("pf:map(list) calls f on each element, spread over the engines, in order", function()
+      local pf = rc:view():parallel(function(x) return x * 10 end, { block = true })
+      assert.same({ 10, 20, 30, 40, 50 }, pf:map({ 1, 2, 3, 4, 5 }))
+      local lb = rc:load_balanced_view():parallel(function(a, b) return a + b end)
+      assert.same({ 11, 22, 33 }, lb:map({ 1, 2, 3 }, { 10, 20, 30 }):get(5))
+    end)
+
+    it("pf(list) gives each engine one contiguous part and joins the lists it returns", function()
+      local pf = rc:view():parallel(offset, { block = true })
+      assert.same({ 1, 2, 3, 104, 105 }, pf({ 1, 2, 3, 4, 5 }))
+      assert.same({ 7 }, pf({ 7 })) -- fewer items than engines: no empty part
+      assert.same({}, pf({}))
+    end)
+
+    it("pf(list) on a load-balanced view makes a task per chunksize items", function()
+      local sizes = rc:load_balanced_view():parallel(function(a, b)
+        local out = {}
+        for i = 1, #a do out[i] = a[i] * b[i] .. "/" .. #a end
+        return out
+      end, { chunksize = 2, block = true })
+      assert.same({ "2/2", "4/2", "6/2", "8/2", "10/1" }, sizes({ 1, 2, 3, 4, 5 }, { 2, 2, 2, 2, 2 }))
+    end)
+
+    it("says what is wrong: lists of different lengths, a part that is not a list", function()
+      local pf = rc:view():parallel(function(x) return #x end)
+      assert.has_error(function() pf({ 1, 2 }, { 1 }) end,
+        "parallel: the lists have different lengths (2 and 1)")
+      local _, err = pcall(function() return pf({ 1, 2 }):get(5) end)
+      assert.matches("parallel: the function returned number for its part of the list, not a list",
+        tostring(err))
+      assert.has_error(function() rc:view():parallel(print, { chunksize = 2 }) end,
+        "parallel: chunksize is for load-balanced views (a DirectView splits the list in one part per engine)")
+    end)
+  end)
+
+  it("iterates over a DirectView map's elements in order", function()
+    local ar = rc:view():map(function(x) return x * x end, { 1, 2, 3, 4, 5 })
+    local seen = {}
+    for v in ar:iter() do seen[#seen + 1] = v end
+    assert.same({ 1, 4, 9, 16, 25 }, seen)
+  end)
+
   describe("C functions and lpar's modules by name", function()
     it("sends a matrix method as a value: rc[0]:apply(A.dot, A, B)", function()
       local A, B = matrix.random(4, 3, 1), matrix.random(3, 2, 2)

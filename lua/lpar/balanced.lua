@@ -534,6 +534,17 @@ function LoadBalancedView:imap(f, iterable, opts)
   return iterator, stats
 end
 
+--- A callable running `f` as one load-balanced task per call, as
+-- ipyparallel's `@view.remote`; `opts`: view flags for its calls, such as
+-- `block` or `timeout` (see lpar.remotefunction).
+function LoadBalancedView:remote(f, opts) return require("lpar.remotefunction").remote(self, f, opts, 3) end
+
+--- A ParallelFunction over `f`, as ipyparallel's `@view.parallel`:
+-- `pf:map(list)` is a load-balanced map of f; `pf(list)` calls f on parts of
+-- the list (one per engine, or `chunksize` items each) and joins the lists
+-- it returns. `opts`: `block`, `chunksize`, `ordered` and view flags.
+function LoadBalancedView:parallel(f, opts) return require("lpar.remotefunction").parallel(self, f, opts, 3) end
+
 --- Wait for the given results (or one); true when all are done.
 function LoadBalancedView:wait(results, timeout)
   return self.client:wait(results, timeout)

@@ -15,6 +15,37 @@ local EXECUTE, APPLY, PUSH, PULL = core.EXECUTE, core.APPLY, core.PUSH, core.PUL
 local FLAGS = { block = true }
 local options = require "lpar.options"
 
+local function check_name(name)
+  if type(name) ~= "string" then error("vars: names must be strings, got " .. type(name), 3) end
+end
+
+--- `view.vars`: the engines' globals by name, as ipyparallel's `view['x']`.
+-- `view.vars.x` pulls x (a list over several engines; a name not defined
+-- raises a NameError, as pull does) and `view.vars.x = v` pushes it
+-- (nil removes it); both wait, so an error shows at that line.
+local function vars_of(view)
+  return setmetatable({}, {
+    __index = function(_, name)
+      check_name(name)
+      return view:pull(name, { block = true })
+    end,
+    __newindex = function(_, name, value)
+      check_name(name)
+      if value == nil then
+        view:apply_async(function(n) _G[n] = nil end, name):get()
+      else
+        view:push({ [name] = value }, { block = true })
+      end
+    end,
+    __tostring = function() return "<vars of " .. tostring(view) .. ">" end,
+  })
+end
+
+--- A copy of this view with the given flags changed.
+function DirectView:with(flags)
+  return viewflags.with(self, flags, FLAGS)
+end
+
 --- A view of `client` over `spec` (see lpar.targets); nil means every
 -- engine, resolved at each call so restarted engines are included.
 function DirectView.new(client, spec)
@@ -30,15 +61,11 @@ function DirectView.new(client, spec)
     self._ids, self._spec = ids, spec
     self.targets = math.type(spec) == "integer" and ids[1] or ids
   end
+  self.vars = vars_of(self)
   return self
 end
 
 function DirectView:__tostring() return viewflags.describe("DirectView", self.targets) end
-
---- A copy of this view with the given flags changed.
-function DirectView:with(flags)
-  return viewflags.with(self, flags, FLAGS)
-end
 
 local function flag(self, opts, name)
   if opts and opts[name] ~= nil then return opts[name] end
@@ -63,10 +90,11 @@ end
 
 local function single(self) return math.type(self.targets) == "integer" end
 
---- Send one request per target, with the values `per_target(i, n)` gives
+local submit -- it records itself with each result, for rc:resubmit
+
+-- Send one request per target, with the values `per_target(i, n)` gives
 -- for the i-th of n targets, or else the same `...` to all. `finish` turns
 -- the settled slots into get()'s values. Raises at the user's call site.
-local submit
 function submit(self, kind, mtype, root, finish, per_target, ...)
   local hub = self.client._hub
   local ids = self:_targets(3)
@@ -261,6 +289,10 @@ function DirectView:map_async(f, list)
   local chunks = partition(list, #self:_targets(2))
   local ar = submit(self, "map", APPLY, "map", function(slots) return concat_lists(slots) end,
     function(i) return map_chunk, f, chunks[i] end)
+  -- Each slot's element count, for ar:iter() to yield elements as it does
+  -- on a load-balanced map.
+  for i, s in ipairs(ar._slots) do s.count = #chunks[i] end
+  ar._ordered = true
   return ar
 end
 
@@ -305,6 +337,17 @@ function DirectView:sync_imports(spec, opts)
   self:execute(table.concat(code, "\n"), { block = true })
   return names
 end
+
+--- A callable running `f` on this view's engines, as ipyparallel's
+-- `@view.remote`: `dview:remote(f)(x)` is `dview:apply(f, x)`; `opts`: view
+-- flags for its calls, such as `block` (see lpar.remotefunction).
+function DirectView:remote(f, opts) return require("lpar.remotefunction").remote(self, f, opts, 3) end
+
+--- A ParallelFunction over `f`, as ipyparallel's `@view.parallel`:
+-- `pf:map(list)` calls f on each element, spread over the engines, and
+-- `pf(list)` calls f on one part of the list per engine and joins the
+-- lists it returns. `opts`: `block` (see lpar.remotefunction).
+function DirectView:parallel(f, opts) return require("lpar.remotefunction").parallel(self, f, opts, 3) end
 
 --- Make this the view lpar.px and the prompt's %px run on.
 function DirectView:activate()
