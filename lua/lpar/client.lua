@@ -101,13 +101,13 @@ local function is_result(x) return getmetatable(x) == AsyncResult end
 function methods:wait(results, timeout)
   if results == nil then
     local pending = self._pending
-    return wait.until_done(function()
+    return (wait.until_done(function()
       for ar in pairs(pending) do
         if not ar:ready() then return false end
         pending[ar] = nil
       end
       return true
-    end, timeout, nil, 2)
+    end, timeout, nil, 2))
   end
   if is_result(results) then results = { results } end
   if type(results) ~= "table" then
@@ -115,7 +115,7 @@ function methods:wait(results, timeout)
       .. type(results) .. (type(results) == "number" and "; the timeout comes second: rc:wait(nil, 5)" or ""), 2)
   end
   local first = 1 -- results before this one are known to be ready
-  return wait.until_done(function()
+  return (wait.until_done(function()
     for i = first, #results do
       if not results[i]:ready() then
         first = i
@@ -124,7 +124,7 @@ function methods:wait(results, timeout)
     end
     first = #results + 1
     return true
-  end, timeout, nil, 2)
+  end, timeout, nil, 2))
 end
 
 --- The results `list` names (one result, or a list), each checked to be
