@@ -75,6 +75,11 @@ struct lpar_cluster {
   lparR_route *link;
   remote_engine *remote;
   int nremote;
+  /* batching: frames sent meanwhile wait on corked routes (see lpar_cluster_batch_begin) */
+  int batch_depth;    /* lpar_cluster_batch_begin calls not yet ended */
+  int in_dispatch;    /* handling the frames of one read */
+  int *corked;        /* engines whose routes are corked (-1: the link) */
+  int ncorked, capcorked;
 };
 
 static int fail(lpar_cluster *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -119,6 +124,7 @@ static lpar_cluster *cluster_alloc(uv_loop_t *loop, lpar_event_cb on_event, void
 }
 
 static void cluster_release(lpar_cluster *c) {
+  free(c->corked);
   free(c->slots);
   free(c->remote);
   free_env(c->env);
@@ -192,6 +198,7 @@ static void engine_frame(lparR_route *r, const lparW_header *h, const char *payl
                          int nfds, void *ud) {
   (void)r;
   engine *e = ud;
+  e->c->in_dispatch = 1;
   uv_update_time(e->c->loop); /* the loop's time may be stale after Lua ran */
   e->last_seen = uv_now(e->c->loop);
   if (h->type == LPAR_MSG_HEARTBEAT) return; /* only a sign of life */
@@ -215,7 +222,17 @@ static void engine_closed(lparR_route *r, const char *reason, int refused, void 
   engine_handle_closed(e);
 }
 
-static const lparR_handlers engine_handlers = {engine_frame, engine_closed, NULL};
+static void uncork_all(lpar_cluster *c);
+
+/* The frames of one read are handled: what their handlers sent goes out together. */
+static void engine_dispatched(lparR_route *r, void *ud) {
+  (void)r;
+  lpar_cluster *c = ((engine *)ud)->c;
+  c->in_dispatch = 0;
+  if (c->batch_depth == 0) uncork_all(c);
+}
+
+static const lparR_handlers engine_handlers = {engine_frame, engine_closed, NULL, engine_dispatched};
 
 static void on_exit_poll(uv_poll_t *p, int status, int events) {
   (void)status;
@@ -414,6 +431,7 @@ static void link_frame(lparR_route *r, const lparW_header *h, const char *payloa
                        int nfds, void *ud) {
   (void)r;
   lpar_cluster *c = ud;
+  c->in_dispatch = 1;
   lpar_event ev = {.kind = LPAR_EV_MESSAGE, .engine = (int)h->route, .type = h->type,
                    .flags = h->flags, .id = h->id, .payload = payload, .len = (size_t)h->len,
                    .fds = fds, .nfds = nfds};
@@ -443,7 +461,14 @@ static void link_closed(lparR_route *r, const char *reason, int refused, void *u
   handle_gone(c);
 }
 
-static const lparR_handlers link_handlers = {link_frame, link_closed, NULL};
+static void link_dispatched(lparR_route *r, void *ud) {
+  (void)r;
+  lpar_cluster *c = ud;
+  c->in_dispatch = 0;
+  if (c->batch_depth == 0) uncork_all(c);
+}
+
+static const lparR_handlers link_handlers = {link_frame, link_closed, NULL, link_dispatched};
 
 int lpar_cluster_connect(uv_loop_t *loop, const lpar_connect_config *cfg, lpar_cluster **out) {
   if (loop == NULL || cfg == NULL || out == NULL || (cfg->path == NULL && cfg->host == NULL))
@@ -486,12 +511,47 @@ static int route_to(lpar_cluster *c, int id, lparR_route **r, unsigned *field) {
   return LPAR_OK;
 }
 
+/* Inside a batch: cork the route a frame to `engine` takes, remembering it. */
+static void cork_for(lpar_cluster *c, int engine, lparR_route *r) {
+  if (lparR_is_corked(r)) return;
+  if (c->ncorked == c->capcorked) {
+    int n = c->capcorked ? 2 * c->capcorked : 16;
+    int *p = realloc(c->corked, (size_t)n * sizeof *p);
+    if (p == NULL) return; /* then it is written at once, as outside a batch */
+    c->corked = p;
+    c->capcorked = n;
+  }
+  lparR_cork(r);
+  c->corked[c->ncorked++] = r == c->link ? -1 : engine;
+}
+
+/* By id, not by pointer: a route may have closed since it was corked. */
+static void uncork_all(lpar_cluster *c) {
+  for (int i = 0; i < c->ncorked; i++) {
+    lparR_route *r = NULL;
+    unsigned field = 0;
+    if (c->corked[i] < 0)
+      r = c->link;
+    else if (route_to(c, c->corked[i], &r, &field) < 0)
+      r = NULL;
+    if (r) lparR_uncork(r);
+  }
+  c->ncorked = 0;
+}
+
+void lpar_cluster_batch_begin(lpar_cluster *c) { c->batch_depth++; }
+
+void lpar_cluster_batch_end(lpar_cluster *c) {
+  if (c->batch_depth > 0 && --c->batch_depth == 0 && !c->in_dispatch) uncork_all(c);
+}
+
 int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
                           const void *payload, size_t len, const int *fds, int nfds) {
   lparR_route *r = NULL;
   unsigned field = 0;
   int rc = route_to(c, engine, &r, &field);
   if (rc < 0) return rc;
+  if (c->batch_depth > 0 || c->in_dispatch) cork_for(c, engine, r);
   rc = lparR_send(r, type, flags, field, id, payload, len, fds, nfds);
   return rc == LPAR_EINVAL && nfds > 0 ? LPAR_EUNSENDABLE : rc;
 }

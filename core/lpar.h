@@ -89,7 +89,8 @@ enum lpar_msg_type {
   LPAR_MSG_INTERRUPT = 14, /* client -> controller: interrupt request `id` on the engine */
   LPAR_MSG_HEARTBEAT = 15, /* engine -> host: empty, "my Lua is stepping"; never an event */
   LPAR_MSG_PING = 16,      /* controller <-> a host's relay: empty; the link is alive */
-  LPAR_MSG_MAX_ = 17
+  LPAR_MSG_STARTED = 17,   /* engine -> host: empty, request `id` (LPAR_FLAG_DEADLINE) began */
+  LPAR_MSG_MAX_ = 18
 };
 
 /* An engine's heartbeat period, in milliseconds (LPAR_HEARTBEAT_MS in its
@@ -106,6 +107,13 @@ enum lpar_msg_type {
 #define LPAR_FLAG_RAW 0x2u    /* payload is raw bytes, not an encoded tuple */
 #define LPAR_FLAG_FDS 0x4u    /* descriptors (shared memory) came with it; set by lpar */
 #define LPAR_FLAG_INLINE 0x8u /* answer with matrices inline, no descriptors */
+/*
+** The request has a deadline: its payload starts with 8 bytes, a double of
+** CLOCK_REALTIME seconds (the hosts' clocks agree, as NTP keeps them). The
+** engine answers STARTED as it begins such a request, or, when the deadline
+** has passed while it waited, an ERROR without running it.
+*/
+#define LPAR_FLAG_DEADLINE 0x10u
 
 #define LPAR_MAX_PAYLOAD ((uint64_t)1 << 30)
 
@@ -192,6 +200,17 @@ LPAR_API int lpar_cluster_send(lpar_cluster *c, int engine, int type, unsigned f
 */
 LPAR_API int lpar_cluster_send_fds(lpar_cluster *c, int engine, int type, unsigned flags, uint64_t id,
                           const void *payload, size_t len, const int *fds, int nfds);
+
+/*
+** Batch: messages sent between begin and end wait, gathered per engine,
+** and go out at the end in as few writes as the sockets allow (one, for a
+** burst of small requests to one engine), instead of one write each. Pairs
+** nest. While the cluster's event callback runs, sends are batched the same
+** way until the frames of that read are handled. End a batch before
+** running the loop again: a batched message is not written before.
+*/
+LPAR_API void lpar_cluster_batch_begin(lpar_cluster *c);
+LPAR_API void lpar_cluster_batch_end(lpar_cluster *c);
 
 /*
 ** 1 when messages to `engine` can carry descriptors: not over TCP, nor to

@@ -136,7 +136,9 @@ static void engine_exit(lparY_relay *y, int id, int status, int signal, const ch
 
 /* ---- replies: engine -> client ---- */
 
-static int is_reply(int type) { return type >= LPAR_MSG_RESULT && type <= LPAR_MSG_DISPLAY; }
+static int is_reply(int type) {
+  return (type >= LPAR_MSG_RESULT && type <= LPAR_MSG_DISPLAY) || type == LPAR_MSG_STARTED;
+}
 
 static void reply(lparY_relay *y, int id, const lparW_header *h, const char *payload, int *fds,
                   int nfds) {
@@ -360,7 +362,7 @@ static void peer_closed(lparR_route *r, const char *reason, int refused, void *u
   free(p);
 }
 
-static const lparR_handlers peer_handlers = {peer_frame, peer_closed, NULL};
+static const lparR_handlers peer_handlers = {peer_frame, peer_closed, NULL, NULL};
 
 static void on_accept(lparL_server *s, lparR_route *r, void *ud) {
   (void)s;

@@ -33,11 +33,14 @@
 ** overlap instead of taking turns.
 */
 #define SEGMENT (128 * 1024)
+/* A corked route gathers small frames into chunks of at least this many bytes. */
+#define CORK_CHUNK (16 * 1024)
 
 /* A frame (or raw bytes) waiting for the socket. */
 typedef struct chunk {
   struct chunk *next;
   size_t len, off;  /* bytes in data; bytes written */
+  size_t cap;       /* bytes data has room for (a corked route appends frames) */
   size_t ready;     /* bytes that may be written (a frame being sealed has fewer than len) */
   int unsealed;     /* a frame to seal once the session starts */
   int nfds;         /* descriptors that go with the first byte (duplicates, ours) */
@@ -62,6 +65,7 @@ struct lparR_route {
   char reason[200];
   int sealed, session, authenticated;
   int dispatching;         /* inside dispatch: a failed write closes after it */
+  int corked;              /* frames wait in the queue until lparR_uncork */
   char write_failed[160];  /* why the last write failed, while dispatching */
   size_t opened; /* segments of the frame at the reader's front opened so far */
   lparA_channel chan;
@@ -203,17 +207,20 @@ static ssize_t send_pieces(lparR_route *r, struct iovec *iov, int niov, const in
   }
 }
 
-static chunk *chunk_new(size_t len) {
-  chunk *c = malloc(sizeof *c + len);
+static chunk *chunk_with_room(size_t len, size_t cap) {
+  chunk *c = malloc(sizeof *c + cap);
   if (c == NULL) return NULL;
   c->next = NULL;
   c->len = len;
+  c->cap = cap;
   c->off = 0;
   c->ready = len;
   c->unsealed = 0;
   c->nfds = 0;
   return c;
 }
+
+static chunk *chunk_new(size_t len) { return chunk_with_room(len, len); }
 
 /* Keep duplicates of the caller's descriptors in c (they must wait). */
 static int chunk_keep_fds(chunk *c, const int *fds, int nfds) {
@@ -234,7 +241,7 @@ static void enqueue(lparR_route *r, chunk *c) {
   else
     r->head = c;
   r->tail = c;
-  update_poll(r);
+  if (!r->corked) update_poll(r); /* lparR_uncork writes or polls */
 }
 
 /* Write queued chunks until the socket is full or one waits for the session. */
@@ -262,6 +269,29 @@ static void flush(lparR_route *r) {
   update_poll(r);
 }
 
+/* The pieces copied to the end of the queue: into the last chunk when it has room. */
+static int cork_append(lparR_route *r, struct iovec *iov, int niov, size_t total, const int *fds,
+                       int nfds) {
+  chunk *c = r->tail;
+  /* Descriptors go with their own frame's first byte: such a frame starts a chunk. */
+  if (c == NULL || nfds > 0 || c->unsealed || c->ready < c->len || c->cap - c->len < total) {
+    c = chunk_with_room(0, total > CORK_CHUNK ? total : CORK_CHUNK);
+    if (c == NULL) return LPAR_ENOMEM;
+    if (nfds > 0 && chunk_keep_fds(c, fds, nfds) < 0) {
+      free(c);
+      return LPAR_ESYS;
+    }
+    enqueue(r, c);
+  }
+  for (int i = 0; i < niov; i++) {
+    memcpy(c->data + c->len, iov[i].iov_base, iov[i].iov_len);
+    c->len += iov[i].iov_len;
+  }
+  c->ready = c->len;
+  if (r->head != r->tail) flush(r); /* a whole chunk is gathered: no use holding it */
+  return LPAR_OK;
+}
+
 /*
 ** Write the pieces now if nothing waits before them, then queue what is
 ** left as one chunk (the descriptors with it if none of it went).
@@ -269,6 +299,7 @@ static void flush(lparR_route *r) {
 static int write_or_queue(lparR_route *r, struct iovec *iov, int niov, const int *fds, int nfds) {
   size_t total = 0, done = 0;
   for (int i = 0; i < niov; i++) total += iov[i].iov_len;
+  if (r->corked) return cork_append(r, iov, niov, total, fds, nfds);
   if (r->head == NULL) {
     ssize_t k = send_pieces(r, iov, niov, fds, nfds);
     if (k < 0) {
@@ -377,7 +408,7 @@ int lparR_send(lparR_route *r, int type, unsigned flags, unsigned route, uint64_
     struct iovec iov[2] = {{head, sizeof head}, {(void *)payload, len}};
     return write_or_queue(r, iov, len ? 2 : 1, NULL, 0);
   }
-  if (r->session && r->head == NULL && len <= SMALL_FRAME) {
+  if (r->session && (r->head == NULL || r->corked) && len <= SMALL_FRAME) {
     char body[SMALL_FRAME + LPARA_TAG_BYTES];
     lparA_seal(&r->chan, head, sizeof head, payload, len, body, (unsigned char *)body + len);
     struct iovec iov[2] = {{head, sizeof head}, {body, len + LPARA_TAG_BYTES}};
@@ -528,6 +559,7 @@ static void dispatch_frames(lparR_route *r) {
 static void dispatch(lparR_route *r) {
   r->dispatching++;
   dispatch_frames(r);
+  if (r->handlers.on_dispatched) r->handlers.on_dispatched(r, r->ud);
   if (--r->dispatching == 0 && r->write_failed[0]) close_route(r, r->write_failed, 0);
 }
 
@@ -586,6 +618,16 @@ static int read_some(lparR_route *r) {
   dispatch(r);
   return r->closing ? -1 : 1;
 }
+
+void lparR_cork(lparR_route *r) { r->corked = 1; }
+
+void lparR_uncork(lparR_route *r) {
+  if (!r->corked) return;
+  r->corked = 0;
+  if (r->head) flush(r);
+}
+
+int lparR_is_corked(const lparR_route *r) { return r->corked; }
 
 void lparR_drain(lparR_route *r) {
   while (!r->closing && read_some(r) > 0) {

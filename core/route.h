@@ -71,6 +71,11 @@ typedef struct lparR_handlers {
   void (*on_close)(lparR_route *r, const char *reason, int refused, void *ud);
   /* The first frame of the peer's opened: it holds the key (sealed routes). */
   void (*on_authenticated)(lparR_route *r, void *ud);
+  /*
+  ** The frames of one read have all been handled (optional): what they
+  ** made the owner send, gathered while corked, can go out now.
+  */
+  void (*on_dispatched)(lparR_route *r, void *ud);
 } lparR_handlers;
 
 /*
@@ -108,6 +113,17 @@ int lparR_send_raw(lparR_route *r, const void *bytes, size_t len);
 */
 int lparR_seal_copy(lparR_route *r, int type, unsigned flags, unsigned route, uint64_t id,
                     const void *payload, size_t len, lparB_buffer *out);
+
+/*
+** Cork: frames sent from now on wait in the queue, gathered into few
+** chunks, until lparR_uncork writes them with as few system calls as the
+** socket allows; a full chunk of them is written at once. Only for what
+** is sent within one callback: a corked route is not watched for writing,
+** so it must be uncorked before the loop runs again.
+*/
+void lparR_cork(lparR_route *r);
+void lparR_uncork(lparR_route *r);
+int lparR_is_corked(const lparR_route *r);
 
 /* Read and dispatch what is in the socket now: a dead peer's last words. */
 void lparR_drain(lparR_route *r);

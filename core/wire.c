@@ -63,7 +63,8 @@ int lparW_parse_routed(const char in[LPARW_HEADER_SIZE], lparW_header *h, uint64
     *reason = "unknown message type";
     return LPAR_EBADMSG;
   }
-  if (h->flags & ~(unsigned)(LPAR_FLAG_TEXT | LPAR_FLAG_RAW | LPAR_FLAG_FDS | LPAR_FLAG_INLINE)) {
+  if (h->flags & ~(unsigned)(LPAR_FLAG_TEXT | LPAR_FLAG_RAW | LPAR_FLAG_FDS | LPAR_FLAG_INLINE |
+                                  LPAR_FLAG_DEADLINE)) {
     *reason = "unknown flags";
     return LPAR_EBADMSG;
   }

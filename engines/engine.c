@@ -188,10 +188,56 @@ static void reply_text(lua_State *L, lparE_state *st, int ok, int first, int cou
                enc->data, enc->len);
 }
 
-static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const char *payload,
+/* An error reply {message = why} to the request being served, without running it. */
+static void refuse_request(lua_State *L, lparE_state *st, double started, const char *why,
+                           lparB_buffer *enc) {
+  int base = lua_gettop(L);
+  lua_createtable(L, 0, 1);
+  lua_pushstring(L, why);
+  lua_setfield(L, -2, "message");
+  reply_values(L, st, LPAR_MSG_ERROR, started, base + 1, 1, enc);
+  lua_settop(L, base);
+}
+
+/*
+** A request with a deadline (LPAR_FLAG_DEADLINE): strip it from the
+** payload; 1 to run the request (STARTED is sent), 0 when it was answered
+** instead, because its deadline passed while it waited here or it is malformed.
+*/
+static int within_deadline(lua_State *L, lparE_state *st, lparW_header *h, const char **payload,
+                           double started, lparB_buffer *enc) {
+  if (h->len < sizeof(double)) {
+    st->bad_messages++;
+    refuse_request(L, st, started, "malformed request: a deadline flag without a deadline", enc);
+    return 0;
+  }
+  double deadline;
+  memcpy(&deadline, *payload, sizeof deadline);
+  *payload += sizeof deadline;
+  h->len -= sizeof deadline;
+  if (started > deadline) {
+    char why[160];
+    snprintf(why, sizeof why, "timed out while queued on engine %d: its deadline passed %.3fs before it could start",
+             st->id, started - deadline);
+    refuse_request(L, st, started, why, enc);
+    return 0;
+  }
+  send_reply(st, LPAR_MSG_STARTED, LPAR_FLAG_RAW, NULL, 0);
+  return 1;
+}
+
+static void serve(lua_State *L, lparE_state *st, lparW_header *h, const char *payload,
                   lparB_buffer *enc) {
   double started = lparE_now();
   char err[512];
+  if ((h->flags & LPAR_FLAG_DEADLINE) && !within_deadline(L, st, h, &payload, started, enc)) {
+    if ((h->flags & LPAR_FLAG_FDS) && st->side >= 0) { /* its descriptors are not wanted */
+      int fds[LPARH_MAX_FDS];
+      int n = lparH_recv_fds(st->side, fds, LPARH_MAX_FDS, 1);
+      for (int i = 0; i < n; i++) close(fds[i]);
+    }
+    return;
+  }
   int base = lua_gettop(L);
   lua_pushcfunction(L, error_handler);
   lua_pushcfunction(L, run_request);
@@ -378,12 +424,35 @@ int main(void) {
     return 0;
   }
 
-  lparB_buffer in, enc;
+  /*
+  ** Requests are read in as big a gulp as the socket holds and served one
+  ** by one from the buffer: a burst of small tasks costs one read, not two
+  ** reads and a poll each.
+  */
+  lparW_reader in;
+  lparB_buffer enc;
   int status = 0;
-  lparB_init(&in);
+  lparW_reader_init(&in);
   lparB_init(&enc);
   lparE_heartbeat_init(st.fd, env_int("LPAR_HEARTBEAT_MS", LPAR_HEARTBEAT_MS));
   for (;;) {
+    lparW_header h;
+    const char *payload = NULL, *reason = "";
+    int rc = lparW_reader_next(&in, &h, &payload, &reason);
+    if (rc < 0) {
+      fprintf(stderr, "lpar-engine %d: dropping the connection: %s\n", st.id, reason);
+      status = 3;
+      break;
+    }
+    if (rc == 1) {
+      st.task = h.id;
+      st.inline_reply = (h.flags & LPAR_FLAG_INLINE) != 0;
+      serve(L, &st, &h, payload, &enc);
+      if (st.gone) break;
+      if (enc.cap > (1u << 24)) lparB_free(&enc); /* do not hold a huge buffer while idle */
+      continue;
+    }
+    if (in.buf.len == 0 && in.buf.cap > (1u << 24)) lparW_reader_free(&in);
     /* Idle until a request comes; SIGALRM wakes it to send a heartbeat. */
     struct pollfd pfd = {.fd = st.fd, .events = POLLIN};
     if (poll(&pfd, 1, -1) < 0) {
@@ -391,24 +460,32 @@ int main(void) {
       if (lparE_beat_due() && lparW_send(st.fd, LPAR_MSG_HEARTBEAT, 0, 0, NULL, 0) < 0) break;
       continue;
     }
-    lparW_header h;
-    const char *reason = "";
-    int rc = lparW_recv(st.fd, &h, &in, &reason);
-    if (rc == 0) break; /* controller closed: leave quietly */
-    if (rc < 0) {
-      fprintf(stderr, "lpar-engine %d: dropping the connection: %s\n", st.id, reason);
+    char *space;
+    size_t room;
+    if (lparW_reader_space(&in, &space, &room) < 0) {
+      fprintf(stderr, "lpar-engine %d: dropping the connection: out of memory for a request\n", st.id);
       status = 3;
       break;
     }
-    st.task = h.id;
-    st.inline_reply = (h.flags & LPAR_FLAG_INLINE) != 0;
-    serve(L, &st, &h, in.data, &enc);
-    if (st.gone) break;
-    if (in.cap > (1u << 24)) lparB_free(&in); /* do not hold a huge buffer while idle */
-    if (enc.cap > (1u << 24)) lparB_free(&enc);
+    ssize_t k = read(st.fd, space, room);
+    if (k < 0 && errno == EINTR) continue;
+    if (k == 0 || (k < 0 && errno == ECONNRESET)) {
+      if (in.buf.len > in.pos) { /* a frame cut short */
+        fprintf(stderr, "lpar-engine %d: dropping the connection: truncated frame\n", st.id);
+        status = 3;
+      }
+      break; /* controller closed: leave quietly */
+    }
+    if (k < 0) {
+      fprintf(stderr, "lpar-engine %d: dropping the connection: read failed (%s)\n", st.id,
+              strerror(errno));
+      status = 3;
+      break;
+    }
+    lparW_reader_commit(&in, (size_t)k);
   }
   lua_close(L);
-  lparB_free(&in);
+  lparW_reader_free(&in);
   lparB_free(&enc);
   lparB_free(&st.out);
   lparB_free(&st.err);

@@ -1,4 +1,5 @@
 local lpar = require "lpar"
+local core = require "lpar.core"
 
 local function range(n)
   local t = {}
@@ -112,6 +113,36 @@ describe("a load-balanced view", function()
     assert.equal(0, rc[0]:pull("runs"):get())
   end)
 
+  it("fails a task queued on a busy engine at its deadline, naming the engine, and never runs it", function()
+    local one = rc:load_balanced_view(0)
+    rc[0]:execute("ran = false", { block = true })
+    -- The engine is busy with a direct task the scheduler does not count.
+    local busy = rc[0]:execute("local t = os.clock() while os.clock() - t < 0.8 do end")
+    local t0 = core.now()
+    local ar = one:with { timeout = 0.2 }:apply(function() ran = true end) -- luacheck: ignore
+    local ok, err = pcall(ar.get, ar, 5)
+    local waited = core.now() - t0
+    assert.is_false(ok)
+    assert.equal("timeout", err.reason)
+    assert.matches("timed out while queued on engine 0", tostring(err))
+    assert.matches("%[engine 0, task %d+%]", tostring(err))
+    assert.is_true(waited >= 0.15 and waited < 0.5, "failed after " .. waited .. " s")
+    busy:get(5)
+    -- The engine dropped it when it got to it: it never ran, and it serves on.
+    assert.is_false(rc[0]:pull("ran"):get(5))
+    assert.equal(42, one:apply_sync(function() return 42 end))
+  end)
+
+  it("interrupts a running task at its deadline, not later", function()
+    local t0 = core.now()
+    local ar = lb:with { timeout = 0.2 }:apply(function() while true do end end)
+    local ok, err = pcall(ar.get, ar, 5)
+    local waited = core.now() - t0
+    assert.is_false(ok)
+    assert.matches("ran past its timeout of 0.2s and was interrupted", tostring(err))
+    assert.is_true(waited >= 0.15 and waited < 0.45, "failed after " .. waited .. " s")
+  end)
+
   it("holds `after` tasks until their dependencies are done, and `follow` to their engine", function()
     local first = lb:apply(function() local t = os.clock() while os.clock() - t < 0.1 do end
       return os.clock() end)
@@ -121,6 +152,36 @@ describe("a load-balanced view", function()
     local here = lb:apply(function() return lpar.engine.id end)
     local follow = lb:with { follow = here }:map_async(function() return lpar.engine.id end, range(6))
     for _, id in ipairs(follow:get()) do assert.equal(here:get(), id) end
+  end)
+
+  it("maps 100,000 tasks in order, submitting them as the window has room", function()
+    local n = 100000
+    local ar = lb:map_async(function(x) return x * 2 end, range(n))
+    -- Only a window of tasks is made at once; the rest wait as list items.
+    assert.is_true(#ar._slots <= 4096, #ar._slots .. " tasks made at once")
+    assert.equal(n, #ar)
+    local out = ar:get(120)
+    assert.equal(n, #out)
+    for i = 1, n, 997 do assert.equal(2 * i, out[i]) end
+    assert.equal(2 * n, out[n])
+  end)
+
+  it("takes a copy of a map's list, and aborts the tasks it has not made yet", function()
+    local one = rc:load_balanced_view(0)
+    local blocker = one:apply(function() local t = os.clock() while os.clock() - t < 0.3 do end end)
+    local list = range(3000)
+    local ar = one:map_async(function(x) return x end, list)
+    list[2999] = "changed"
+    local aborted = rc:abort(ar)
+    assert.is_true(aborted >= 2990, aborted .. " aborted")
+    blocker:get(5)
+    local out = ar:get { timeout = 5, return_errors = true }
+    assert.equal(3000, #out)
+    assert.equal("aborted", out[3000].reason)
+    -- Tasks already on the engine ran, with the items as they were.
+    assert.equal(1, out[1])
+    local ran = lb:map_sync(function(x) return x end, { 1, 2, 3 })
+    assert.same({ 1, 2, 3 }, ran)
   end)
 
   it("aborts exactly the queued tasks asked for", function()

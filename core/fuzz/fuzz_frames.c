@@ -44,7 +44,7 @@ static void on_close(lparR_route *r, const char *reason, int refused, void *ud) 
   ((state *)ud)->closed = 1;
 }
 
-static const lparR_handlers handlers = {on_frame, on_close, NULL};
+static const lparR_handlers handlers = {on_frame, on_close, NULL, NULL};
 
 static void put(int fd, uv_loop_t *loop, const void *p, size_t n, size_t step) {
   const uint8_t *b = p;

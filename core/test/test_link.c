@@ -45,7 +45,7 @@ static void echo_frame(lparR_route *r, const lparW_header *h, const char *payloa
   lparR_send(r, h->type, h->flags, h->route, h->id, payload, (size_t)h->len, fds, nfds);
 }
 
-static const lparR_handlers echo = {echo_frame, NULL, NULL};
+static const lparR_handlers echo = {echo_frame, NULL, NULL, NULL};
 
 static void on_accept(lparL_server *s, lparR_route *r, void *ud) {
   (void)s, (void)ud;
@@ -101,7 +101,7 @@ static void got_closed(lparR_route *r, const char *reason, int refused, void *ud
   snprintf(s->reason, sizeof s->reason, "%s", reason);
 }
 
-static const lparR_handlers client = {got_frame, got_closed, NULL};
+static const lparR_handlers client = {got_frame, got_closed, NULL, NULL};
 
 static void run_until(uv_loop_t *loop, int *flag, int want) {
   for (int i = 0; i < 3000 && *flag < want; i++) {

@@ -187,7 +187,7 @@ int main(void) {
 
   /* A host joins with two engines, 2 and 3, over one link. */
   host hs = {0};
-  static const lparR_handlers host_handlers = {host_frame, host_closed, NULL};
+  static const lparR_handlers host_handlers = {host_frame, host_closed, NULL, NULL};
   lparR_route *hr = NULL;
   char err[256];
   CHECKF(lparL_connect(&loop, path, NULL, 0, key, &host_handlers, &hs, &hr, err, sizeof err) == 0,

@@ -11,6 +11,7 @@
 **   ("error", engine, id, started, completed, err)
 **   ("stdout" | "stderr", engine, id, text)  ("display", engine, id, mime, data, meta)
 **   ("undecodable", engine, id, why)         ("bad", engine, reason)
+**   ("started", engine, id): a request sent with a deadline (send_by) began
 ** and, connected: ("control", id, values...) and ("closed", reason, refused).
 ** With raw, messages come as ("frame", engine, type, flags, id, payload), not
 ** decoded: a relay passes them on.
@@ -60,6 +61,7 @@ static const char *message_kind(int type) {
   case LPAR_MSG_STDERR: return "stderr";
   case LPAR_MSG_DISPLAY: return "display";
   case LPAR_MSG_CONTROL: return "control";
+  case LPAR_MSG_STARTED: return "started";
   default: return NULL;
   }
 }
@@ -114,6 +116,7 @@ static int push_message(lua_State *L, cluster_ud *u, const lpar_event *ev) {
   }
   lua_pushinteger(L, ev->engine);
   lua_pushinteger(L, (lua_Integer)ev->id);
+  if (ev->type == LPAR_MSG_STARTED) return 3;
   if (ev->type == LPAR_MSG_STDOUT || ev->type == LPAR_MSG_STDERR) {
     lua_pushlstring(L, ev->payload, ev->len);
     return 4;
@@ -333,30 +336,49 @@ static int l_spawn(lua_State *L) {
   return 1;
 }
 
-/* cluster:send(engine, type, id, root, values...), matrices as shared memory where they can. */
-static int l_send(lua_State *L) {
-  cluster_ud *u = check_cluster(L);
+/* Encode the values from `first` (after a deadline, if given) and send them. */
+static int send_values(lua_State *L, cluster_ud *u, const double *deadline, int first) {
   int engine = (int)luaL_checkinteger(L, 2);
   int type = (int)luaL_checkinteger(L, 3);
   lua_Integer id = luaL_checkinteger(L, 4);
-  const char *root = luaL_checkstring(L, 5);
+  const char *root = luaL_checkstring(L, first - 1);
   char err[512];
+  unsigned flags = 0;
   u->enc.len = 0;
+  if (deadline) {
+    if (lparB_append(&u->enc, deadline, sizeof *deadline) < 0) return lparC_push_failure(L, LPAR_ENOMEM, NULL);
+    flags |= LPAR_FLAG_DEADLINE;
+  }
   lparS_shm shm = {.min_bytes = lpar_cluster_passes_fds(u->c, engine) ? LPARM_SHM_MIN_BYTES : 0};
-  int rc = lparS_encode_shm(L, 6, lua_gettop(L) - 5, root, &u->enc, &shm, err, sizeof err);
+  int rc = lparS_encode_shm(L, first, lua_gettop(L) - first + 1, root, &u->enc, &shm, err, sizeof err);
   if (rc < 0) {
     lua_pushnil(L);
     lua_pushstring(L, err);
     lua_pushinteger(L, rc);
     return 3;
   }
-  rc = lpar_cluster_send_fds(u->c, engine, type, 0, (uint64_t)id, u->enc.data, u->enc.len,
+  rc = lpar_cluster_send_fds(u->c, engine, type, flags, (uint64_t)id, u->enc.data, u->enc.len,
                              shm.fds, shm.nfds);
   lparS_shm_done(&shm);
   if (u->enc.cap > (1u << 24)) lparB_free(&u->enc);
   if (rc < 0) return lparC_push_failure(L, rc, NULL);
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* cluster:send(engine, type, id, root, values...), matrices as shared memory where they can. */
+static int l_send(lua_State *L) { return send_values(L, check_cluster(L), NULL, 6); }
+
+/*
+** cluster:send_by(engine, type, id, deadline, root, values...): the same with
+** a deadline (CLOCK_REALTIME seconds, as core.now()): the engine drops the
+** request unstarted if it passes first, and says "started" when it begins.
+*/
+static int l_send_by(lua_State *L) {
+  cluster_ud *u = check_cluster(L);
+  double deadline = luaL_checknumber(L, 5);
+  lua_remove(L, 5);
+  return send_values(L, u, &deadline, 6);
 }
 
 /* cluster:send_bytes(engine, type, flags, id, payload): a payload already encoded. */
@@ -488,7 +510,23 @@ static int l_stop(lua_State *L) {
   return 0;
 }
 
+/*
+** cluster:batch(fn, ...): fn(...) with its sends gathered and written
+** together when it returns or raises; fn's results.
+*/
+static int l_batch(lua_State *L) {
+  cluster_ud *u = check_cluster(L);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lpar_cluster_batch_begin(u->c);
+  int status = lua_pcall(L, lua_gettop(L) - 2, LUA_MULTRET, 0);
+  /* the cluster may have been stopped by fn */
+  if (u->c) lpar_cluster_batch_end(u->c);
+  if (status != LUA_OK) return lua_error(L);
+  return lua_gettop(L) - 1;
+}
+
 static const luaL_Reg cluster_methods[] = {
+  {"batch", l_batch},         {"send_by", l_send_by},
   {"spawn", l_spawn},         {"send", l_send},           {"send_bytes", l_send_bytes},
   {"send_raw", l_send_raw},   {"seal", l_seal},           {"signal", l_signal},
   {"interrupt", l_interrupt}, {"pid", l_pid}, {"silence", l_silence},             {"stats", l_stats},

@@ -31,6 +31,10 @@ end
 
 AsyncResult.methods = methods -- for the prompt's completion of ar:
 
+-- Tasks in all: a map makes its slots as it submits (within a window), so
+-- it says how many there will be (_total).
+local function total(self) return self._total or #self._slots end
+
 function AsyncResult.__index(self, k)
   local m = methods[k]
   if m then return m end
@@ -56,10 +60,10 @@ end
 
 function AsyncResult:__tostring()
   local state = self:ready() and (self:successful() and "finished" or "failed") or "pending"
-  return string.format("<AsyncResult %s: %s, %d/%d>", self._kind, state, self._done, #self._slots)
+  return string.format("<AsyncResult %s: %s, %d/%d>", self._kind, state, self._done, total(self))
 end
 
-function AsyncResult:__len() return #self._slots end
+function AsyncResult:__len() return total(self) end
 
 -- Internal: slots and events.
 
@@ -98,7 +102,7 @@ function methods:_settle(slot, ok, started, completed, value)
   if ok then slot.values = value else slot.error = value end
   self._done = self._done + 1
   self._arrivals[#self._arrivals + 1] = slot
-  if self._done == #self._slots then
+  if self._done == total(self) then
     self._completed = core.now()
     local waiters = self._waiters
     self._waiters = {}
@@ -109,7 +113,7 @@ end
 -- Public methods.
 
 --- True when every task is done (successfully or not).
-function methods:ready() return self._done == #self._slots end
+function methods:ready() return self._done == total(self) end
 
 --- True when every task succeeded; an error when not ready yet.
 function methods:successful()
@@ -158,10 +162,10 @@ function methods:get(opts)
     if stuck then
       error(errors.TimeoutError.new(string.format(
         "%s result can never be ready: nothing is left that could finish it (%d/%d done)",
-        self._kind, self._done, #self._slots)), 2)
+        self._kind, self._done, total(self))), 2)
     end
     error(errors.TimeoutError.new(string.format("%s result not ready after %gs (%d/%d done)",
-      self._kind, timeout, self._done, #self._slots)), 2)
+      self._kind, timeout, self._done, total(self))), 2)
   end
   if not return_errors then raise_errors(self) end
   if self._finish then return self._finish(self._slots, self._single, self) end
@@ -191,10 +195,12 @@ function methods:iter()
     return function()
       while s == nil or j >= s.count do
         k = k + 1
-        if k > #self._slots then return nil end
+        if k > total(self) then return nil end
         if self._ordered then
-          s = self._slots[k]
-          wait_for(self, function() return s.done end)
+          wait_for(self, function()
+            s = self._slots[k]
+            return s ~= nil and s.done
+          end)
         else
           wait_for(self, function() return #self._arrivals >= k end)
           s = self._arrivals[k]
@@ -203,13 +209,13 @@ function methods:iter()
       end
       j = j + 1
       if not s.ok then error(s.error, 2) end
-      return s.values[1][j]
+      return s.values[j]
     end
   end
   local i = 0
   return function()
     i = i + 1
-    if i > #self._slots then return nil end
+    if i > total(self) then return nil end
     wait_for(self, function() return #self._arrivals >= i end)
     local s = self._arrivals[i]
     if s.ok then return s.engine, s.values[1] end
@@ -225,27 +231,27 @@ function methods:wait_interactive(interval)
   local progress = AsyncResult.progress
   if progress then
     local t0 = core.now()
-    while not self:wait(interval or 0.1) do progress(self, self._done, #self._slots, core.now() - t0, false) end
-    progress(self, #self._slots, #self._slots, core.now() - t0, true)
+    while not self:wait(interval or 0.1) do progress(self, self._done, total(self), core.now() - t0, false) end
+    progress(self, total(self), total(self), core.now() - t0, true)
     return true
   end
   local uv = require "luv"
   local tty = uv.guess_handle(1) == "tty"
-  local total = #self._slots
+  local count = total(self)
   local t0 = core.now()
   while not self:wait(interval or 0.1) do
     if tty then
       local done, dt = self._done, core.now() - t0
       local rate = dt > 0 and done / dt or 0
-      local left = rate > 0 and (total - done) / rate or 0
+      local left = rate > 0 and (count - done) / rate or 0
       local width = 30
-      local fill = total > 0 and math.floor(width * done / total) or width
+      local fill = count > 0 and math.floor(width * done / count) or width
       io.stdout:write(string.format("\r[%s%s] %d/%d tasks, %.1f/s, %.1fs left ",
-        string.rep("#", fill), string.rep(" ", width - fill), done, total, rate, left))
+        string.rep("#", fill), string.rep(" ", width - fill), done, count, rate, left))
       io.stdout:flush()
     end
   end
-  if tty then io.stdout:write(string.format("\r%d/%d tasks done in %.2fs%s\n", total, total,
+  if tty then io.stdout:write(string.format("\r%d/%d tasks done in %.2fs%s\n", count, count,
     core.now() - t0, string.rep(" ", 30))) end
   return true
 end
@@ -262,11 +268,11 @@ end
 
 --- Seconds of engine time summed over the tasks.
 function methods:serial_time()
-  local total = 0
+  local sum = 0
   for _, s in ipairs(self._slots) do
-    if s.started and s.completed then total = total + (s.completed - s.started) end
+    if s.started and s.completed then sum = sum + (s.completed - s.started) end
   end
-  return total
+  return sum
 end
 
 --- Width and height of a PNG image, from its header.

@@ -83,6 +83,7 @@ end
 --- Is some engine that `task` may run on up or starting, busy or not?
 local function has_live_engine(self, task)
   local hub = self.hub
+  if not (task.targets or task.follow) and #hub:ids_shared() > 0 then return true end
   for _, id in ipairs(task.targets or hub:all_ids()) do
     local st = hub:engine_state(id)
     if st == "ready" or st == "starting" then
@@ -98,7 +99,26 @@ local function has_live_engine(self, task)
   return false
 end
 
+--- The least-loaded engine with room (the oldest used on a tie), for a
+-- task that may go anywhere: the common case, without a list.
+local function pick_least(self, depth, ids)
+  local load, last = self.load, self.last
+  local best, lb, ob
+  for i = 1, #ids do
+    local id = ids[i]
+    local li = load[id] or 0
+    if li < depth then
+      local oi = last[id] or 0
+      if best == nil or li < lb or (li == lb and oi < ob) then best, lb, ob = id, li, oi end
+    end
+  end
+  return best
+end
+
 local function pick(self, task, ids)
+  if task.scheme == "least" and not (task.targets or task.follow or task.excluded) then
+    return pick_least(self, task.depth, ids)
+  end
   local c = candidates(self, task, ids)
   if #c == 0 then return nil end
   if task.scheme == "random" then return c[math.random(#c)] end
@@ -128,12 +148,14 @@ function Task:fail(err)
   self.timer = nil
   self.slot.task = nil
   self.ar:_settle(self.slot, false, nil, nil, err)
+  if self.ar._feed then self.ar._feed() end
 end
 
 --- Send `task` to `engine`: "sent", "failed" (it cannot be sent anywhere,
 -- and is failed), or "gone" (the engine is gone: the task is untouched).
 function Scheduler:send(task, engine)
-  local rec = { ar = task, kind = task.slot.kind } -- the one shape of a request record
+  -- the one shape of a request record
+  local rec = { ar = task, kind = task.slot.kind, deadline = task.deadline }
   local ok, err = self.hub:submit(engine, APPLY, "args", rec, task.f,
     table.unpack(task.args, 1, task.args.n))
   if not ok then
@@ -143,7 +165,7 @@ function Scheduler:send(task, engine)
     end
     return "gone"
   end
-  task.engine, task.id, task.running = engine, rec.id, true
+  task.engine, task.id, task.running, task.started = engine, rec.id, true, false
   task.slot.engine = engine
   self.load[engine] = (self.load[engine] or 0) + 1
   self.tick = self.tick + 1
@@ -184,6 +206,12 @@ function Scheduler:responsive_ids()
   local hub = self.hub
   local ids = hub:ids_shared()
   if hub.controller then return ids end
+  -- Silence changes on the scale of heartbeats: look again after a few
+  -- milliseconds, not at every dispatch.
+  local now = core.now()
+  if self.responsive and self.responsive_from == ids and now < self.responsive_until then
+    return self.responsive
+  end
   local out
   for i, id in ipairs(ids) do
     if hub:not_responding(id) then
@@ -195,9 +223,11 @@ function Scheduler:responsive_ids()
   if out and not self.recheck_timer and (self.head <= self.tail or #self.held > 0) then
     self.recheck_timer = wait.acquire_timer(2 * core.HEARTBEAT_MS / 1000, function()
       self.recheck_timer = nil
+      self.responsive = nil
       self:dispatch()
     end)
   end
+  self.responsive, self.responsive_from, self.responsive_until = out or ids, ids, now + 0.01
   return out or ids
 end
 
@@ -207,13 +237,15 @@ function Scheduler:dispatch()
   self.dispatching = true
   local ids = self:responsive_ids()
   -- Tasks held back by dependencies or placement go first once free.
-  local still = {}
-  for _, task in ipairs(self.held) do
-    if not task.done and not self:place(task, ids) and not self:stranded(task) then
-      still[#still + 1] = task
+  if #self.held > 0 then
+    local still = {}
+    for _, task in ipairs(self.held) do
+      if not task.done and not self:place(task, ids) and not self:stranded(task) then
+        still[#still + 1] = task
+      end
     end
+    self.held = still
   end
-  self.held = still
   while self.head <= self.tail do
     local task = self.queue[self.head]
     if not task.done and not self:place(task, ids, true) and not self:stranded(task) then break end
@@ -271,6 +303,7 @@ function Task:_display(_, output) self.ar:_display(self.slot, output) end
 -- not retried), its queued ones fail without running.
 local function interrupt_tasks(ar)
   ar._interrupting = true
+  if ar._stop then ar._stop(errors.TaskError.new("aborted", "interrupted before it ran", nil)) end
   for _, s in ipairs(ar._slots) do
     local task = not s.done and s.task
     if task and not task.done then
@@ -284,13 +317,20 @@ local function interrupt_tasks(ar)
   end
 end
 
+--- The engine began it (only tasks with a deadline say so).
+function Task:_started() self.started = true end
+
 function Task:_settle(rec, ok, started, completed, value)
   local s = self.sched
   s.load[rec.engine] = math.max(0, (s.load[rec.engine] or 1) - 1)
   self.running = false
+  if self.done then -- failed at its deadline already: its engine is free again
+    s:dispatch()
+    return
+  end
   if self.timed_out then
     ok, value = false, errors.TaskError.new("timeout",
-      string.format("task ran past its timeout of %gs and was interrupted", self.timeout), rec.id)
+      string.format("task ran past its timeout of %gs and was interrupted", self.timeout), rec.id, rec.engine)
   elseif not ok and self.retries > 0 then
     self.retries = self.retries - 1
     self.last_error = value
@@ -304,24 +344,48 @@ function Task:_settle(rec, ok, started, completed, value)
   if self.timer then wait.release_timer(self.timer) end
   self.timer = nil
   self.slot.task = nil
+  -- A map's chunk keeps its list of results, not the reply's packed values.
+  if ok and self.slot.count then value = value[1] end
   self.ar:_settle(self.slot, ok, started, completed, value)
+  if self.ar._feed then self.ar._feed() end
   -- Interrupting: the task queued behind this one on its engine starts now.
   if self.ar._interrupting then interrupt_tasks(self.ar) end
   s:dispatch()
 end
 
+-- After a running task's deadline, how long its interrupt may take to
+-- come back as its reply before the task is failed anyway (a task deep in
+-- a C call only stops when the call returns).
+local INTERRUPT_GRACE = 0.04
+
+--- Its deadline: a task still queued (here, or on an engine that has not
+-- begun it) fails now and never runs; a running one is interrupted.
 function Task:on_timeout()
   self.timer = nil
   if self.done then return end
-  if self.running then
-    self.timed_out = true
-    self.sched.hub:interrupt_task(self.engine, self.id)
-  else
-    self:fail(errors.TaskError.new("timeout",
-      string.format("task did not start within its timeout of %gs", self.timeout), nil))
+  local hub = self.sched.hub
+  if not self.running then
+    self:fail(errors.TaskError.new("timeout", string.format(
+      "timed out while queued: the task did not start within its timeout of %gs", self.timeout), nil))
     for i = #self.sched.held, 1, -1 do
       if self.sched.held[i] == self then table.remove(self.sched.held, i) end
     end
+  elseif not self.started then
+    -- Its engine drops it unstarted (the deadline travelled with it); the
+    -- interrupt covers a start already on its way here.
+    hub:interrupt_task(self.engine, self.id)
+    self:fail(errors.TaskError.new("timeout", string.format(
+      "timed out while queued on engine %d: the task did not start within its timeout of %gs",
+      self.engine, self.timeout), self.id, self.engine))
+  else
+    self.timed_out = true
+    hub:interrupt_task(self.engine, self.id)
+    self.timer = wait.acquire_timer(INTERRUPT_GRACE, function()
+      self.timer = nil
+      self:fail(errors.TaskError.new("timeout", string.format(
+        "task ran past its timeout of %gs; it was interrupted, but engine %d has not stopped it yet",
+        self.timeout, self.engine), self.id, self.engine))
+    end)
   end
 end
 
@@ -335,6 +399,8 @@ local FLAGS = { block = true, timeout = true, retries = true, after = true, foll
 local SCHEMES = { least = true, lru = true, random = true }
 local options = require "lpar.options"
 local MAP_OPTIONS = options.set({ "chunksize", "ordered" }, FLAGS)
+-- Tasks of one map in flight at most (more with many engines).
+local MAP_WINDOW = 1024
 
 --- A load-balanced view of `client` over the engines of `spec` (nil: all);
 -- made by rc:load_balanced_view(targets).
@@ -366,20 +432,25 @@ local function result_list(x)
   return x
 end
 
---- Queue one task (f, args) as `slot` of `ar`.
-local function submit_task(self, ar, slot, f, args)
+--- Queue one task (f, args) as `slot` of `ar`, submitted at `since`
+-- (default now: its timeout counts from then).
+local function submit_task(self, ar, slot, f, args, since)
   if not SCHEMES[self.scheme] then
     error(string.format("unknown scheme %q (least, lru, random)", tostring(self.scheme)), 3)
   end
   local sched = scheduler_of(self.client._hub)
+  -- A task with a timeout waits here, not behind another on an engine:
+  -- it goes only to an idle engine, so its time is spent running.
+  local depth = self.timeout and 1 or math.max(1, self.queue_depth or 2)
   local task = setmetatable({
     sched = sched, ar = ar, slot = slot, f = f, args = args, retries = self.retries or 0,
-    timeout = self.timeout, depth = math.max(1, self.queue_depth or 2), scheme = self.scheme,
+    timeout = self.timeout, depth = depth, scheme = self.scheme,
+    deadline = self.timeout and (since or core.now()) + self.timeout or nil,
     targets = type(self.targets) == "table" and self.targets or nil,
     after = result_list(self.after), follow = result_list(self.follow),
   }, Task)
   if task.timeout then
-    task.timer = wait.acquire_timer(task.timeout, function() task:on_timeout() end)
+    task.timer = wait.acquire_timer(math.max(0, task.deadline - core.now()), function() task:on_timeout() end)
   end
   slot.task = task -- while it is pending: for Ctrl-C (interrupt_tasks)
   ar._interrupt = interrupt_tasks
@@ -424,7 +495,7 @@ local function finish_map(ordered)
     local out, k = {}, 0
     for _, s in ipairs(order) do
       if s.ok then
-        local part, n = s.values[1], s.values[2]
+        local part, n = s.values, s.count
         for j = 1, n do out[k + j] = part[j] end
         k = k + n
       else
@@ -452,14 +523,50 @@ function LoadBalancedView:map_async(f, list, opts)
   local ordered = opts.ordered ~= false
   local ar = AsyncResult.new("map", { finish = finish_map(ordered) })
   ar._ordered = ordered
+  -- For rc:wait() and rc:resubmit (which maps the list as it is then).
+  self.client:_track(ar, self.map_async, self, f, list, opts)
+  -- Tasks are made as the window has room, not all at once: a long map
+  -- holds the tasks in flight and the results, and no more. The list is
+  -- copied, so changing it afterwards changes nothing.
   local n = list.n or #list
-  for first = 1, n, size do
-    local chunk = table.move(list, first, math.min(n, first + size - 1), 1, {})
-    local slot = ar:_slot(nil)
-    slot.count = #chunk
-    submit_task(view, ar, slot, map_chunk, table.pack(f, chunk))
+  list = table.move(list, 1, n, 1, {})
+  ar._total = (n + size - 1) // size
+  local since = core.now()
+  local window = math.max(MAP_WINDOW, 4 * view.queue_depth * #self.client)
+  local first, in_flight, feeding = 1, 0, false
+  local function feed()
+    if feeding then return end -- a task failed as it was submitted: the loop goes on
+    feeding = true
+    while first <= n and in_flight < window do
+      local last = math.min(n, first + size - 1)
+      local chunk = table.move(list, first, last, 1, {})
+      for i = first, last do list[i] = nil end
+      first = last + 1
+      local slot = ar:_slot(nil)
+      slot.count = #chunk
+      in_flight = in_flight + 1
+      submit_task(view, ar, slot, map_chunk, table.pack(f, chunk), since)
+    end
+    feeding = false
   end
-  self.client:_track(ar, self.map_async, self, f, list, opts) -- for rc:wait(), rc:resubmit
+  ar._feed = function()
+    in_flight = in_flight - 1
+    feed()
+  end
+  -- Abort and Ctrl-C: the tasks not made yet fail as the queued ones do.
+  ar._stop = function(err)
+    while first <= n do
+      local last = math.min(n, first + size - 1)
+      local slot = ar:_slot(nil)
+      slot.count = last - first + 1
+      for i = first, last do list[i] = nil end
+      first = last + 1
+      ar:_settle(slot, false, nil, nil, err)
+    end
+  end
+  local sched = scheduler_of(self.client._hub)
+  local hub = sched.hub
+  if hub.core then hub.core:batch(feed) else feed() end
   return ar
 end
 
@@ -565,6 +672,15 @@ function LoadBalancedView.abort(client, results)
         task:fail(errors.TaskError.new("aborted", "task was aborted before it ran", nil))
         n = n + 1
       end
+    end
+  end
+  -- First the tasks a map has not made yet, so aborting its queued ones
+  -- does not make more.
+  for ar in pairs(wanted) do
+    if ar._stop then
+      local before = ar._done
+      ar._stop(errors.TaskError.new("aborted", "task was aborted before it ran", nil))
+      n = n + ar._done - before
     end
   end
   abort_in(sched.queue, sched.head, sched.tail)

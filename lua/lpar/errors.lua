@@ -61,11 +61,15 @@ function errors.TimeoutError:__tostring() return "TimeoutError: " .. self.messag
 --- A load-balanced task that did not run to the end: aborted while queued,
 -- timed out, or whose dependency failed. `reason` says which.
 errors.TaskError = class("TaskError")
-function errors.TaskError.new(reason, message, task)
-  return setmetatable({ reason = reason, message = message, task = task }, errors.TaskError)
+function errors.TaskError.new(reason, message, task, engine)
+  return setmetatable({ reason = reason, message = message, task = task, engine = engine },
+    errors.TaskError)
 end
 function errors.TaskError:__tostring()
-  return string.format("TaskError (%s): %s", self.reason, self.message)
+  local where = ""
+  if self.engine and self.task then where = string.format(" [engine %d, task %d]", self.engine, self.task)
+  elseif self.engine then where = string.format(" [engine %d]", self.engine) end
+  return string.format("TaskError (%s)%s: %s", self.reason, where, self.message)
 end
 
 return errors

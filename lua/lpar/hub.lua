@@ -18,11 +18,18 @@ Hub.__index = Hub
 
 -- When a collection has left much heap free (a big map released), give
 -- it back to the system: glibc keeps freed heap otherwise. A finalizer that
--- makes its successor runs once per collection cycle.
+-- makes its successor runs once per collection cycle; it looks at most
+-- twice a second, since asking malloc what lies free walks its whole heap
+-- (a busy client collects many times a second).
 do
+  local last = 0
   local function watch()
     setmetatable({}, { __gc = function()
-      core.trim(64 * 1024 * 1024)
+      local now = core.now()
+      if now - last >= 0.5 then
+        last = now
+        core.trim(64 * 1024 * 1024)
+      end
       watch()
     end })
   end
@@ -162,14 +169,22 @@ function Hub:unavailable(engine)
   return errors.EngineError.new(engine, nil, how)
 end
 
---- Send a request; `record` ({ ar =, kind = }) receives the answer through its ar.
--- Returns the request id, or nil and an error (a message or an EngineError).
+--- Send a request; `record` ({ ar =, kind =, deadline = }) receives the
+-- answer through its ar. With a deadline (core.now() seconds) the engine
+-- drops the request unstarted once it has passed, and says when it starts
+-- (ar:_started(record)). Returns the request id, or nil and an error (a
+-- message or an EngineError).
 function Hub:submit(engine, mtype, root, record, ...)
   local gone = self:unavailable(engine)
   if gone then return nil, gone end
   self.next_id = self.next_id + 1
   local id = self.next_id
-  local ok, err, code = self.core:send(engine, mtype, id, root, ...)
+  local ok, err, code
+  if record.deadline then
+    ok, err, code = self.core:send_by(engine, mtype, id, record.deadline, root, ...)
+  else
+    ok, err, code = self.core:send(engine, mtype, id, root, ...)
+  end
   if not ok then
     if code ~= core.EDEAD then return nil, err end
     -- Its socket closed before its exit was seen: it takes nothing more
@@ -235,6 +250,11 @@ function Hub:error(engine, id, started, completed, err)
       or { message = tostring(err) }, id)
     rec.ar:_settle(rec, false, started, completed, e)
   end
+end
+
+function Hub:started(_, id)
+  local rec = self.pending[id]
+  if rec and rec.ar._started then rec.ar:_started(rec) end
 end
 
 function Hub:stdout(_, id, text)
