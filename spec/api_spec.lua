@@ -229,6 +229,11 @@ describe("the task API", function()
     local seen = {}
     for v in ar:iter() do seen[#seen + 1] = v end
     assert.same({ 1, 4, 9, 16, 25 }, seen)
+    local failed = rc:view():map(function(x) if x > 2 then error("big") end return x end, { 1, 2, 3, 4 })
+    local got = failed:get { timeout = 5, return_errors = true }
+    assert.same({ 1, 2 }, { got[1], got[2] })
+    assert.matches("big", tostring(got[3]))
+    assert.equal(got[3], got[4]) -- the chunk's one error, for each of its elements
   end)
 
   describe("C functions and lpar's modules by name", function()

@@ -90,6 +90,20 @@ end
 
 local function single(self) return math.type(self.targets) == "integer" end
 
+--- What the hub reports a map's chunk to: it forwards to `ar`, keeping
+-- the chunk's list of results as the slot's values (not the reply's packed
+-- values), as a load-balanced map's chunks do, for ar:iter().
+local function chunk_record(ar)
+  return {
+    _settle = function(_, slot, ok, started, completed, value)
+      if ok then value = value[1] end
+      ar:_settle(slot, ok, started, completed, value)
+    end,
+    _stream = function(_, slot, name, text) ar:_stream(slot, name, text) end,
+    _display = function(_, slot, output) ar:_display(slot, output) end,
+  }
+end
+
 local submit -- it records itself with each result, for rc:resubmit
 
 -- Send one request per target, with the values `per_target(i, n)` gives
@@ -103,6 +117,7 @@ function submit(self, kind, mtype, root, finish, per_target, ...)
     if gone then error(gone, 3) end
   end
   local ar = AsyncResult.new(kind, { single = single(self), finish = finish })
+  local record = kind == "map" and chunk_record(ar) or nil
   ar._interrupt = function(a)
     for _, s in ipairs(a._slots) do
       if not s.done and s.id then hub:interrupt_task(s.engine, s.id) end
@@ -110,6 +125,7 @@ function submit(self, kind, mtype, root, finish, per_target, ...)
   end
   for i, id in ipairs(ids) do
     local slot = ar:_slot(id)
+    if record then slot.ar = record end
     local ok, err
     if per_target then
       ok, err = hub:submit(id, mtype, root, slot, per_target(i, #ids))
@@ -276,6 +292,19 @@ function DirectView:gather(name, opts)
   return finish_call(self, ar, opts)
 end
 
+--- A map's chunks' lists of results (see chunk_record), joined in order;
+-- a failed chunk gives its error per element (get{return_errors = true}).
+local function join_chunks(slots)
+  local out, k = {}, 0
+  for _, s in ipairs(slots) do
+    for j = 1, s.count do
+      if s.ok then out[k + j] = s.values[j] else out[k + j] = s.error end
+    end
+    k = k + s.count
+  end
+  return out
+end
+
 local function map_chunk(f, chunk)
   local out = {}
   for i = 1, #chunk do out[i] = f(chunk[i]) end
@@ -287,8 +316,7 @@ function DirectView:map_async(f, list)
   if type(f) ~= "function" then error("map: expected a function, got " .. type(f), 2) end
   if type(list) ~= "table" then error("map: expected a list", 2) end
   local chunks = partition(list, #self:_targets(2))
-  local ar = submit(self, "map", APPLY, "map", function(slots) return concat_lists(slots) end,
-    function(i) return map_chunk, f, chunks[i] end)
+  local ar = submit(self, "map", APPLY, "map", join_chunks, function(i) return map_chunk, f, chunks[i] end)
   -- Each slot's element count, for ar:iter() to yield elements as it does
   -- on a load-balanced map.
   for i, s in ipairs(ar._slots) do s.count = #chunks[i] end
