@@ -1,7 +1,11 @@
 --- Client: the handle on a running cluster.
 -- `rc.ids` (engines up, sorted), `#rc`, `rc[i]` (a view of engine i),
--- `rc:view(targets)`, `rc:wait(results, timeout)`, `rc:queue_status()`,
--- `rc:shutdown()`, `rc:close()`. A Client is a to-be-closed value: closing
+-- `rc:view(targets)`, `rc:wait(results, timeout)` (no results: all of
+-- them), `rc:result_status(results)`, `rc:purge_results(results | "all")`,
+-- `rc:resubmit(results)`, `rc:queue_status()`, `rc:shutdown()`, `rc:close()`.
+-- The client keeps track of the results its views hand out (weakly: one
+-- dropped is forgotten) with their calls' arguments, for resubmit, until
+-- they are purged. A Client is a to-be-closed value: closing
 -- one that started its cluster (Cluster:start_and_connect) stops that
 -- cluster; closing one connected to a standalone cluster only detaches.
 -- `rc[i]` also takes what rc:view does: `rc["0:2"]`, `rc[{0, 1}]`.
