@@ -14,9 +14,21 @@ local methods = {}
 
 --- A result over the given tasks. `opts.single`: a one-engine view, whose
 -- get() returns the values themselves; `opts.finish(slots)`: turns the
--- finished slots into what get() returns.
+-- finished slots into what get() returns. `opts.compact` ({ n =, size =,
+-- ordered = }): a load-balanced map of n items in tasks of `size`, whose
+-- settled tasks are kept in arrays rather than a table each.
 function AsyncResult.new(kind, opts)
+  local c = opts.compact
+  if c then
+    local tasks = (c.n + c.size - 1) // c.size
+    c = { n = c.n, size = c.size, ordered = c.ordered, tasks = tasks, made = 0, live = {},
+          val = {}, failed = {}, nfailed = 0, eng = {}, id = {}, t0 = {}, t1 = {},
+          stdout = {}, stderr = {}, submitted = core.now() }
+  end
   return setmetatable({
+    _c = c,
+    _total = c and c.tasks,
+    _ordered = c and c.ordered,
     _kind = kind,
     _slots = {},
     _done = 0,
@@ -50,7 +62,15 @@ function AsyncResult.__index(self, k)
     end)
   elseif k == "engine_ids" then
     local ids = {}
-    for i, s in ipairs(self._slots) do ids[i] = s.engine end
+    local c = self._c
+    if c then
+      for i = 1, c.made do
+        local live = c.live[i]
+        if live then ids[i] = live.engine else ids[i] = c.eng[i] or nil end
+      end
+    else
+      for i, s in ipairs(self._slots) do ids[i] = s.engine end
+    end
     return ids
   elseif k == "progress" then
     return self._done
@@ -71,14 +91,58 @@ function AsyncResult:__len() return total(self) end
 function methods:_slot(engine)
   local s = { ar = self, engine = engine, kind = self._kind, submitted = core.now(),
               done = false } -- stdout and stderr: lists of chunks, made on first output
-  self._slots[#self._slots + 1] = s
+  local c = self._c
+  if c then
+    c.made = c.made + 1
+    s.index, s.count, s.chunked = c.made, math.min(c.size, c.n - (c.made - 1) * c.size), c.size > 1
+    c.live[c.made] = s
+  else
+    self._slots[#self._slots + 1] = s
+  end
   return s
+end
+
+-- Slots made so far.
+local function made(self) return self._c and self._c.made or #self._slots end
+
+--- Slot k: a compact result's settled task as a table made for the asking.
+local function slot_at(self, k)
+  local c = self._c
+  if not c then return self._slots[k] end
+  local live = c.live[k]
+  if live or k > c.made then return live end
+  local failed = c.failed[k] or nil
+  return { index = k, kind = self._kind, engine = c.eng[k] or nil, id = c.id[k] or nil,
+           submitted = c.submitted, started = c.t0[k] or nil, completed = c.t1[k], done = true,
+           ok = not failed, values = (not failed) and c.val[k] or nil, error = failed and c.val[k] or nil,
+           count = math.min(c.size, c.n - (k - 1) * c.size), chunked = c.size > 1,
+           stdout = c.stdout[k], stderr = c.stderr[k] }
+end
+AsyncResult.slot_at = slot_at -- for the views
+
+--- Keep a settled slot's facts in the compact arrays, and let it go.
+local function compact_settle(self, slot)
+  local c, k = self._c, slot.index
+  if slot.ok then
+    c.val[k] = slot.values
+  else
+    c.val[k] = slot.error
+    c.failed[k] = true
+    c.nfailed = c.nfailed + 1
+  end
+  -- false, not nil, for what is missing: the arrays stay arrays.
+  c.eng[k], c.id[k], c.t0[k], c.t1[k] = slot.engine or false, slot.id or false, slot.started or false,
+    slot.completed
+  if slot.stdout then c.stdout[k] = slot.stdout end
+  if slot.stderr then c.stderr[k] = slot.stderr end
+  c.live[k] = nil
+  if not c.ordered then self._arrivals[#self._arrivals + 1] = k end
 end
 
 function methods:_per_slot(fn)
   if self._single then return fn(self._slots[1]) end
   local out = {}
-  for i, s in ipairs(self._slots) do out[i] = fn(s) end
+  for k = 1, made(self) do out[k] = fn(slot_at(self, k)) end
   return out
 end
 
@@ -101,7 +165,7 @@ function methods:_settle(slot, ok, started, completed, value)
   slot.done, slot.ok, slot.started, slot.completed = true, ok, started, completed or core.now()
   if ok then slot.values = value else slot.error = value end
   self._done = self._done + 1
-  self._arrivals[#self._arrivals + 1] = slot
+  if self._c then compact_settle(self, slot) else self._arrivals[#self._arrivals + 1] = slot end
   if self._done == total(self) then
     self._completed = core.now()
     local waiters = self._waiters
@@ -118,6 +182,7 @@ function methods:ready() return self._done == total(self) end
 --- True when every task succeeded; an error when not ready yet.
 function methods:successful()
   if not self:ready() then error("AsyncResult:successful(): the result is not ready", 2) end
+  if self._c then return self._c.nfailed == 0 end
   for _, s in ipairs(self._slots) do
     if not s.ok then return false end
   end
@@ -138,8 +203,17 @@ end
 
 local function raise_errors(self)
   local failed = {}
-  for _, s in ipairs(self._slots) do
-    if not s.ok then failed[#failed + 1] = s.error end
+  local c = self._c
+  if c then
+    if c.nfailed > 0 then
+      for k = 1, c.made do
+        if c.failed[k] then failed[#failed + 1] = c.val[k] end
+      end
+    end
+  else
+    for _, s in ipairs(self._slots) do
+      if not s.ok then failed[#failed + 1] = s.error end
+    end
   end
   if #failed == 1 then error(failed[1], 0) end
   if #failed > 1 then error(errors.CompositeError.new(failed), 0) end
@@ -168,6 +242,7 @@ function methods:get(opts)
       self._kind, timeout, self._done, total(self))), 2)
   end
   if not return_errors then raise_errors(self) end
+  if self._c then return self:_map_values() end
   if self._finish then return self._finish(self._slots, self._single, self) end
   if self._single then
     local s = self._slots[1]
@@ -181,6 +256,31 @@ function methods:get(opts)
   return out
 end
 
+--- A compact map's results, flat, in order (or as they came, unordered);
+-- a failed task gives its error for each of its items.
+function methods:_map_values()
+  local c = self._c
+  local out, i = {}, 0
+  local function put(k)
+    local n = math.min(c.size, c.n - (k - 1) * c.size)
+    local v = c.val[k]
+    if c.failed[k] then
+      for j = 1, n do out[i + j] = v end
+    elseif c.size > 1 then
+      for j = 1, n do out[i + j] = v[j] end
+    else
+      out[i + 1] = v
+    end
+    i = i + n
+  end
+  if c.ordered then
+    for k = 1, c.made do put(k) end
+  else
+    for _, k in ipairs(self._arrivals) do put(k) end
+  end
+  return out
+end
+
 local function wait_for(self, pred)
   wait.until_done(pred, nil, function(fn) self._waiters[#self._waiters + 1] = fn end, 3,
     interrupter(self))
@@ -190,6 +290,30 @@ end
 -- error object). A map's result yields its elements instead, in order for
 -- an ordered map and as their tasks finish otherwise.
 function methods:iter()
+  local c = self._c
+  if c then
+    local k, j, n = 0, 0, 0
+    return function()
+      while j >= n do
+        k = k + 1
+        if k > c.tasks then return nil end
+        local key = k
+        if c.ordered then
+          wait_for(self, function() return c.t1[key] ~= nil end)
+        else
+          wait_for(self, function() return #self._arrivals >= key end)
+          key = self._arrivals[k]
+        end
+        self._iter_key = key
+        j, n = 0, math.min(c.size, c.n - (key - 1) * c.size)
+      end
+      j = j + 1
+      local key = self._iter_key
+      if c.failed[key] then error(c.val[key], 2) end
+      if c.size > 1 then return c.val[key][j] end
+      return c.val[key]
+    end
+  end
   if self._kind == "map" then
     local k, j, s = 0, 0, nil
     return function()
@@ -209,7 +333,8 @@ function methods:iter()
       end
       j = j + 1
       if not s.ok then error(s.error, 2) end
-      return s.values[j]
+      if s.chunked then return s.values[j] end
+      return s.values
     end
   end
   local i = 0
@@ -259,6 +384,15 @@ end
 --- Seconds from the first start to the last completion on the engines.
 function methods:wall_time()
   local first, last
+  local c = self._c
+  if c then
+    for k = 1, c.made do
+      local t0, t1 = c.t0[k], c.t1[k]
+      if t0 then first = math.min(first or t0, t0) end
+      if t1 and c.live[k] == nil then last = math.max(last or t1, t1) end
+    end
+    return first and last and last - first or nil
+  end
   for _, s in ipairs(self._slots) do
     if s.started then first = math.min(first or s.started, s.started) end
     if s.completed then last = math.max(last or s.completed, s.completed) end
@@ -269,6 +403,13 @@ end
 --- Seconds of engine time summed over the tasks.
 function methods:serial_time()
   local sum = 0
+  local c = self._c
+  if c then
+    for k = 1, c.made do
+      if c.t0[k] and c.t1[k] then sum = sum + (c.t1[k] - c.t0[k]) end
+    end
+    return sum
+  end
   for _, s in ipairs(self._slots) do
     if s.started and s.completed then sum = sum + (s.completed - s.started) end
   end
@@ -337,7 +478,8 @@ function methods:display_outputs(opts)
   self:wait()
   opts = require("lpar.options").check("display_outputs", opts, { dir = true, out = true })
   local out = opts.out or io.stdout
-  for _, s in ipairs(self._slots) do
+  for k = 1, made(self) do
+    local s = slot_at(self, k)
     for _, name in ipairs { "stdout", "stderr" } do
       local text = s[name] and table.concat(s[name]) or ""
       if text ~= "" then

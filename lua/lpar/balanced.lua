@@ -42,6 +42,13 @@ end
 local Task = {}
 Task.__index = Task
 
+-- What a map task of several items runs on its engine.
+local function map_chunk(f, chunk)
+  local out = {}
+  for i = 1, #chunk do out[i] = f(chunk[i]) end
+  return out
+end
+
 local function deps_state(list)
   if not list then return "ready" end
   for _, ar in ipairs(list) do
@@ -147,17 +154,22 @@ function Task:fail(err)
   if self.timer then wait.release_timer(self.timer) end
   self.timer = nil
   self.slot.task = nil
-  self.ar:_settle(self.slot, false, nil, nil, err)
-  if self.ar._feed then self.ar._feed() end
+  self.result:_settle(self.slot, false, nil, nil, err)
+  if self.result._feed then self.result._feed() end
 end
 
 --- Send `task` to `engine`: "sent", "failed" (it cannot be sent anywhere,
 -- and is failed), or "gone" (the engine is gone: the task is untouched).
 function Scheduler:send(task, engine)
-  -- the one shape of a request record
-  local rec = { ar = task, kind = task.slot.kind, deadline = task.deadline }
-  local ok, err = self.hub:submit(engine, APPLY, "args", rec, task.f,
-    table.unpack(task.args, 1, task.args.n))
+  -- The task is its own request record (ar = itself, kind, deadline, one).
+  local ok, err
+  if task.args then
+    ok, err = self.hub:submit(engine, APPLY, "args", task, task.f, table.unpack(task.args, 1, task.args.n))
+  elseif task.chunk then
+    ok, err = self.hub:submit(engine, APPLY, "args", task, map_chunk, task.f, task.chunk)
+  else
+    ok, err = self.hub:submit(engine, APPLY, "args", task, task.f, task.item)
+  end
   if not ok then
     if type(err) == "string" then
       task:fail(errors.RemoteError.new(engine, "apply", { message = err }))
@@ -165,7 +177,7 @@ function Scheduler:send(task, engine)
     end
     return "gone"
   end
-  task.engine, task.id, task.running, task.started = engine, rec.id, true, false
+  task.running, task.began = true, false
   task.slot.engine = engine
   self.load[engine] = (self.load[engine] or 0) + 1
   self.tick = self.tick + 1
@@ -296,15 +308,15 @@ end
 
 -- A task is the record the hub settles; it forwards to its AsyncResult slot.
 
-function Task:_stream(_, name, text) self.ar:_stream(self.slot, name, text) end
-function Task:_display(_, output) self.ar:_display(self.slot, output) end
+function Task:_stream(_, name, text) self.result:_stream(self.slot, name, text) end
+function Task:_display(_, output) self.result:_display(self.slot, output) end
 
 --- Ctrl-C while waiting on `ar`: its running tasks are interrupted (and
 -- not retried), its queued ones fail without running.
 local function interrupt_tasks(ar)
   ar._interrupting = true
   if ar._stop then ar._stop(errors.TaskError.new("aborted", "interrupted before it ran", nil)) end
-  for _, s in ipairs(ar._slots) do
+  for _, s in pairs(ar._c and ar._c.live or ar._slots) do
     local task = not s.done and s.task
     if task and not task.done then
       task.retries = 0
@@ -318,7 +330,7 @@ local function interrupt_tasks(ar)
 end
 
 --- The engine began it (only tasks with a deadline say so).
-function Task:_started() self.started = true end
+function Task:_started() self.began = true end
 
 function Task:_settle(rec, ok, started, completed, value)
   local s = self.sched
@@ -344,12 +356,10 @@ function Task:_settle(rec, ok, started, completed, value)
   if self.timer then wait.release_timer(self.timer) end
   self.timer = nil
   self.slot.task = nil
-  -- A map's chunk keeps its list of results, not the reply's packed values.
-  if ok and self.slot.count then value = value[1] end
-  self.ar:_settle(self.slot, ok, started, completed, value)
-  if self.ar._feed then self.ar._feed() end
+  self.result:_settle(self.slot, ok, started, completed, value)
+  if self.result._feed then self.result._feed() end
   -- Interrupting: the task queued behind this one on its engine starts now.
-  if self.ar._interrupting then interrupt_tasks(self.ar) end
+  if self.result._interrupting then interrupt_tasks(self.result) end
   s:dispatch()
 end
 
@@ -370,7 +380,7 @@ function Task:on_timeout()
     for i = #self.sched.held, 1, -1 do
       if self.sched.held[i] == self then table.remove(self.sched.held, i) end
     end
-  elseif not self.started then
+  elseif not self.began then
     -- Its engine drops it unstarted (the deadline travelled with it); the
     -- interrupt covers a start already on its way here.
     hub:interrupt_task(self.engine, self.id)
@@ -432,9 +442,11 @@ local function result_list(x)
   return x
 end
 
---- Queue one task (f, args) as `slot` of `ar`, submitted at `since`
--- (default now: its timeout counts from then).
-local function submit_task(self, ar, slot, f, args, since)
+--- Queue one task as `slot` of `ar`: f(table.unpack(args)), or f(item)
+-- for one item of a map, or f over each of `chunk` for several (then
+-- the task's result is its first value). Submitted at `since` (default
+-- now: its timeout counts from then).
+local function submit_task(self, ar, slot, f, since, args, item, chunk)
   if not SCHEMES[self.scheme] then
     error(string.format("unknown scheme %q (least, lru, random)", tostring(self.scheme)), 3)
   end
@@ -443,12 +455,14 @@ local function submit_task(self, ar, slot, f, args, since)
   -- it goes only to an idle engine, so its time is spent running.
   local depth = self.timeout and 1 or math.max(1, self.queue_depth or 2)
   local task = setmetatable({
-    sched = sched, ar = ar, slot = slot, f = f, args = args, retries = self.retries or 0,
+    sched = sched, result = ar, slot = slot, kind = slot.kind, f = f, args = args, item = item,
+    chunk = chunk, one = args == nil, retries = self.retries or 0,
     timeout = self.timeout, depth = depth, scheme = self.scheme,
     deadline = self.timeout and (since or core.now()) + self.timeout or nil,
     targets = type(self.targets) == "table" and self.targets or nil,
     after = result_list(self.after), follow = result_list(self.follow),
   }, Task)
+  task.ar = task -- the hub settles a request through its record's ar: a task is its own
   if task.timeout then
     task.timer = wait.acquire_timer(math.max(0, task.deadline - core.now()), function() task:on_timeout() end)
   end
@@ -463,7 +477,7 @@ function LoadBalancedView:apply_async(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
   if #self.client == 0 then error("no engines are running", 2) end
   local ar = AsyncResult.new("apply", { single = true })
-  submit_task(self, ar, ar:_slot(nil), f, table.pack(...))
+  submit_task(self, ar, ar:_slot(nil), f, nil, table.pack(...))
   self.client:_track(ar, self.apply_async, self, f, ...) -- for rc:wait(), rc:resubmit
   return ar
 end
@@ -480,33 +494,6 @@ function LoadBalancedView:apply(f, ...)
   return ar
 end
 
-local function map_chunk(f, chunk)
-  local out = {}
-  for i = 1, #chunk do out[i] = f(chunk[i]) end
-  return out, #chunk
-end
-
---- Concatenate chunk results; in submission order, or arrival order when
--- the map is unordered. Failed chunks give their error per element when
--- get{return_errors = true} asked for them.
-local function finish_map(ordered)
-  return function(slots, _, ar)
-    local order = ordered and slots or ar._arrivals
-    local out, k = {}, 0
-    for _, s in ipairs(order) do
-      if s.ok then
-        local part, n = s.values, s.count
-        for j = 1, n do out[k + j] = part[j] end
-        k = k + n
-      else
-        for j = 1, s.count do out[k + j] = s.error end
-        k = k + s.count
-      end
-    end
-    return out
-  end
-end
-
 --- f over `list` in chunks of `chunksize` (default 1) as separate tasks.
 function LoadBalancedView:map_async(f, list, opts)
   if type(f) ~= "function" then error("map: expected a function, got " .. type(f), 2) end
@@ -520,17 +507,15 @@ function LoadBalancedView:map_async(f, list, opts)
     if FLAGS[k] then flags[k] = v end
   end
   if next(flags) then view = self:with(flags) end
-  local ordered = opts.ordered ~= false
-  local ar = AsyncResult.new("map", { finish = finish_map(ordered) })
-  ar._ordered = ordered
   -- For rc:wait() and rc:resubmit (which maps the list as it is then).
-  self.client:_track(ar, self.map_async, self, f, list, opts)
+  local track_list = list
   -- Tasks are made as the window has room, not all at once: a long map
   -- holds the tasks in flight and the results, and no more. The list is
   -- copied, so changing it afterwards changes nothing.
   local n = list.n or #list
   list = table.move(list, 1, n, 1, {})
-  ar._total = (n + size - 1) // size
+  local ar = AsyncResult.new("map", { compact = { n = n, size = size, ordered = opts.ordered ~= false } })
+  self.client:_track(ar, self.map_async, self, f, track_list, opts)
   local since = core.now()
   local window = math.max(MAP_WINDOW, 4 * view.queue_depth * #self.client)
   local first, in_flight, feeding = 1, 0, false
@@ -539,13 +524,18 @@ function LoadBalancedView:map_async(f, list, opts)
     feeding = true
     while first <= n and in_flight < window do
       local last = math.min(n, first + size - 1)
-      local chunk = table.move(list, first, last, 1, {})
-      for i = first, last do list[i] = nil end
-      first = last + 1
       local slot = ar:_slot(nil)
-      slot.count = #chunk
       in_flight = in_flight + 1
-      submit_task(view, ar, slot, map_chunk, table.pack(f, chunk), since)
+      if size == 1 then
+        local item = list[first]
+        list[first] = nil
+        submit_task(view, ar, slot, f, since, nil, item)
+      else
+        local chunk = table.move(list, first, last, 1, {})
+        for i = first, last do list[i] = nil end
+        submit_task(view, ar, slot, f, since, nil, nil, chunk)
+      end
+      first = last + 1
     end
     feeding = false
   end
@@ -558,7 +548,6 @@ function LoadBalancedView:map_async(f, list, opts)
     while first <= n do
       local last = math.min(n, first + size - 1)
       local slot = ar:_slot(nil)
-      slot.count = last - first + 1
       for i = first, last do list[i] = nil end
       first = last + 1
       ar:_settle(slot, false, nil, nil, err)
@@ -668,7 +657,7 @@ function LoadBalancedView.abort(client, results)
   local function abort_in(list, first, last)
     for i = first, last do
       local task = list[i]
-      if task and not task.done and not task.running and wanted[task.ar] then
+      if task and not task.done and not task.running and wanted[task.result] then
         task:fail(errors.TaskError.new("aborted", "task was aborted before it ran", nil))
         n = n + 1
       end

@@ -169,9 +169,10 @@ function Hub:unavailable(engine)
   return errors.EngineError.new(engine, nil, how)
 end
 
---- Send a request; `record` ({ ar =, kind =, deadline = }) receives the
--- answer through its ar. With a deadline (core.now() seconds) the engine
--- drops the request unstarted once it has passed, and says when it starts
+--- Send a request; `record` ({ ar =, kind =, deadline =, one = }) receives
+-- the answer through its ar: its values packed, or only the first if
+-- `one`. With a deadline (core.now() seconds) the engine drops the request
+-- unstarted once it has passed, and says when it starts
 -- (ar:_started(record)). Returns the request id, or nil and an error (a
 -- message or an EngineError).
 function Hub:submit(engine, mtype, root, record, ...)
@@ -240,7 +241,8 @@ end
 
 function Hub:result(_, id, started, completed, ...)
   local rec = take(self, id)
-  if rec then rec.ar:_settle(rec, true, started, completed, table.pack(...)) end
+  -- A record that wants one value (a map's task) gets it without a table.
+  if rec then rec.ar:_settle(rec, true, started, completed, rec.one and (...) or table.pack(...)) end
 end
 
 function Hub:error(engine, id, started, completed, err)
