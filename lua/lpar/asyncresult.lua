@@ -290,6 +290,7 @@ end
 -- error object). A map's result yields its elements instead, in order for
 -- an ordered map and as their tasks finish otherwise.
 function methods:iter()
+  if self._purged then error("AsyncResult:iter(): the result was purged (rc:purge_results)", 2) end
   local c = self._c
   if c then
     local k, j, n = 0, 0, 0

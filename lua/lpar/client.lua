@@ -197,6 +197,8 @@ function methods:purge_results(results)
     ar._purged = true
     ar.outputs = {}
     for _, s in ipairs(ar._slots) do s.values, s.error, s.stdout, s.stderr = nil, nil, nil, nil end
+    local c = ar._c -- a load-balanced map keeps its settled tasks in arrays
+    if c then c.val, c.stdout, c.stderr = {}, {}, {} end
   end
   return #list
 end

@@ -5,7 +5,7 @@
 --                                    over the engines; pf(list): f on one
 --                                    part of the list per engine (or per
 --                                    chunksize items on a load-balanced
---                                    view), the parts' lists joined.
+--                                    view), the parts' lists part_lists.
 -- Both run on the view they were made from, with its flags as they are at
 -- the call, and the options given here on top (`block`, and on a
 -- load-balanced view any of its flags). DirectView and LoadBalancedView
@@ -155,7 +155,8 @@ end
 
 --- f on one part of the lists per engine (per task on a load-balanced
 -- view): f gets the parts (sub-lists, in order) and returns a list; the
--- lists are joined in order. Returns them (the AsyncResult when not blocking).
+-- lists are part_lists in order. Returns them (the AsyncResult when not
+-- blocking, whose get() joins them; iterating it yields each part's list).
 function ParallelFunction:__call(...)
   local lists, count, len = lists_of("parallel", 2, ...)
   local view, f = flagged(self.view, self._flags), self.func
@@ -184,10 +185,16 @@ function ParallelFunction:__call(...)
     ar = view:map_async(on_part, parts)
   end
   -- get() joins the parts' lists; a failed part stays one error object.
-  local per_part = ar._finish
-  ar._finish = function(...)
+  -- (The result's own get gives a list per part; this one is put over it.)
+  local per_part = ar.get
+  ar.get = function(result, get_opts)
+    local ok, part_lists = pcall(per_part, result, get_opts)
+    if not ok then
+      if type(part_lists) == "string" then error((part_lists:gsub("^[^\n]-:%d+: ", "")), 2) end
+      error(part_lists, 0)
+    end
     local out, k = {}, 0
-    for _, r in ipairs(per_part(...)) do
+    for _, r in ipairs(part_lists) do
       if type(r) == "table" and getmetatable(r) == nil then
         local n = r.n or #r
         for i = 1, n do out[k + i] = r[i] end

@@ -319,7 +319,7 @@ function DirectView:map_async(f, list)
   local ar = submit(self, "map", APPLY, "map", join_chunks, function(i) return map_chunk, f, chunks[i] end)
   -- Each slot's element count, for ar:iter() to yield elements as it does
   -- on a load-balanced map.
-  for i, s in ipairs(ar._slots) do s.count = #chunks[i] end
+  for i, s in ipairs(ar._slots) do s.count, s.chunked = #chunks[i], true end
   ar._ordered = true
   return ar
 end
