@@ -247,12 +247,15 @@ describe("the task API", function()
       assert.equal(A.dot, matrix.dot) -- the method is the module's function
     end)
 
-    it("loads lpar.matrix on an engine that never required it", function()
+    it("loads lpar.matrix and lpar.plot on an engine that never required them", function()
       local had, eye = rc[1]:apply_sync(function(m)
         return m == package.loaded["lpar.matrix"], m.eye(2):get(2, 2)
       end, matrix)
       assert.is_true(had)
       assert.equal(1, eye)
+      local plot_loaded = rc[1]:apply_sync(function(p) return p == package.loaded["lpar.plot"] end,
+        require "lpar.plot")
+      assert.is_true(plot_loaded)
     end)
 
     it("decodes a reply naming lpar.matrix where it is not loaded", function()
