@@ -39,7 +39,7 @@ lpar.timeit(function() dview:push { a = big } end, { number = 100 })
 -- 7. A 1024x1024 product by quadrants, one per engine, against the product here.
 local n, h = 1024, 512
 local A, B = matrix.random(n, n, 1), matrix.random(n, n, 2)
-local dot = function(x, y) return x:dot(y) end
+local dot = matrix.dot -- a C function: it travels by name, as np.dot does in the notebook
 local A1, A2 = A:sub(1, h, 1, n), A:sub(h + 1, n, 1, n)
 local B1, B2 = B:sub(1, n, 1, h), B:sub(1, n, h + 1, n)
 local q = {
@@ -48,3 +48,13 @@ local q = {
 }
 local C = matrix.block { { q[1]:get(), q[2]:get() }, { q[3]:get(), q[4]:get() } }
 print(string.format("quadrants vs A:dot(B): max difference %g", C:max_abs_diff(A:dot(B))))
+
+-- 8. The rest of the everyday API: view.vars, @remote and @parallel, rc:wait().
+dview.vars.k = 3
+print("vars.k on engine 2: " .. rc[2].vars.k)
+local square = dview:remote(function(x) return x * x + lpar.engine.id end)
+print("remote square(5): " .. table.concat(square(5), " "))
+local tens = dview:parallel(function(x) return 10 * x end)
+print("parallel map: " .. table.concat(tens:map { 1, 2, 3, 4, 5, 6 }, " "))
+rc[1]:apply_async(function() return "later" end)
+print("rc:wait() for everything outstanding:", rc:wait(nil, 10))

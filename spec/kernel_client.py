@@ -181,6 +181,9 @@ def protocol(log_path):
         seen["autopx"] = [d.run("%autopx"), d.run("print('auto ' .. lpar.engine.id)"), d.run("%autopx"),
                           d.run("print('back here')")]
         seen["unknown_option"] = d.run("%%px --foo\nprint('ran here')")
+        seen["pxconfig"] = [d.run("%pxconfig --targets 1 --verbose"), d.run("%px print('cfg')"),
+                            d.run("%pxconfig --targets 9"),
+                            d.run("%pxconfig --targets all --no-verbose\n%pxconfig")]
         msg_id = kc.execute("io.write('name? ')\nanswer = io.read()\nprint('hello ' .. answer)",
                             allow_stdin=True)
         request = kc.get_stdin_msg(timeout=TIMEOUT)

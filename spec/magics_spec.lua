@@ -67,6 +67,41 @@ describe("the magics", function()
     assert.matches("Out%[0%]: 10\nOut%[1%]: 11\n", out)
   end)
 
+  describe("%pxconfig", function()
+    after_each(function() run("%pxconfig --targets all --block --no-verbose") end)
+
+    it("sets the targets and blocking of %px and %%px, as ipyparallel's", function()
+      assert.equal("", run("%pxconfig --targets 1"))
+      assert.equal("[stdout:1] one\n", run("%px print('one')"))
+      assert.equal("[stdout:1] cell\n", run("%%px", { "print('cell')", "" }))
+      assert.equal("[stdout:0] zero\n", run("%px --targets 0 print('zero')")) -- a cell's own option wins
+      run("%pxconfig --noblock")
+      local out = run("%px print('later')")
+      assert.matches("^<AsyncResult: execute on 1 engines; %%pxresult shows it>", out)
+      assert.matches("%[stdout:1%] later", run("%pxresult"))
+    end)
+
+    it("--verbose says where each %px runs", function()
+      run("%pxconfig --verbose --targets 0,1")
+      local out = run("%px print('v')") -- the engines' lines in arrival order
+      assert.matches("^Parallel execution on engine%(s%): 0,1\n", out)
+      assert.matches("%[stdout:0%] v\n", out)
+      assert.matches("%[stdout:1%] v\n", out)
+      run("%pxconfig --noblock")
+      assert.matches("^Async parallel execution on engine%(s%): 0,1\n", run("%px x = 2"))
+      run("%pxconfig --targets all --block")
+      assert.matches("^Parallel execution on engine%(s%): all\n", run("%px x = 1"))
+    end)
+
+    it("shows the defaults with no options, and refuses bad ones changing nothing", function()
+      assert.equal("%px defaults: targets all, --block, --no-verbose\n", run("%pxconfig"))
+      assert.equal("%pxconfig: no engine 7 (engines: 0 1)\n", run("%pxconfig --noblock --targets 7"))
+      assert.equal("%pxconfig: unknown option '--local' (--targets T, --block, --noblock, --verbose, "
+        .. "--no-verbose)\n", run("%pxconfig --local"))
+      assert.equal("%px defaults: targets all, --block, --no-verbose\n", run("%pxconfig"))
+    end)
+  end)
+
   it("%lsmagic lists %%timeit too", function()
     assert.matches(" %%%%timeit ", run("%lsmagic"))
   end)

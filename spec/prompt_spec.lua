@@ -5,8 +5,12 @@ local helpers = require "helpers"
 local session = "lpar-spec-" .. math.random(1e9)
 local dir
 
+-- A tmux server of this spec's own (-L): other tmux users on the machine
+-- cannot disturb it, and a session kept in it for the whole spec keeps it
+-- up while the prompt's session is stopped and started again (a server
+-- whose last session ends exits, racing the next new-session).
 local function tmux(args)
-  local out, code = helpers.run("tmux " .. args .. " 2>&1")
+  local out, code = helpers.run("tmux -L " .. session .. " " .. args .. " 2>&1")
   return out, code
 end
 
@@ -48,11 +52,14 @@ describe("the prompt", function()
   lazy_setup(function()
     dir = os.tmpname()
     os.remove(dir)
+    tmux("new-session -d -s keep 'sleep 600'")
     start("-n 4")
     wait_for("4 engines; rc is the Client")
   end)
   lazy_teardown(function()
     stop()
+    tmux("kill-server")
+    os.remove("/tmp/tmux-" .. require("luv").getuid() .. "/" .. session) -- the server's socket
     os.execute("rm -rf " .. dir)
   end)
 
@@ -140,11 +147,15 @@ describe("the prompt", function()
 
   it("keeps history across a restart, and Ctrl-D stops the engines", function()
     type_line("remember_me = 1")
+    wait_for("lpar> remember_me = 1\nlpar> ")
     keys("C-d")
-    os.execute("sleep 0.5")
+    assert.is_true(helpers.poll(function() -- written as it goes (libedit's file escapes spaces)
+      return (helpers.read_file(dir .. "/history") or ""):find("remember_me", 1, true) ~= nil
+    end, 5))
     stop()
     start("")
-    wait_for("lpar %d")
+    wait_for("lpar %d.-\nlpar> ") -- line editing is up: keys are not lost
+    os.execute("sleep 0.2")
     keys("Up")
     wait_for("lpar> remember_me = 1")
     keys("C-u")
@@ -154,7 +165,7 @@ describe("the prompt", function()
     type_line("killed_but_kept = 2")
     wait_for("lpar> killed_but_kept = 2\nlpar> ")
     -- SIGKILL the prompt (the pane's shell runs it): no clean exit.
-    local shell = helpers.run("tmux list-panes -t " .. session .. " -F '#{pane_pid}'"):match("%d+")
+    local shell = tmux("list-panes -t " .. session .. " -F '#{pane_pid}'"):match("%d+")
     local pid = helpers.run("pgrep -P " .. shell):match("%d+")
     os.execute("kill -KILL " .. pid)
     assert.is_true(helpers.poll(function() return not helpers.alive(tonumber(pid)) end, 5))

@@ -914,6 +914,10 @@ int lparM_open(lua_State *L) {
   push_metatable(L);
   lua_pop(L, 1);
   luaL_newlib(L, functions);
+  /* The methods are functions of the module too (matrix.dot(A, B) is
+     A:dot(B)): so a method sent as a value, rc[0]:apply(A.dot, A, B),
+     travels by its name "lpar.matrix.dot", as module functions do. */
+  luaL_setfuncs(L, methods, 0);
   lua_pushinteger(L, 0); /* random's call counter */
   lua_pushcclosure(L, m_random, 1);
   lua_setfield(L, -2, "random");

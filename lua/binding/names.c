@@ -153,6 +153,8 @@ void lparN_index(lua_State *L, int globals, int rebuild) {
 
 /* ---- the receiver: what a name names ---- */
 
+static int resolve_loaded(lua_State *L, const char *s, size_t n, int want);
+
 /* rawget of t[s[0..n)], pushing the result; returns its type. */
 static int rawget_l(lua_State *L, int t, const char *s, size_t n) {
   lua_pushlstring(L, s, n);
@@ -222,7 +224,49 @@ static int is_loaded_value(lua_State *L, int loaded) {
 ** as package.loaded[s] must still be a loaded module (or the globals), so
 ** that it would be sent back by name too. Returns 1, or 0 pushing nothing.
 */
+/* lpar's own modules, which a name may load when it is not loaded yet. */
+static const char *const own_modules[] = {"lpar.matrix", "lpar.plot", NULL};
+
+static int require_module(lua_State *L) {
+  lua_getglobal(L, "require");
+  lua_pushvalue(L, 1);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+/*
+** Load the module of lpar's own that s[0..n) names or is a field of
+** ("lpar.matrix", "lpar.matrix.dot"), if it is not loaded: a peer may send
+** a module this side never required. Only this fixed list: a name from the
+** wire never makes this side run another module's code. Returns 1 when a
+** module was loaded.
+*/
+static int load_own_module(lua_State *L, const char *s, size_t n) {
+  for (int i = 0; own_modules[i]; i++) {
+    size_t k = strlen(own_modules[i]);
+    if (n < k || memcmp(s, own_modules[i], k) != 0 || (n > k && s[k] != '.')) continue;
+    int top = lua_gettop(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    int loaded = lua_type(L, -1) == LUA_TTABLE && lua_getfield(L, -1, own_modules[i]) != LUA_TNIL;
+    lua_settop(L, top);
+    if (loaded) return 0;
+    lua_pushcfunction(L, require_module);
+    lua_pushstring(L, own_modules[i]);
+    int ok = lua_pcall(L, 1, 0, 0) == LUA_OK; /* a failure leaves the name unknown */
+    lua_settop(L, top);
+    return ok;
+  }
+  return 0;
+}
+
 int lparN_resolve(lua_State *L, const char *s, size_t n, int want) {
+  int found = resolve_loaded(L, s, n, want);
+  if (!found && load_own_module(L, s, n)) found = resolve_loaded(L, s, n, want);
+  return found;
+}
+
+/* lparN_resolve among what is loaded now. */
+static int resolve_loaded(lua_State *L, const char *s, size_t n, int want) {
   int base = lua_gettop(L);
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);

@@ -302,6 +302,7 @@ function methods:get(opts)
     require("lpar.options").check("get", opts, { timeout = true, return_errors = true })
     timeout, return_errors = opts.timeout, opts.return_errors
   end
+  if self._purged then error("AsyncResult:get(): the result was purged (rc:purge_results)", 2) end
   local ready, stuck = wait.until_done(function() return self:ready() end, timeout,
     function(fn) add_waiter(self, fn) end, 2, interrupter(self))
   if not ready then
@@ -364,6 +365,7 @@ end
 -- error object). A map's result yields its elements instead, in order for
 -- an ordered map and as their tasks finish otherwise.
 function methods:iter()
+  if self._purged then error("AsyncResult:iter(): the result was purged (rc:purge_results)", 2) end
   local c = self._c
   if c then
     local k, j, n = 0, 0, 0

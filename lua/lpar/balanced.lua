@@ -526,6 +526,7 @@ function LoadBalancedView:apply_async(f, ...)
   if #self.client == 0 then error("no engines are running", 2) end
   local ar = AsyncResult.new("apply", { single = true })
   submit_task(self, ar, ar:_slot(nil), f, nil, table.pack(...))
+  self.client:_track(ar, self.apply_async, self, f, ...) -- for rc:wait(), rc:resubmit
   return ar
 end
 
@@ -554,12 +555,15 @@ function LoadBalancedView:map_async(f, list, opts)
     if FLAGS[k] then flags[k] = v end
   end
   if next(flags) then view = self:with(flags) end
+  -- For rc:wait() and rc:resubmit (which maps the list as it is then).
+  local track_list = list
   -- Tasks are made as the window has room, not all at once: a long map
   -- holds the tasks in flight and the results, and no more. The list is
   -- copied, so changing it afterwards changes nothing.
   local n = list.n or #list
   list = table.move(list, 1, n, 1, {})
   local ar = AsyncResult.new("map", { compact = { n = n, size = size, ordered = opts.ordered ~= false } })
+  self.client:_track(ar, self.map_async, self, f, track_list, opts)
   local since = core.now()
   local sched = scheduler_of(self.client._hub)
   local engines = math.max(1, #self.client)
@@ -699,6 +703,17 @@ function LoadBalancedView:imap(f, iterable, opts)
   end
   return iterator, stats
 end
+
+--- A callable running `f` as one load-balanced task per call, as
+-- ipyparallel's `@view.remote`; `opts`: view flags for its calls, such as
+-- `block` or `timeout` (see lpar.remotefunction).
+function LoadBalancedView:remote(f, opts) return require("lpar.remotefunction").remote(self, f, opts, 3) end
+
+--- A ParallelFunction over `f`, as ipyparallel's `@view.parallel`:
+-- `pf:map(list)` is a load-balanced map of f; `pf(list)` calls f on parts of
+-- the list (one per engine, or `chunksize` items each) and joins the lists
+-- it returns. `opts`: `block`, `chunksize`, `ordered` and view flags.
+function LoadBalancedView:parallel(f, opts) return require("lpar.remotefunction").parallel(self, f, opts, 3) end
 
 --- Wait for the given results (or one); true when all are done.
 function LoadBalancedView:wait(results, timeout)

@@ -1,13 +1,19 @@
 --- Client: the handle on a running cluster.
 -- `rc.ids` (engines up, sorted), `#rc`, `rc[i]` (a view of engine i),
--- `rc:view(targets)`, `rc:wait(results, timeout)`, `rc:queue_status()`,
--- `rc:shutdown()`, `rc:close()`. A Client is a to-be-closed value: closing
+-- `rc:view(targets)`, `rc:wait(results, timeout)` (no results: all of
+-- them), `rc:result_status(results)`, `rc:purge_results(results | "all")`,
+-- `rc:resubmit(results)`, `rc:queue_status()`, `rc:shutdown()`, `rc:close()`.
+-- The client keeps track of the results its views hand out (weakly: one
+-- dropped is forgotten) with their calls' arguments, for resubmit, until
+-- they are purged. A Client is a to-be-closed value: closing
 -- one that started its cluster (Cluster:start_and_connect) stops that
 -- cluster; closing one connected to a standalone cluster only detaches.
+-- `rc[i]` also takes what rc:view does: `rc["0:2"]`, `rc[{0, 1}]`.
 --   lpar.Client{profile = "default"}  or  lpar.Client{connection_file = path}
 local DirectView = require "lpar.view"
 local LoadBalancedView = require "lpar.balanced"
 local wait = require "lpar.wait"
+local AsyncResult = require "lpar.asyncresult"
 
 local Client = {}
 local methods = {}
@@ -25,19 +31,33 @@ end
 --- A Client over a hub (used by Cluster:client() and Client.connect);
 -- `owned_cluster` is stopped when the client closes.
 function Client.new(hub, owned_cluster)
-  local client = setmetatable({ _hub = hub, _owned = owned_cluster }, Client)
+  -- Every result the views handed out, weakly: one the user dropped need
+  -- not be kept (a pending one is held by the hub or the scheduler until it
+  -- settles). `_pending` is the subset not seen done yet.
+  local client = setmetatable({ _hub = hub, _owned = owned_cluster,
+    _results = setmetatable({}, { __mode = "k" }),
+    _pending = setmetatable({}, { __mode = "k" }) }, Client)
   require("lpar.px").set_client(client) -- lpar.px runs on the latest client's engines
   return client
 end
 
 Client.methods = methods -- for the prompt's completion of rc:
 
+--- Is `k` a target spec as rc[k] takes it: a list of ids, or a string
+-- of a slice or a comma list ("0:2", "::2", "-1", "0,2")?
+local function target_key(k)
+  if type(k) == "table" then return getmetatable(k) == nil end
+  return type(k) == "string" and k:find("^[%d%s:,%-]+$") ~= nil
+end
+
 function Client.__index(self, k)
   if k == "ids" then return self._hub:ids() end
   if math.type(k) == "integer" then
     return DirectView.new(self, k)
   end
-  return methods[k]
+  local m = methods[k]
+  if m == nil and target_key(k) then return DirectView.new(self, k) end
+  return m
 end
 
 function Client:__len() return #self._hub:ids_shared() end
@@ -70,12 +90,36 @@ function methods:abort(results)
   return LoadBalancedView.abort(self, results)
 end
 
---- Wait for a list of AsyncResults (or one); true when all are done.
+--- Record `ar`, made by a view, with how to submit its call again:
+-- `again(...)` returns a new AsyncResult (for resubmit).
+function methods:_track(ar, again, ...)
+  self._results[ar] = table.pack(again, ...)
+  self._pending[ar] = true
+end
+
+local function is_result(x) return getmetatable(x) == AsyncResult end
+
+--- Wait for a list of AsyncResults (or one), or with none, for every result
+-- of this client not done yet, as ipyparallel's rc.wait() does; up to
+-- `timeout` seconds (forever when nil). True when all are done.
 function methods:wait(results, timeout)
-  if results == nil then error("Client:wait: expected a list of results", 2) end
-  if getmetatable(results) and results.ready then results = { results } end
+  if results == nil then
+    local pending = self._pending
+    return (wait.until_done(function()
+      for ar in pairs(pending) do
+        if not ar:ready() then return false end
+        pending[ar] = nil
+      end
+      return true
+    end, timeout, nil, 2))
+  end
+  if is_result(results) then results = { results } end
+  if type(results) ~= "table" then
+    error("Client:wait: expected a result, a list of results or nil (every result), got "
+      .. type(results) .. (type(results) == "number" and "; the timeout comes second: rc:wait(nil, 5)" or ""), 2)
+  end
   local first = 1 -- results before this one are known to be ready
-  return wait.until_done(function()
+  return (wait.until_done(function()
     for i = first, #results do
       if not results[i]:ready() then
         first = i
@@ -84,7 +128,105 @@ function methods:wait(results, timeout)
     end
     first = #results + 1
     return true
-  end, timeout, nil, 2)
+  end, timeout, nil, 2))
+end
+
+--- The results `list` names (one result, or a list), each checked to be
+-- this client's and not purged; raises naming the first that is not.
+local function own_results(self, what, list, level)
+  if is_result(list) then list = { list } end
+  if type(list) ~= "table" then
+    error(string.format("%s: expected a result or a list of results, got %s", what, type(list)), level + 1)
+  end
+  for i, ar in ipairs(list) do
+    if not is_result(ar) then
+      error(string.format("%s: element %d is %s, not an AsyncResult", what, i, type(ar)), level + 1)
+    elseif ar._purged then
+      error(string.format("%s: result %d was purged (rc:purge_results)", what, i), level + 1)
+    elseif not self._results[ar] then
+      error(string.format("%s: result %d is not one of this client's", what, i), level + 1)
+    end
+  end
+  return list
+end
+
+--- Which of `results` (one, or a list) are done, as ipyparallel's
+-- rc.result_status: `{pending = {...}, completed = {...}}`, the results in
+-- the order given (failed ones count as completed). With
+-- `{status_only = false}`, also `results[ar]`: what ar:get{return_errors =
+-- true} returns first, for each completed one.
+function methods:result_status(results, opts)
+  opts = require("lpar.options").check("result_status", opts, { status_only = true })
+  local list = own_results(self, "result_status", results, 2)
+  local status = { pending = {}, completed = {} }
+  if opts.status_only == false then status.results = {} end
+  for _, ar in ipairs(list) do
+    if ar:ready() then
+      status.completed[#status.completed + 1] = ar
+      if status.results then status.results[ar] = ar:get { return_errors = true } end
+    else
+      status.pending[#status.pending + 1] = ar
+    end
+  end
+  return status
+end
+
+--- Forget results, as ipyparallel's rc.purge_results: `results` (one, or
+-- a list), or "all" for every completed result of this client. A purged
+-- result lets go of its values, output and request (ar:get() then raises
+-- that it was purged), and rc:wait, result_status and resubmit know it no
+-- more. A pending result cannot be purged: nothing is purged then. Returns
+-- how many were purged.
+function methods:purge_results(results)
+  local list
+  if results == "all" then
+    list = {}
+    for ar in pairs(self._results) do
+      if ar:ready() then list[#list + 1] = ar end
+    end
+  else
+    list = own_results(self, "purge_results", results, 2)
+    for i, ar in ipairs(list) do
+      if not ar:ready() then
+        error(string.format("purge_results: result %d is still pending: wait for it or abort it first", i), 2)
+      end
+    end
+  end
+  for _, ar in ipairs(list) do
+    self._results[ar], self._pending[ar] = nil, nil
+    ar._purged = true
+    ar.outputs = {}
+    for _, s in ipairs(ar._slots) do s.values, s.error, s.stdout, s.stderr = nil, nil, nil, nil end
+    local c = ar._c -- a load-balanced map keeps its settled tasks in arrays
+    if c then c.val, c.stdout, c.stderr = {}, {}, {} end
+  end
+  return #list
+end
+
+--- Submit the calls of `results` (one, or a list) again, as ipyparallel's
+-- rc.resubmit: each runs as it was first submitted, with the view's flags
+-- of then (a DirectView's call on the same engines, a load-balanced one
+-- wherever the scheduler puts it). Results still pending cannot be
+-- resubmitted: nothing is then. Returns the new AsyncResult, or a list of
+-- them for a list.
+function methods:resubmit(results)
+  local list = own_results(self, "resubmit", results, 2)
+  for i, ar in ipairs(list) do
+    if not ar:ready() then
+      error(string.format("resubmit: result %d is still pending: in-flight tasks may not be resubmitted", i), 2)
+    end
+  end
+  local out = {}
+  for i, ar in ipairs(list) do
+    local call = self._results[ar]
+    local ok, new = pcall(call[1], table.unpack(call, 2, call.n))
+    if not ok then
+      error(string.format("resubmit: result %d: %s", i, tostring(new)), 2)
+    end
+    out[i] = new
+  end
+  if is_result(results) then return out[1] end
+  return out
 end
 
 --- Interrupt the tasks running on `targets` (default all): each fails with

@@ -40,11 +40,12 @@ lpar.timeit = require("lpar.timeit").timeit
 
 --- Run code on the active view (the last activated, or all engines of the
 -- latest client) and show the output labelled by engine. opts: targets,
--- block (default true), locally (also run it here).
+-- block (default true), locally (also run it here), verbose (say where).
 function lpar.px(code, opts)
   if type(code) ~= "string" then error("px: code must be a string", 2) end
   require("lpar.options").check("px", opts,
-    { targets = true, block = true, locally = true, group_outputs = true, out = true, timeout = true })
+    { targets = true, block = true, locally = true, group_outputs = true, out = true, timeout = true,
+      verbose = true })
   return require("lpar.px").run(code, opts)
 end
 

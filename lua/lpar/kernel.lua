@@ -1,6 +1,6 @@
 --- lpar.kernel: the Jupyter kernel, `lpar kernel -f CONNECTION_FILE`.
 -- Cells are Lua 5.4 chunks run in this process, with the prompt's magics
--- (lpar.prompt's Session): %px, %%px, %autopx, %pxresult, %timeit, %%timeit,
+-- (lpar.prompt's Session): %px, %%px, %pxconfig, %autopx, %pxresult, %timeit, %%timeit,
 -- %lsmagic, %help, and %cluster start/stop/list for standalone clusters.
 -- An expression, or a cell's last line when it is one, shows its value.
 --
@@ -187,7 +187,7 @@ end
 --- %px and %%px: on the engines, their output streamed to iopub, images
 -- inline, errors as the cell's error.
 function Kernel:px(code, opts)
-  opts = opts or { block = true }
+  opts = px.magic_options(opts) -- what the cell does not say, from %pxconfig
   local failure
   opts.out = io.stdout
   opts.on_error = function(err) failure = err end
@@ -261,6 +261,11 @@ function Kernel:magic(line, body)
     return self:px(body or "", opts)
   elseif name == "%cluster" then
     return self:cluster_magic(args)
+  elseif name == "%pxconfig" then
+    local ok, err = pcall(function() px.configure(prompt.parse_pxconfig(args)) end)
+    if not ok then cell_error(err) end
+    if not args:match("%S") then print(prompt.describe_pxconfig()) end
+    return
   elseif name == "%lsmagic" then
     local names = {}
     for k in pairs(prompt.MAGICS) do names[#names + 1] = k end

@@ -1,8 +1,8 @@
 --- The interactive prompt: `lpar` or `lpar -n 4`.
 -- Lua chunks as lua5.4's prompt takes them (continued with ">>" while
 -- incomplete, expression values printed), libedit line editing with history
--- in the lpar directory, and IPython's magics: %px, %%px, %autopx,
--- %pxresult, %timeit, %%timeit, %lsmagic, %help.
+-- in the lpar directory, and IPython's magics: %px, %%px, %pxconfig,
+-- %autopx, %pxresult, %timeit, %%timeit, %lsmagic, %help.
 local lpar = require "lpar"
 local px = require "lpar.px"
 local uv = require "luv"
@@ -14,6 +14,8 @@ local MAGICS = {
   ["%px"] = "%px CODE: run CODE on the active view (all engines unless activated)",
   ["%%px"] = "%%px [--targets T] [--local] [--block|--noblock] [--group-outputs engine|order]:"
     .. " run the cell (lines until a blank one) on the engines",
+  ["%pxconfig"] = "%pxconfig [--targets T] [--block|--noblock] [--verbose|--no-verbose]:"
+    .. " the defaults of %px and %%px (no options: show them)",
   ["%autopx"] = "%autopx: send every line to the engines, until %autopx again",
   ["%pxresult"] = "%pxresult: show the result of the last non-blocking %px",
   ["%timeit"] = "%timeit [-n N] [-r R] STATEMENT: time a Lua statement",
@@ -82,7 +84,7 @@ end
 -- options are read only up to the first other word, and the rest of the
 -- line is returned as it is: the code.
 local function parse_px_options(args, leading)
-  local opts, rest = { block = true }, {}
+  local opts, rest = {}, {}
   local pos = 1
   while true do
     local start, w, stop = args:match("^%s*()(%S+)()", pos)
@@ -115,6 +117,41 @@ local function parse_px_options(args, leading)
     pos = stop
   end
   return opts, table.concat(rest, " ")
+end
+
+local PXCONFIG_USAGE = "--targets T, --block, --noblock, --verbose, --no-verbose"
+
+--- The options of a %pxconfig line: {targets =, block =, verbose =}, each
+-- nil when not given. Raises on anything else.
+local function parse_pxconfig(args)
+  local opts, words, i = {}, {}, 1
+  for w in args:gmatch("%S+") do words[#words + 1] = w end
+  while i <= #words do
+    local w = words[i]
+    if w == "--targets" or w == "--target" or w == "-t" then
+      local t = words[i + 1]
+      if not t then error("%pxconfig: " .. w .. " needs a value", 0) end
+      opts.targets = math.tointeger(tonumber(t)) or t
+      i = i + 1
+    elseif w == "--block" then opts.block = true
+    elseif w == "--noblock" then opts.block = false
+    elseif w == "--verbose" then opts.verbose = true
+    elseif w == "--no-verbose" then opts.verbose = false
+    else
+      error(string.format("%%pxconfig: unknown option '%s' (%s)", w, PXCONFIG_USAGE), 0)
+    end
+    i = i + 1
+  end
+  return opts
+end
+
+--- The magics' defaults as a line: "targets all, --block, --no-verbose".
+local function describe_pxconfig()
+  local c = px.config()
+  local t = c.targets
+  if type(t) == "table" then t = table.concat(t, ",") end
+  return string.format("%%px defaults: targets %s, %s, %s", t == nil and "all" or tostring(t),
+    c.block and "--block" or "--noblock", c.verbose and "--verbose" or "--no-verbose")
 end
 
 local function parse_timeit_options(args)
@@ -150,7 +187,7 @@ function Session:px(code, opts)
     self:write("no engines: start the prompt with `lpar -n N`, or make a Cluster\n")
     return
   end
-  opts = opts or { block = true }
+  opts = px.magic_options(opts) -- what the cell does not say, from %pxconfig
   -- Ctrl-C while a blocking cell runs interrupts the engines' code (the wait does).
   local ok, ar = pcall(px.run, code, opts, self.rc)
   if not ok then
@@ -190,6 +227,10 @@ function Session:magic(line, body)
       return
     end
     self:px(body or self:read_cell(), opts)
+  elseif name == "%pxconfig" then
+    local ok, err = pcall(function() px.configure(parse_pxconfig(args), self.rc) end)
+    if not ok then self:write(tostring(err), "\n") return end
+    if not args:match("%S") then self:write(describe_pxconfig(), "\n") end
   elseif name == "%autopx" then
     self.autopx = not self.autopx
     self:write(self.autopx and "%autopx enabled: lines go to the engines\n" or "%autopx disabled\n")
@@ -399,4 +440,5 @@ end
 prompt.completer = completer
 -- Shared with the Jupyter kernel (lpar.kernel), which runs the same magics.
 prompt.Session, prompt.MAGICS, prompt.parse_px_options = Session, MAGICS, parse_px_options
+prompt.parse_pxconfig, prompt.describe_pxconfig = parse_pxconfig, describe_pxconfig
 return prompt

@@ -11,6 +11,47 @@ local active -- the view activated last (view:activate()), or nil
 local count = 0 -- px runs so far, for IPython's Out[engine:count] labels
 local clients = setmetatable({}, { __mode = "v" }) -- the latest Client, weakly
 
+-- The magics' defaults, as %pxconfig sets them: targets (nil: the active
+-- view), block, verbose (say where each %px runs).
+local config = { block = true, verbose = false }
+
+--- A copy of the magics' defaults: {targets =, block =, verbose =}.
+function px.config()
+  return { targets = config.targets, block = config.block, verbose = config.verbose }
+end
+
+--- Change the magics' defaults (%pxconfig): `changes.targets` ("all" for
+-- the active view again), `block`, `verbose`. Targets are checked against
+-- `client`'s engines first: on an error nothing changes.
+function px.configure(changes, client)
+  client = client or clients[1]
+  local t = changes.targets
+  if t ~= nil and t ~= "all" and client then
+    local ok, err = pcall(require("lpar.targets").resolve, t, client._hub:ids_shared())
+    if not ok then error("%pxconfig: " .. tostring(err), 0) end
+  end
+  if t ~= nil then config.targets = t ~= "all" and t or nil end
+  if changes.block ~= nil then config.block = changes.block end
+  if changes.verbose ~= nil then config.verbose = changes.verbose end
+end
+
+--- `opts` of a %px or %%px, with what it does not say taken from the
+-- defaults (%pxconfig).
+function px.magic_options(opts)
+  opts = opts or {}
+  if opts.targets == nil then opts.targets = config.targets end
+  if opts.block == nil then opts.block = config.block end
+  if opts.verbose == nil then opts.verbose = config.verbose end
+  return opts
+end
+
+--- "all", or the ids "0,2" of a target spec resolved against `client`.
+local function describe_targets(view)
+  local t = view.targets
+  if type(t) == "table" then return table.concat(t, ",") end
+  return tostring(t)
+end
+
 function px.activate(view) active = view end
 function px.set_client(client) clients[1] = client end
 
@@ -83,6 +124,7 @@ end
 
 --- Run `code` on the active view (or opts.targets of `client`).
 -- opts: targets, block (default true), locally (also run it here),
+-- verbose (first say where it runs, "Parallel execution on engine(s): all"),
 -- group_outputs ("engine": each engine's output together, after the end;
 -- "order": as it arrives, the default), out (a file to write to),
 -- on_error(err) and on_display(output) (instead of printing them).
@@ -96,6 +138,10 @@ function px.run(code, opts, client)
   if view == nil then error("px: no engines (start a cluster, or activate a view)", 2) end
   local block = opts.block
   if block == nil then block = true end
+  if opts.verbose then -- as ipyparallel's %pxconfig --verbose says it
+    out:write(string.format("%sarallel execution on engine(s): %s\n", block and "P" or "Async p",
+      describe_targets(view)))
+  end
   -- An expression's values come back and show as Out[ID:n], as in IPython.
   local source = px.returning(code, "=[execute]")
   local expression = source ~= nil

@@ -15,6 +15,37 @@ local EXECUTE, APPLY, PUSH, PULL = core.EXECUTE, core.APPLY, core.PUSH, core.PUL
 local FLAGS = { block = true }
 local options = require "lpar.options"
 
+local function check_name(name)
+  if type(name) ~= "string" then error("vars: names must be strings, got " .. type(name), 3) end
+end
+
+--- `view.vars`: the engines' globals by name, as ipyparallel's `view['x']`.
+-- `view.vars.x` pulls x (a list over several engines; a name not defined
+-- raises a NameError, as pull does) and `view.vars.x = v` pushes it
+-- (nil removes it); both wait, so an error shows at that line.
+local function vars_of(view)
+  return setmetatable({}, {
+    __index = function(_, name)
+      check_name(name)
+      return view:pull(name, { block = true })
+    end,
+    __newindex = function(_, name, value)
+      check_name(name)
+      if value == nil then
+        view:apply_async(function(n) _G[n] = nil end, name):get()
+      else
+        view:push({ [name] = value }, { block = true })
+      end
+    end,
+    __tostring = function() return "<vars of " .. tostring(view) .. ">" end,
+  })
+end
+
+--- A copy of this view with the given flags changed.
+function DirectView:with(flags)
+  return viewflags.with(self, flags, FLAGS)
+end
+
 --- A view of `client` over `spec` (see lpar.targets); nil means every
 -- engine, resolved at each call so restarted engines are included.
 function DirectView.new(client, spec)
@@ -30,15 +61,11 @@ function DirectView.new(client, spec)
     self._ids, self._spec = ids, spec
     self.targets = math.type(spec) == "integer" and ids[1] or ids
   end
+  self.vars = vars_of(self)
   return self
 end
 
 function DirectView:__tostring() return viewflags.describe("DirectView", self.targets) end
-
---- A copy of this view with the given flags changed.
-function DirectView:with(flags)
-  return viewflags.with(self, flags, FLAGS)
-end
 
 local function flag(self, opts, name)
   if opts and opts[name] ~= nil then return opts[name] end
@@ -70,11 +97,27 @@ local function interrupt_slots(ar)
   end
 end
 
---- Send one request per target, with the values `per_target(i, n)` gives
+--- What the hub reports a map's chunk to: it forwards to `ar`, keeping
+-- the chunk's list of results as the slot's values (not the reply's packed
+-- values), as a load-balanced map's chunks do, for ar:iter().
+local function chunk_record(ar)
+  return {
+    _settle = function(_, slot, ok, started, completed, value)
+      if ok then value = value[1] end
+      ar:_settle(slot, ok, started, completed, value)
+    end,
+    _stream = function(_, slot, name, text) ar:_stream(slot, name, text) end,
+    _display = function(_, slot, output) ar:_display(slot, output) end,
+  }
+end
+
+local submit -- it records itself with each result, for rc:resubmit
+
+-- Send one request per target, with the values `per_target(i, n)` gives
 -- for the i-th of n targets, or else the same `...` to all (encoded once,
 -- and sent once to a controller, Hub:submit_many). `finish` turns
 -- the settled slots into get()'s values. Raises at the user's call site.
-local function submit(self, kind, mtype, root, finish, per_target, ...)
+function submit(self, kind, mtype, root, finish, per_target, ...)
   local hub = self.client._hub
   local ids = self:_targets(3)
   for _, id in ipairs(ids) do
@@ -82,6 +125,7 @@ local function submit(self, kind, mtype, root, finish, per_target, ...)
     if gone then error(gone, 3) end
   end
   local ar = AsyncResult.new(kind, { single = single(self), finish = finish })
+  local record = kind == "map" and chunk_record(ar) or nil
   ar._hub, ar._interrupt = hub, interrupt_slots
   if not per_target and #ids > 1 then
     -- One request for all: encoded once, and once over each link.
@@ -93,10 +137,12 @@ local function submit(self, kind, mtype, root, finish, per_target, ...)
     if failed == #ids then error(errs[1], 3) end -- it reached none
     for i, err in pairs(errs) do ar:_settle(slots[i], false, nil, nil, err) end
     self._outstanding[ar] = true
+    self.client:_track(ar, submit, self, kind, mtype, root, finish, per_target, ...) -- for rc:resubmit
     return ar
   end
   for i, id in ipairs(ids) do
     local slot = ar:_slot(id)
+    if record then slot.ar = record end
     local ok, err
     if per_target then
       ok, err = hub:submit(id, mtype, root, slot, per_target(i, #ids))
@@ -110,6 +156,7 @@ local function submit(self, kind, mtype, root, finish, per_target, ...)
     end
   end
   self._outstanding[ar] = true
+  self.client:_track(ar, submit, self, kind, mtype, root, finish, per_target, ...) -- for rc:resubmit
   return ar
 end
 
@@ -262,6 +309,19 @@ function DirectView:gather(name, opts)
   return finish_call(self, ar, opts)
 end
 
+--- A map's chunks' lists of results (see chunk_record), joined in order;
+-- a failed chunk gives its error per element (get{return_errors = true}).
+local function join_chunks(slots)
+  local out, k = {}, 0
+  for _, s in ipairs(slots) do
+    for j = 1, s.count do
+      if s.ok then out[k + j] = s.values[j] else out[k + j] = s.error end
+    end
+    k = k + s.count
+  end
+  return out
+end
+
 local function map_chunk(f, chunk)
   local out = {}
   for i = 1, #chunk do out[i] = f(chunk[i]) end
@@ -273,8 +333,11 @@ function DirectView:map_async(f, list)
   if type(f) ~= "function" then error("map: expected a function, got " .. type(f), 2) end
   if type(list) ~= "table" then error("map: expected a list", 2) end
   local chunks = partition(list, #self:_targets(2))
-  local ar = submit(self, "map", APPLY, "map", function(slots) return concat_lists(slots) end,
-    function(i) return map_chunk, f, chunks[i] end)
+  local ar = submit(self, "map", APPLY, "map", join_chunks, function(i) return map_chunk, f, chunks[i] end)
+  -- Each slot's element count, for ar:iter() to yield elements as it does
+  -- on a load-balanced map.
+  for i, s in ipairs(ar._slots) do s.count, s.chunked = #chunks[i], true end
+  ar._ordered = true
   return ar
 end
 
@@ -319,6 +382,17 @@ function DirectView:sync_imports(spec, opts)
   self:execute(table.concat(code, "\n"), { block = true })
   return names
 end
+
+--- A callable running `f` on this view's engines, as ipyparallel's
+-- `@view.remote`: `dview:remote(f)(x)` is `dview:apply(f, x)`; `opts`: view
+-- flags for its calls, such as `block` (see lpar.remotefunction).
+function DirectView:remote(f, opts) return require("lpar.remotefunction").remote(self, f, opts, 3) end
+
+--- A ParallelFunction over `f`, as ipyparallel's `@view.parallel`:
+-- `pf:map(list)` calls f on each element, spread over the engines, and
+-- `pf(list)` calls f on one part of the list per engine and joins the
+-- lists it returns. `opts`: `block` (see lpar.remotefunction).
+function DirectView:parallel(f, opts) return require("lpar.remotefunction").parallel(self, f, opts, 3) end
 
 --- Make this the view lpar.px and the prompt's %px run on.
 function DirectView:activate()
