@@ -50,7 +50,7 @@ end
 
 AsyncResult.methods = methods -- for the prompt's completion of ar:
 
-local live_slot -- a compact result's slot in flight for a task (below)
+local live_slot, head_of -- a compact result's slot in flight for a task, a batch's first task (below)
 
 --- Call fn once this result is ready (waits register here).
 local function add_waiter(self, fn)
@@ -85,7 +85,7 @@ function AsyncResult.__index(self, k)
     if c then
       for i = 1, c.made do
         local live = live_slot(c, i)
-        if live then ids[i] = live.engine else ids[i] = c.eng[i] or nil end
+        if live then ids[i] = live.engine else ids[i] = c.eng[head_of(c, i)] or nil end
       end
     else
       for i, s in ipairs(self._slots) do ids[i] = s.engine end
@@ -151,6 +151,15 @@ live_slot = function(c, k)
   return nil
 end
 
+--- The first task of the request that carried settled task k: a batch
+-- keeps its engine, id and start once, on its first task.
+head_of = function(c, k)
+  for j = k, math.max(1, k - AsyncResult.MAX_BATCH + 1), -1 do
+    if c.eng[j] ~= nil then return j end
+  end
+  return k
+end
+
 --- Slot k: a compact result's settled task as a table made for the asking.
 local function slot_at(self, k)
   local c = self._c
@@ -158,8 +167,9 @@ local function slot_at(self, k)
   local live = live_slot(c, k)
   if live or k > c.made then return live end
   local failed = c.failed[k] or nil
-  return { index = k, kind = self._kind, engine = c.eng[k] or nil, id = c.id[k] or nil,
-           submitted = c.submitted, started = c.t0[k] or nil, completed = c.t1[k], done = true,
+  local h = head_of(c, k)
+  return { index = k, kind = self._kind, engine = c.eng[h] or nil, id = c.id[h] or nil,
+           submitted = c.submitted, started = c.t0[h] or nil, completed = c.t1[k], done = true,
            ok = not failed, values = (not failed) and c.val[k] or nil, error = failed and c.val[k] or nil,
            count = math.min(c.size, c.n - (k - 1) * c.size), chunked = c.size > 1,
            stdout = c.stdout[k], stderr = c.stderr[k] }
@@ -183,9 +193,11 @@ local function compact_settle_batch(self, slot)
     else
       c.val[k] = values[i]
     end
-    c.eng[k], c.id[k], c.t0[k], c.t1[k] = eng, id, t0, t1
+    c.t1[k] = t1 -- set: this task is settled
     if not c.ordered then self._arrivals[#self._arrivals + 1] = k end
   end
+  -- Engine, id and start once for the batch, on its first task.
+  c.eng[k0], c.id[k0], c.t0[k0] = eng, id, t0
   c.live[k0] = nil
   -- What the batch printed goes with its first task.
   if slot.stdout then c.stdout[k0] = slot.stdout end
@@ -463,7 +475,7 @@ function methods:wall_time()
   local c = self._c
   if c then
     for k = 1, c.made do
-      local t0, t1 = c.t0[k], c.t1[k]
+      local t0, t1 = c.t0[k], c.t1[k] -- t0 on a batch's first task only
       if t0 then first = math.min(first or t0, t0) end
       if t1 then last = math.max(last or t1, t1) end
     end
@@ -482,7 +494,7 @@ function methods:serial_time()
   local c = self._c
   if c then
     for k = 1, c.made do
-      if c.t0[k] and c.t1[k] then sum = sum + (c.t1[k] - c.t0[k]) end
+      if c.t0[k] and c.t1[k] then sum = sum + (c.t1[k] - c.t0[k]) end -- a batch counts once
     end
     return sum
   end
