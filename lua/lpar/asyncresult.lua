@@ -44,6 +44,9 @@ function AsyncResult.new(kind, opts)
     _interrupting = false,
     _feed = false,
     _stop = false,
+    _again = false, -- how to submit it again, and whose it is (Client:_track)
+    _client = false,
+    _purged = false,
     on_output = false,
   }, AsyncResult)
 end

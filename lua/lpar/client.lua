@@ -31,12 +31,13 @@ end
 --- A Client over a hub (used by Cluster:client() and Client.connect);
 -- `owned_cluster` is stopped when the client closes.
 function Client.new(hub, owned_cluster)
-  -- Every result the views handed out, weakly: one the user dropped need
-  -- not be kept (a pending one is held by the hub or the scheduler until it
-  -- settles). `_pending` is the subset not seen done yet.
+  -- Every result the views handed out, in order, weakly: one the user
+  -- dropped need not be kept (a pending one is held by the hub or the
+  -- scheduler until it settles). A list of weak values, not a table keyed
+  -- by results: weak keys make every collection walk them again and again.
+  -- Those before `_done_upto` are known done.
   local client = setmetatable({ _hub = hub, _owned = owned_cluster,
-    _results = setmetatable({}, { __mode = "k" }),
-    _pending = setmetatable({}, { __mode = "k" }) }, Client)
+    _tracked = setmetatable({}, { __mode = "v" }), _ntracked = 0, _done_upto = 1, _compact_at = 4096 }, Client)
   require("lpar.px").set_client(client) -- lpar.px runs on the latest client's engines
   return client
 end
@@ -93,8 +94,24 @@ end
 --- Record `ar`, made by a view, with how to submit its call again:
 -- `again(...)` returns a new AsyncResult (for resubmit).
 function methods:_track(ar, again, ...)
-  self._results[ar] = table.pack(again, ...)
-  self._pending[ar] = true
+  ar._again, ar._client = table.pack(again, ...), self
+  local n = self._ntracked + 1
+  self._tracked[n], self._ntracked = ar, n
+  -- When the list has doubled since it was last compacted, drop the
+  -- collected and the purged (amortized, whatever the user keeps).
+  if n >= self._compact_at then
+    local keep, k, first = {}, 0, nil
+    for i = 1, n do
+      local r = self._tracked[i]
+      if r and not r._purged then
+        k = k + 1
+        keep[k] = r
+        if not first and i >= self._done_upto then first = k end
+      end
+    end
+    self._tracked = setmetatable(keep, { __mode = "v" })
+    self._ntracked, self._done_upto, self._compact_at = k, first or k + 1, math.max(4096, 2 * k)
+  end
 end
 
 local function is_result(x) return getmetatable(x) == AsyncResult end
@@ -104,11 +121,12 @@ local function is_result(x) return getmetatable(x) == AsyncResult end
 -- `timeout` seconds (forever when nil). True when all are done.
 function methods:wait(results, timeout)
   if results == nil then
-    local pending = self._pending
     return (wait.until_done(function()
-      for ar in pairs(pending) do
-        if not ar:ready() then return false end
-        pending[ar] = nil
+      local tracked = self._tracked
+      for i = self._done_upto, self._ntracked do
+        local ar = tracked[i]
+        if ar and not ar._purged and not ar:ready() then return false end
+        self._done_upto = i + 1
       end
       return true
     end, timeout, nil, 2))
@@ -143,7 +161,7 @@ local function own_results(self, what, list, level)
       error(string.format("%s: element %d is %s, not an AsyncResult", what, i, type(ar)), level + 1)
     elseif ar._purged then
       error(string.format("%s: result %d was purged (rc:purge_results)", what, i), level + 1)
-    elseif not self._results[ar] then
+    elseif ar._client ~= self then
       error(string.format("%s: result %d is not one of this client's", what, i), level + 1)
     end
   end
@@ -181,8 +199,9 @@ function methods:purge_results(results)
   local list
   if results == "all" then
     list = {}
-    for ar in pairs(self._results) do
-      if ar:ready() then list[#list + 1] = ar end
+    for i = 1, self._ntracked do
+      local ar = self._tracked[i]
+      if ar and not ar._purged and ar:ready() then list[#list + 1] = ar end
     end
   else
     list = own_results(self, "purge_results", results, 2)
@@ -193,8 +212,7 @@ function methods:purge_results(results)
     end
   end
   for _, ar in ipairs(list) do
-    self._results[ar], self._pending[ar] = nil, nil
-    ar._purged = true
+    ar._again, ar._purged = false, true
     ar.outputs = {}
     for _, s in ipairs(ar._slots) do s.values, s.error, s.stdout, s.stderr = nil, nil, nil, nil end
     local c = ar._c -- a load-balanced map keeps its settled tasks in arrays
@@ -218,7 +236,7 @@ function methods:resubmit(results)
   end
   local out = {}
   for i, ar in ipairs(list) do
-    local call = self._results[ar]
+    local call = ar._again
     local ok, new = pcall(call[1], table.unpack(call, 2, call.n))
     if not ok then
       error(string.format("resubmit: result %d: %s", i, tostring(new)), 2)
