@@ -253,3 +253,75 @@ describe("an engine's memory limit", function()
     assert.equal(1000, rc[0]:apply(function() return #string.rep("x", 1000) end):get(5))
   end)
 end)
+
+describe("--mem-limit", function()
+  local clusters = helpers.scratch_clusters()
+  setup(clusters.setup)
+  teardown(clusters.teardown)
+
+  local function big_task() return #string.rep("x", 100 * 1024 * 1024) end
+
+  it("refuses a size that is not one, or too small for an engine, and starts nothing", function()
+    for _, case in ipairs {
+      { "12Q", "%-%-mem%-limit must be a size in bytes, with an optional K, M or G suffix %(256M%), not '12Q'" },
+      { "0", "at least 1M %(1048576 bytes%): an engine needs that much to start, not 0" },
+      { "1000", "%-%-mem%-limit must be at least 1M %(1048576 bytes%)" },
+    } do
+      local out, code = clusters.sh(string.format("%s cluster start --daemonize --profile bad --mem-limit %s 2>&1",
+        helpers.lpar, case[1]))
+      assert.equal(1, code, out)
+      assert.matches(case[2], out)
+      assert.is_nil(helpers.read_file(clusters.conn_file("bad")))
+    end
+    local out, code = clusters.sh(helpers.lpar .. " engine --profile bad --mem-limit 3X 2>&1")
+    assert.equal(1, code, out)
+    assert.matches("%-%-mem%-limit must be a size in bytes", out)
+    assert.has_error(function() lpar.Cluster { n = 1, mem_limit = 1000 } end,
+      "Cluster: mem_limit must be at least 1M (1048576 bytes): an engine needs that much to start, not 1000")
+  end)
+
+  it("caps the engines of `lpar cluster start` and of `lpar engine`; they serve on", function()
+    clusters.start("mem", "-n 1 --mem-limit 64M")
+    local rc <close> = lpar.Client { profile = "mem" }
+    rc[0]:execute("kept = 'still here'", { block = true })
+    local ok, err = pcall(function() return rc[0]:apply(big_task):get(10) end)
+    assert.is_false(ok)
+    assert.matches("not enough memory %(limit 64 MB%)", tostring(err))
+    assert.equal("still here", rc[0]:pull("kept"):get(5))
+    assert.equal(1000, rc[0]:apply(function() return #string.rep("x", 1000) end):get(5))
+    -- A restarted engine keeps the cap.
+    lpar.Cluster { profile = "mem" }:restart_engines { 0 }
+    -- rc hears of the engine on its own link: wait for it there.
+    assert.is_true(helpers.wait_until(function()
+      return rc:queue_status()[0] and rc:queue_status()[0].state == "ready" end, 5))
+    assert.is_false((pcall(function() return rc[0]:apply(big_task):get(10) end)))
+
+    local out = clusters.base .. "/engine.out"
+    local command = string.format("exec %s engine --profile mem --mem-limit 1.5M > '%s' 2>&1", helpers.lpar, out)
+    local bad = assert(io.popen(command:gsub("^exec ", "") .. "; echo $?"))
+    assert.equal("1", bad:read("a"):match("(%d+)%s*$"))
+    bad:close()
+    assert.matches("not '1.5M'", helpers.read_file(out))
+    command = string.format("exec %s engine --profile mem --mem-limit 1536K > '%s' 2>&1", helpers.lpar, out)
+    local handle, pid = uv.spawn("/bin/sh", { args = { "-c", command } }, function() end)
+    assert.is_truthy(handle)
+    assert.is_true(helpers.wait_until(function() return #rc == 2 end, 10))
+    rc[1]:execute("mine = 1", { block = true })
+    local ok2, err2 = pcall(function() return rc[1]:apply(big_task):get(10) end)
+    assert.is_false(ok2)
+    assert.matches("not enough memory %(limit 1.5 MB%)", tostring(err2))
+    assert.equal(1, rc[1]:pull("mine"):get(5))
+    uv.kill(pid, "sigterm")
+    assert.is_true(helpers.wait_until(function() return #rc == 1 end, 5))
+    helpers.close(handle)
+  end)
+
+  it("is passed on by Cluster{profile = P, mem_limit = bytes}", function()
+    local cluster = lpar.Cluster { profile = "memc", n = 1, mem_limit = 48 * 1024 * 1024 }
+    local rc <close> = cluster:start_and_connect()
+    local ok, err = pcall(function() return rc[0]:apply(big_task):get(10) end)
+    assert.is_false(ok)
+    assert.matches("not enough memory %(limit 48 MB%)", tostring(err))
+    assert.equal(2, rc[0]:apply(function() return 1 + 1 end):get(5))
+  end)
+end)
