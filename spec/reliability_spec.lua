@@ -325,3 +325,133 @@ describe("--mem-limit", function()
     assert.equal(2, rc[0]:apply(function() return 1 + 1 end):get(5))
   end)
 end)
+
+describe("a standalone controller's strangers and descriptors", function()
+  local clusters = helpers.scratch_clusters()
+  setup(clusters.setup)
+  teardown(clusters.teardown)
+
+  -- `count` idle TCP connections to `port` from address `from`; the list,
+  -- each with .eof set once the controller cuts it off.
+  local function strangers(from, port, count)
+    local list, connected = {}, 0
+    for i = 1, count do
+      local t = uv.new_tcp()
+      assert(t:bind(from, 0))
+      local s = { handle = t }
+      t:connect("127.0.0.1", port, function(err)
+        connected = connected + 1
+        if err then s.eof = true return end
+        t:read_start(function(rerr, chunk) if rerr or not chunk then s.eof = true end end)
+      end)
+      list[i] = s
+    end
+    assert.is_true(helpers.wait_until(function() return connected == count end, 10))
+    return list
+  end
+
+  local function still_open(list)
+    local n = 0
+    for _, s in ipairs(list) do if not s.eof then n = n + 1 end end
+    return n
+  end
+
+  local function close_all(list)
+    for _, s in ipairs(list) do s.handle:close() end
+    uv.run("nowait")
+  end
+
+  -- A connection file for the cluster's TCP address only.
+  local function tcp_only(name)
+    local path = clusters.base .. "/" .. name .. "-tcp.json"
+    local f = assert(io.open(path, "w"))
+    f:write((helpers.read_file(clusters.conn_file(name)):gsub('  "socket":"[^"]*",\n', "")))
+    f:close()
+    uv.fs_chmod(path, tonumber("600", 8))
+    return path
+  end
+
+  it("caps one address's idle connections, so another address and a real client keep theirs", function()
+    clusters.start("src", "-n 1 --port 0")
+    local port = math.tointeger(tonumber(helpers.read_file(clusters.conn_file("src")):match('"port":(%d+)')))
+    local flood = strangers("127.0.0.2", port, 100)
+    local few = strangers("127.0.0.3", port, 5)
+    local ok, err = pcall(function()
+      -- The real client, over TCP too, is served after the controller took every connection before it.
+      local rc <close> = lpar.Client { connection_file = tcp_only("src") }
+      assert.equal(0, rc[0]:apply_sync(function() return lpar.engine.id end))
+      assert.is_true(helpers.wait_until(function() return still_open(flood) <= 16 end, 5),
+        still_open(flood) .. " of one address's 100 idle connections still open")
+      assert.equal(16, still_open(flood)) -- its own oldest made room: the newest stay
+      assert.equal(5, still_open(few))
+      assert.is_true(rc:queue_status().refused >= 84)
+    end)
+    close_all(flood)
+    close_all(few)
+    assert(ok, err)
+  end)
+
+  local function cpu_ticks(pid)
+    local stat = helpers.read_file("/proc/" .. pid .. "/stat")
+    local utime, stime = stat:match("^%d+ %b() %a" .. string.rep(" %S+", 10) .. " (%d+) (%d+)")
+    return tonumber(utime) + tonumber(stime)
+  end
+
+  it("tells a client when the controller is out of file descriptors, without spinning", function()
+    clusters.start("fds", "-n 1")
+    local pid = clusters.controller_pid("fds")
+    -- Room for a few more descriptors than it holds now: new ones take the
+    -- lowest free numbers, and the limit bounds those.
+    local held = 0
+    for _ in uv.fs_scandir_next, uv.fs_scandir("/proc/" .. pid .. "/fd") do held = held + 1 end
+    local _, code = helpers.run(string.format("prlimit --pid %d --nofile=%d:%d", pid, held + 6, held + 6))
+    assert.equal(0, code)
+    local clients, refusal = {}, nil
+    for _ = 1, 40 do
+      local ok, rc = pcall(lpar.Client, { profile = "fds" })
+      if not ok then refusal = rc break end
+      clients[#clients + 1] = rc
+    end
+    local ok, err = pcall(function()
+      assert.is_truthy(refusal, "40 clients got in")
+      assert.is_true(#clients >= 1)
+      assert.matches("the controller refused the connection: it is out of file descriptors %(Too many open " ..
+        "files; pid " .. pid .. "%): raise its limit %(ulimit %-n%)", refusal)
+      local before = cpu_ticks(pid)
+      uv.sleep(500)
+      assert.is_true(cpu_ticks(pid) - before < 10, "the controller spins: " .. (cpu_ticks(pid) - before) ..
+        " ticks in 0.5 s")
+      -- Those in are served; once one leaves, the next gets in.
+      assert.equal(0, clients[1][0]:apply_sync(function() return lpar.engine.id end))
+      clients[1]:close()
+      table.remove(clients, 1)
+      local rc <close> = lpar.Client { profile = "fds" }
+      assert.equal(0, rc[0]:apply_sync(function() return lpar.engine.id end))
+    end)
+    for _, c in ipairs(clients) do c:close() end
+    assert(ok, err)
+  end)
+
+  it("says so when this process's own descriptor table is full", function()
+    clusters.start("own", "-n 1")
+    local script = os.tmpname()
+    local f = assert(io.open(script, "w"))
+    f:write([[
+      local lpar = require "lpar"
+      local keep = {}
+      while true do
+        local h = io.open("/dev/null")
+        if not h then break end
+        keep[#keep + 1] = h
+      end
+      local ok, err = pcall(lpar.Client, { profile = "own" })
+      print(ok, err)
+    ]])
+    f:close()
+    local out, code = clusters.sh(string.format("ulimit -n 64; %s %s 2>&1", helpers.lpar, script))
+    os.remove(script)
+    assert.equal(0, code, out)
+    assert.matches("^false\tcannot connect to the cluster in %S+: this process has too many open files %(EMFILE%): " ..
+      "close some files or raise the limit %(ulimit %-n%)", out)
+  end)
+end)

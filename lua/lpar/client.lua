@@ -7,6 +7,8 @@
 --   lpar.Client{profile = "default"}  or  lpar.Client{connection_file = path}
 local DirectView = require "lpar.view"
 local LoadBalancedView = require "lpar.balanced"
+local options = require "lpar.options"
+local remote = require "lpar.remote" -- loaded now: with the descriptor table full, a require later says "not found"
 local wait = require "lpar.wait"
 
 local Client = {}
@@ -16,8 +18,8 @@ local methods = {}
 function Client.connect(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("Client: expected a table of options {profile=} or {connection_file=}", 2) end
-  require("lpar.options").check("Client", opts, { profile = true, connection_file = true })
-  local ok, hub = pcall(require("lpar.remote").connect, opts)
+  options.check("Client", opts, { profile = true, connection_file = true })
+  local ok, hub = pcall(remote.connect, opts)
   if not ok then error(hub, 2) end
   return Client.new(hub)
 end

@@ -324,6 +324,8 @@ function Hub:closed(reason)
 end
 
 function Hub:lost()
+  -- A controller that refused the connection (out of descriptors) said why: that is the whole story.
+  if self.link_lost and self.link_lost:find("^the controller refused") then return self.link_lost end
   return "the connection to the controller was lost (" .. (self.link_lost or "it went away") .. ")"
 end
 
