@@ -787,7 +787,7 @@ static int peek_notice(lparR_route *r, char *why, size_t n) {
   lparW_reader *rd = &r->reader;
   size_t have = rd->buf.len - rd->pos;
   if (have > sizeof buf) return 0;
-  memcpy(buf, rd->buf.data + rd->pos, have); /* what was read of it already, then the rest */
+  if (have > 0) memcpy(buf, rd->buf.data + rd->pos, have); /* what was read of it already, then the rest */
   ssize_t k = recv(r->fd, buf + have, sizeof buf - have, MSG_PEEK | MSG_DONTWAIT);
   if (k > 0) have += (size_t)k;
   return parse_notice(r, buf, have, 1, why, n) == 1;

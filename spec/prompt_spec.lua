@@ -144,7 +144,7 @@ describe("the prompt", function()
     os.execute("sleep 0.5")
     stop()
     start("")
-    wait_for("lpar %d")
+    wait_for("lpar> %s*$") -- the prompt itself, not just the banner: keys sent before it may be dropped
     keys("Up")
     wait_for("lpar> remember_me = 1")
     keys("C-u")
