@@ -34,6 +34,9 @@ end
 -- sanitized build the specs also run against, scripts/test_sanitized).
 helpers.build = os.getenv("LPAR_TEST_BUILD") or "build"
 helpers.lpar = "./" .. helpers.build .. "/lpar"
+--- Whether the specs run against the sanitized build (its engines are
+-- several times slower to start and to exit: LeakSanitizer checks at exit).
+helpers.sanitized = helpers.build ~= "build"
 
 --- Run a shell command; returns its stdout and exit code.
 function helpers.run(cmd)
