@@ -140,8 +140,15 @@ describe("the prompt", function()
 
   it("keeps history across a restart, and Ctrl-D stops the engines", function()
     type_line("remember_me = 1")
+    local shell = helpers.run("tmux list-panes -t " .. session .. " -F '#{pane_pid}'"):match("%d+")
     keys("C-d")
-    os.execute("sleep 0.5")
+    -- Signs, not a fixed sleep: the line is in the history file, and the
+    -- prompt has ended (a sanitized one takes a while to stop its engines),
+    -- so that nothing writes the file while the next prompt reads it.
+    assert.is_true(helpers.poll(function()
+      return (helpers.read_file(dir .. "/history") or ""):find("remember_me", 1, true) ~= nil end, 10))
+    assert.is_true(helpers.poll(function() return helpers.run("pgrep -P " .. shell .. " lpar") == "" end, 20),
+      "the prompt did not end on Ctrl-D")
     stop()
     start("")
     wait_for("lpar> %s*$") -- the prompt itself, not just the banner: keys sent before it may be dropped
