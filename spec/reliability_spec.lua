@@ -421,8 +421,9 @@ describe("a standalone controller's strangers and descriptors", function()
       uv.sleep(500)
       assert.is_true(cpu_ticks(pid) - before < 10, "the controller spins: " .. (cpu_ticks(pid) - before) ..
         " ticks in 0.5 s")
-      -- Those in are served; once one leaves, the next gets in.
+      -- Those in are served, and see it counted; once one leaves, the next gets in.
       assert.equal(0, clients[1][0]:apply_sync(function() return lpar.engine.id end))
+      assert.is_true(clients[1]:queue_status().no_fds >= 1)
       clients[1]:close()
       table.remove(clients, 1)
       local rc <close> = lpar.Client { profile = "fds" }

@@ -98,7 +98,9 @@ end
 --- Per engine: requests in flight and state; plus messages dropped:
 -- bad_messages (malformed frames from engines), undecodable (replies that
 -- did not decode) and, on a standalone cluster, refused (messages that
--- failed authentication), disconnected (peers cut off for them), clients.
+-- failed authentication), disconnected (peers cut off for them), clients,
+-- no_fds (connections turned away because the controller was out of file
+-- descriptors).
 function methods:queue_status()
   return self._hub:queue_status()
 end

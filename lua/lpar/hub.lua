@@ -437,8 +437,8 @@ function Hub:queue_status()
     for id, e in pairs(st.engines) do
       status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms, host = e.host }
     end
-    status.bad_messages, status.refused, status.disconnected, status.clients =
-      st.bad_messages, st.refused, st.disconnected, st.clients
+    status.bad_messages, status.refused, status.disconnected, status.clients, status.no_fds =
+      st.bad_messages, st.refused, st.disconnected, st.clients, st.no_fds
   else
     local host = require("luv").os_gethostname()
     for id, e in pairs(self.engines) do
