@@ -433,6 +433,18 @@ describe("a standalone controller's strangers and descriptors", function()
     assert(ok, err)
   end)
 
+  it("says a controller that takes no connection took none, not that it did not answer", function()
+    clusters.start("stopped", "-n 1")
+    local pid = clusters.controller_pid("stopped")
+    uv.kill(pid, "sigstop")
+    local ok, err = pcall(lpar.Client, { profile = "stopped" })
+    uv.kill(pid, "sigcont")
+    assert.is_false(ok)
+    assert.matches("the controller did not take the connection within 10 s %(its hello never came", err)
+    local rc <close> = lpar.Client { profile = "stopped" }
+    assert.equal(0, rc[0]:apply_sync(function() return lpar.engine.id end))
+  end)
+
   it("says so when this process's own descriptor table is full", function()
     clusters.start("own", "-n 1")
     local script = os.tmpname()

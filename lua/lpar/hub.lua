@@ -356,6 +356,12 @@ function Hub:call(op, ...)
   if not ok then return nil, err end
   wait.until_done(function() return answered end, CALL_TIMEOUT, nil, 3)
   if not answered then
+    -- No hello either: it never took the connection (stopped, wedged, or
+    -- unable to accept one), which is not the same as a slow answer.
+    if self.core and not self.core:stats().session then
+      return nil, string.format("the controller did not take the connection within %d s (its hello never " ..
+        "came: it may be stopped, overloaded or out of file descriptors)", CALL_TIMEOUT)
+    end
     return nil, "the controller did not answer '" .. op .. "' within " .. CALL_TIMEOUT .. " s"
   end
   return table.unpack(result, 1, result.n)
