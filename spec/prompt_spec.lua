@@ -4,9 +4,12 @@ local helpers = require "helpers"
 
 local session = "lpar-spec-" .. math.random(1e9)
 local dir
+-- A tmux server of its own (-L): the default one is shared with whatever
+-- else runs tmux on this machine, and ends when its last session does.
+local TMUX = "tmux -L " .. session .. " "
 
 local function tmux(args)
-  local out, code = helpers.run("tmux " .. args .. " 2>&1")
+  local out, code = helpers.run(TMUX .. args .. " 2>&1")
   return out, code
 end
 
@@ -54,6 +57,9 @@ describe("the prompt", function()
   lazy_teardown(function()
     stop()
     os.execute("rm -rf " .. dir)
+    -- The private server's socket outlives it.
+    local uid = helpers.run("id -u"):match("%d+")
+    os.remove((os.getenv("TMUX_TMPDIR") or "/tmp") .. "/tmux-" .. uid .. "/" .. session)
   end)
 
   it("says once, in its banner, which BLAS and kernel run and why", function()
@@ -140,7 +146,7 @@ describe("the prompt", function()
 
   it("keeps history across a restart, and Ctrl-D stops the engines", function()
     type_line("remember_me = 1")
-    local shell = helpers.run("tmux list-panes -t " .. session .. " -F '#{pane_pid}'"):match("%d+")
+    local shell = helpers.run(TMUX .. "list-panes -t " .. session .. " -F '#{pane_pid}'"):match("%d+")
     keys("C-d")
     -- Signs, not a fixed sleep: the line is in the history file, and the
     -- prompt has ended (a sanitized one takes a while to stop its engines),
@@ -161,7 +167,7 @@ describe("the prompt", function()
     type_line("killed_but_kept = 2")
     wait_for("lpar> killed_but_kept = 2\nlpar> ")
     -- SIGKILL the prompt (the pane's shell runs it): no clean exit.
-    local shell = helpers.run("tmux list-panes -t " .. session .. " -F '#{pane_pid}'"):match("%d+")
+    local shell = helpers.run(TMUX .. "list-panes -t " .. session .. " -F '#{pane_pid}'"):match("%d+")
     local pid = helpers.run("pgrep -P " .. shell):match("%d+")
     os.execute("kill -KILL " .. pid)
     assert.is_true(helpers.poll(function() return not helpers.alive(tonumber(pid)) end, 5))
