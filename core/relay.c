@@ -601,6 +601,7 @@ void lparY_get_stats(const lparY_relay *y, lparY_stats *out) {
   for (int i = 0; i < y->nservers; i++) {
     out->refused += lparL_server_refused(y->servers[i]);
     out->disconnected += lparL_server_disconnected(y->servers[i]);
+    out->no_fds += lparL_server_no_fds(y->servers[i]);
   }
   out->bad_messages = y->bad_messages + lpar_cluster_bad_messages(y->local);
   for (int i = 0; i < y->npeers; i++) out->clients += y->peers[i]->kind == PEER_CLIENT;

@@ -67,7 +67,7 @@ struct lparR_route {
   int dispatching;         /* inside dispatch: a failed write closes after it */
   int corked;              /* frames wait in the queue until lparR_uncork */
   uint64_t bytes_sent;     /* frames sent, as they take the wire (headers and tags too) */
-  char write_failed[160];  /* why the last write failed, while dispatching */
+  char write_failed[200];  /* why the last write failed, while dispatching */
   size_t opened; /* segments of the frame at the reader's front opened so far */
   lparA_channel chan;
   lparW_reader reader;
@@ -77,6 +77,7 @@ struct lparR_route {
   lparR_owner *owner;
   lparR_route *older, *newer; /* in the owner's list of open strangers */
   int listed;
+  lparR_source source;
   lparR_handlers handlers;
   void *ud;
 };
@@ -171,9 +172,12 @@ static void refuse(lparR_route *r, const char *what, const char *why) {
 ** engine's last words delivered), so inside dispatch the route closes only
 ** once the frames already read are handled.
 */
+static int peek_notice(lparR_route *r, char *why, size_t n);
+
 static void write_failed(lparR_route *r, int err) {
-  char why[160];
-  snprintf(why, sizeof why, "connection lost (%s)", strerror(err));
+  char why[sizeof r->reason];
+  /* A controller that refused us with a notice then closed: say what it said. */
+  if (!peek_notice(r, why, sizeof why)) snprintf(why, sizeof why, "connection lost (%s)", strerror(err));
   if (!r->dispatching) {
     close_route(r, why, 0);
     return;
@@ -557,11 +561,13 @@ static int open_segments(lparR_route *r) {
   return 0;
 }
 
+static int take_notice(lparR_route *r, int at_eof);
+
 /* Hand every whole frame in the reader to the handler. */
 static void dispatch_frames(lparR_route *r) {
   lparW_reader *rd = &r->reader;
   if (r->sealed && !r->session) {
-    if (rd->buf.len - rd->pos < LPARA_HELLO_BYTES) return;
+    if (rd->buf.len - rd->pos < LPARA_HELLO_BYTES || take_notice(r, 0)) return;
     if (lparA_start(&r->chan, (unsigned char *)rd->buf.data + rd->pos) < 0) {
       refuse(r, "malformed hello", "unknown cipher bits");
       return;
@@ -651,6 +657,7 @@ static int read_some(lparR_route *r) {
     return -1;
   }
   if (k == 0) {
+    if (r->sealed && !r->session && take_notice(r, 1)) return -1;
     close_route(r, "the peer closed the connection", 0);
     return -1;
   }
@@ -678,8 +685,9 @@ static void on_poll(uv_poll_t *p, int status, int events) {
   lparR_route *r = p->data;
   if (r->closing) return;
   if (status < 0) {
-    char why[160];
-    snprintf(why, sizeof why, "connection lost (%s)", uv_strerror(status));
+    char why[sizeof r->reason];
+    if (!peek_notice(r, why, sizeof why))
+      snprintf(why, sizeof why, "connection lost (%s)", uv_strerror(status));
     close_route(r, why, 0);
     return;
   }
@@ -791,14 +799,98 @@ void lparR_set_owner(lparR_route *r, lparR_owner *o) {
   }
 }
 
-int lparR_evict_oldest_stranger(lparR_owner *o, const char *reason) {
-  lparR_route *r = o->oldest;
-  if (r == NULL) return 0;
-  if (r->owner) r->owner->refused++;
-  close_route(r, reason, 1);
+void lparR_set_source(lparR_route *r, const lparR_source *src) { r->source = *src; }
+
+static int same_source(const lparR_source *a, const lparR_source *b) {
+  return a->len == b->len && memcmp(a->bytes, b->bytes, a->len) == 0;
+}
+
+int lparR_strangers_from(const lparR_owner *o, const lparR_source *src) {
+  int n = 0;
+  for (const lparR_route *r = o->oldest; r; r = r->newer) n += same_source(&r->source, src);
+  return n;
+}
+
+int lparR_evict_oldest_stranger(lparR_owner *o, const lparR_source *src, const char *reason) {
+  lparR_route *victim = NULL;
+  if (src) {
+    for (lparR_route *r = o->oldest; r && !victim; r = r->newer)
+      if (same_source(&r->source, src)) victim = r;
+  } else { /* the oldest of the biggest source; at most the cap's square of steps */
+    int most = 0;
+    for (lparR_route *r = o->oldest; r; r = r->newer) {
+      int n = lparR_strangers_from(o, &r->source);
+      if (n > most) most = n, victim = r;
+    }
+  }
+  if (victim == NULL) return 0;
+  o->refused++;
+  close_route(victim, reason, 1);
   return 1;
+}
+
+void lparR_write_notice(int fd, const char *why) {
+  char notice[LPARR_NOTICE_MAX];
+  memcpy(notice, LPARR_NOTICE_MAGIC, LPARA_NONCE_BYTES);
+  notice[LPARA_NONCE_BYTES] = (char)0xff;
+  int n = snprintf(notice + LPARA_HELLO_BYTES, sizeof notice - LPARA_HELLO_BYTES, "%s\n", why);
+  size_t len = LPARA_HELLO_BYTES + (n < 0 ? 0 : (size_t)n);
+  if (len > sizeof notice) len = sizeof notice;
+  ssize_t k;
+  do k = send(fd, notice, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+  while (k < 0 && errno == EINTR);
+}
+
+/*
+** Is p[0..have) a notice (LPARR_NOTICE_MAGIC) a client's controller wrote
+** instead of its hello? 1 with the reason in why once its line is in (or
+** `whole`: no more will come), 0 when it is not one, -1 when it may be but
+** its line is not all in yet.
+*/
+static int parse_notice(const lparR_route *r, const char *p, size_t have, int whole, char *why,
+                        size_t n) {
+  if (r->chan.role != LPARA_CLIENT || r->session || have < LPARA_HELLO_BYTES ||
+      (unsigned char)p[LPARA_NONCE_BYTES] != 0xff || memcmp(p, LPARR_NOTICE_MAGIC, LPARA_NONCE_BYTES) != 0)
+    return 0;
+  size_t text = have - LPARA_HELLO_BYTES;
+  if (text > LPARR_NOTICE_MAX - LPARA_HELLO_BYTES) text = LPARR_NOTICE_MAX - LPARA_HELLO_BYTES;
+  const char *start = p + LPARA_HELLO_BYTES, *nl = memchr(start, '\n', text);
+  if (nl == NULL && !whole && text < LPARR_NOTICE_MAX - LPARA_HELLO_BYTES) return -1;
+  snprintf(why, n, "the controller refused the connection: %.*s",
+           (int)(nl ? (size_t)(nl - start) : text), start);
+  return 1;
+}
+
+/* The notice waiting unread in the socket, if there is one (the peer has
+   closed: a write failed or the poll saw an error). 1 with why filled. */
+static int peek_notice(lparR_route *r, char *why, size_t n) {
+  if (!r->sealed || r->session || r->fd < 0) return 0;
+  char buf[LPARR_NOTICE_MAX];
+  lparW_reader *rd = &r->reader;
+  size_t have = rd->buf.len - rd->pos;
+  if (have > sizeof buf) return 0;
+  if (have > 0) memcpy(buf, rd->buf.data + rd->pos, have); /* what was read of it already, then the rest */
+  ssize_t k = recv(r->fd, buf + have, sizeof buf - have, MSG_PEEK | MSG_DONTWAIT);
+  if (k > 0) have += (size_t)k;
+  return parse_notice(r, buf, have, 1, why, n) == 1;
+}
+
+/*
+** A client's controller wrote a notice instead of its hello: close with
+** what it says, once its line is in (or at EOF). 1 if this was a notice
+** (the route is closed, or waits for the rest of it), else 0.
+*/
+static int take_notice(lparR_route *r, int at_eof) {
+  lparW_reader *rd = &r->reader;
+  char why[sizeof r->reason];
+  int rc = parse_notice(r, rd->buf.data + rd->pos, rd->buf.len - rd->pos, at_eof, why, sizeof why);
+  if (rc == 1) close_route(r, why, 0);
+  return rc != 0;
 }
 
 int lparR_session_started(const lparR_route *r) { return r->session; }
 int lparR_passes_fds(const lparR_route *r) { return r->kind != LPARR_TCP; }
+const char *lparR_close_reason(const lparR_route *r) {
+  return r->closing ? (r->reason[0] ? r->reason : "closed") : NULL;
+}
 const char *lparR_cipher(const lparR_route *r) { return lparA_cipher_name(r->chan.cipher); }

@@ -42,6 +42,25 @@ typedef enum lparR_kind { LPARR_ENGINE = 1, LPARR_UNIX = 2, LPARR_TCP = 3 } lpar
 typedef struct lparR_route lparR_route;
 
 /*
+** Where a connection comes from, as far as caps on strangers go: for TCP
+** the peer's IPv4 address or IPv6 /64 (len bytes of them), for a unix
+** socket nothing (len 0: every peer is the cluster's own user or root).
+*/
+typedef struct lparR_source {
+  unsigned char len;
+  unsigned char bytes[16];
+} lparR_source;
+
+/*
+** What a controller that cannot take a connection (out of descriptors)
+** writes instead of its hello before it closes it: these 16 bytes, a byte
+** 0xFF (which no hello has: it would be unknown cipher bits), then why, in
+** a line. A client closes its route with that reason.
+*/
+#define LPARR_NOTICE_MAGIC "lpar: refused:  "
+#define LPARR_NOTICE_MAX 256 /* the whole notice, at most */
+
+/*
 ** What a set of routes shares (a server's accepted connections): counts of
 ** refusals, and of routes alive and not yet authenticated. `release` is
 ** called when the last route of an owner that set it is freed.
@@ -90,12 +109,23 @@ int lparR_open(uv_loop_t *loop, lparR_kind kind, int fd, int side, const unsigne
 void lparR_set_handlers(lparR_route *r, const lparR_handlers *handlers, void *ud);
 /* Count this route's refusals in `o` (and keep `o` alive while it is open). */
 void lparR_set_owner(lparR_route *r, lparR_owner *o);
+/* Where the route's peer is (before lparR_set_owner: strangers are counted by it). */
+void lparR_set_source(lparR_route *r, const lparR_source *src);
+/* The owner's open routes not yet authenticated from `src`. */
+int lparR_strangers_from(const lparR_owner *o, const lparR_source *src);
 /*
-** Cut off the owner's oldest open route that has not authenticated, so a
-** newcomer can have its place: 1 if there was one. A real peer shows the
+** Cut off an open route of the owner's that has not authenticated, so a
+** newcomer can have its place: the oldest from `src`, or with `src` NULL
+** the oldest of the source that holds the most (so one source's flood
+** evicts its own, not others'). 1 if there was one. A real peer shows the
 ** key within milliseconds, so idle strangers cannot keep it out.
 */
-int lparR_evict_oldest_stranger(lparR_owner *o, const char *reason);
+int lparR_evict_oldest_stranger(lparR_owner *o, const lparR_source *src, const char *reason);
+/*
+** Write the notice (LPARR_NOTICE_MAGIC) saying `why` on a connection the
+** caller then closes without opening a route on it. Never blocks.
+*/
+void lparR_write_notice(int fd, const char *why);
 
 /*
 ** Send one frame: written now as far as the socket takes it, the rest
@@ -147,6 +177,9 @@ int lparR_session_started(const lparR_route *r);
 int lparR_passes_fds(const lparR_route *r);
 /* "AES-256-GCM", "XChaCha20-Poly1305", or "none" (engines, or before the hello). */
 const char *lparR_cipher(const lparR_route *r);
+/* Why the route closed, once lparR_close or the peer closed it (its on_close
+   comes from the loop later); NULL while it is open. */
+const char *lparR_close_reason(const lparR_route *r);
 
 /* Ignore SIGPIPE unless the host handles it: a dead peer is a failed write. */
 void lparR_ignore_sigpipe(void);

@@ -332,8 +332,10 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
     lua_settop(L, base + 1);
     lua_gc(L, LUA_GCCOLLECT);
     lua_createtable(L, 0, 1);
-    if (st->mem_limit)
+    if (st->mem_limit && st->mem_limit % (1u << 20) == 0)
       lua_pushfstring(L, "not enough memory (limit %d MB)", (int)(st->mem_limit >> 20));
+    else if (st->mem_limit) /* 1.5 MB, not a rounded-down 1 MB */
+      lua_pushfstring(L, "not enough memory (limit %f MB)", (lua_Number)st->mem_limit / (1 << 20));
     else
       lua_pushliteral(L, "not enough memory");
     lua_setfield(L, -2, "message");

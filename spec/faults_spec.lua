@@ -76,7 +76,9 @@ describe("errors and faults", function()
       assert.equal(3, err.engine)
       assert.is_number(err.task)
       assert.matches("engine 3 " .. case[3] .. " while running task %d+", tostring(err))
-      assert.is_true(ms < 150, "engine death took " .. ms .. " ms to report")
+      -- Under the sanitizers an engine's exit runs LeakSanitizer's check first.
+      local bound = helpers.sanitized and 1000 or 150
+      assert.is_true(ms < bound, "engine death took " .. ms .. " ms to report")
       -- The others carry on, and the cluster stays usable.
       assert.same({ 0, 1 }, others:get(5))
       assert.same({ 0, 1, 2 }, rc.ids)

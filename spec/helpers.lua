@@ -30,8 +30,13 @@ function helpers.poll(pred, timeout)
   return pred()
 end
 
---- Path of the build's lpar command.
-helpers.lpar = "./build/lpar"
+--- Path of the build's lpar command: ./build's, or LPAR_TEST_BUILD's (the
+-- sanitized build the specs also run against, scripts/test_sanitized).
+helpers.build = os.getenv("LPAR_TEST_BUILD") or "build"
+helpers.lpar = "./" .. helpers.build .. "/lpar"
+--- Whether the specs run against the sanitized build (its engines are
+-- several times slower to start and to exit: LeakSanitizer checks at exit).
+helpers.sanitized = helpers.build ~= "build"
 
 --- Run a shell command; returns its stdout and exit code.
 function helpers.run(cmd)

@@ -253,3 +253,218 @@ describe("an engine's memory limit", function()
     assert.equal(1000, rc[0]:apply(function() return #string.rep("x", 1000) end):get(5))
   end)
 end)
+
+describe("--mem-limit", function()
+  local clusters = helpers.scratch_clusters()
+  setup(clusters.setup)
+  teardown(clusters.teardown)
+
+  local function big_task() return #string.rep("x", 100 * 1024 * 1024) end
+
+  it("refuses a size that is not one, or too small for an engine, and starts nothing", function()
+    for _, case in ipairs {
+      { "12Q", "%-%-mem%-limit must be a size in bytes, with an optional K, M or G suffix %(256M%), not '12Q'" },
+      { "0", "at least 1M %(1048576 bytes%): an engine needs that much to start, not 0" },
+      { "1000", "%-%-mem%-limit must be at least 1M %(1048576 bytes%)" },
+    } do
+      local out, code = clusters.sh(string.format("%s cluster start --daemonize --profile bad --mem-limit %s 2>&1",
+        helpers.lpar, case[1]))
+      assert.equal(1, code, out)
+      assert.matches(case[2], out)
+      assert.is_nil(helpers.read_file(clusters.conn_file("bad")))
+    end
+    local out, code = clusters.sh(helpers.lpar .. " engine --profile bad --mem-limit 3X 2>&1")
+    assert.equal(1, code, out)
+    assert.matches("%-%-mem%-limit must be a size in bytes", out)
+    assert.has_error(function() lpar.Cluster { n = 1, mem_limit = 1000 } end,
+      "Cluster: mem_limit must be at least 1M (1048576 bytes): an engine needs that much to start, not 1000")
+  end)
+
+  it("caps the engines of `lpar cluster start` and of `lpar engine`; they serve on", function()
+    clusters.start("mem", "-n 1 --mem-limit 64M")
+    local rc <close> = lpar.Client { profile = "mem" }
+    rc[0]:execute("kept = 'still here'", { block = true })
+    local ok, err = pcall(function() return rc[0]:apply(big_task):get(10) end)
+    assert.is_false(ok)
+    assert.matches("not enough memory %(limit 64 MB%)", tostring(err))
+    assert.equal("still here", rc[0]:pull("kept"):get(5))
+    assert.equal(1000, rc[0]:apply(function() return #string.rep("x", 1000) end):get(5))
+    -- A restarted engine keeps the cap.
+    lpar.Cluster { profile = "mem" }:restart_engines { 0 }
+    -- rc hears of the engine on its own link: wait for it there.
+    assert.is_true(helpers.wait_until(function()
+      return rc:queue_status()[0] and rc:queue_status()[0].state == "ready" end, 5))
+    assert.is_false((pcall(function() return rc[0]:apply(big_task):get(10) end)))
+
+    local out = clusters.base .. "/engine.out"
+    local command = string.format("exec %s engine --profile mem --mem-limit 1.5M > '%s' 2>&1", helpers.lpar, out)
+    local bad = assert(io.popen(command:gsub("^exec ", "") .. "; echo $?"))
+    assert.equal("1", bad:read("a"):match("(%d+)%s*$"))
+    bad:close()
+    assert.matches("not '1.5M'", helpers.read_file(out))
+    command = string.format("exec %s engine --profile mem --mem-limit 1536K > '%s' 2>&1", helpers.lpar, out)
+    local handle, pid = uv.spawn("/bin/sh", { args = { "-c", command } }, function() end)
+    assert.is_truthy(handle)
+    assert.is_true(helpers.wait_until(function() return #rc == 2 end, 10))
+    rc[1]:execute("mine = 1", { block = true })
+    local ok2, err2 = pcall(function() return rc[1]:apply(big_task):get(10) end)
+    assert.is_false(ok2)
+    assert.matches("not enough memory %(limit 1.5 MB%)", tostring(err2))
+    assert.equal(1, rc[1]:pull("mine"):get(5))
+    uv.kill(pid, "sigterm")
+    assert.is_true(helpers.wait_until(function() return #rc == 1 end, 5))
+    helpers.close(handle)
+  end)
+
+  it("is passed on by Cluster{profile = P, mem_limit = bytes}", function()
+    local cluster = lpar.Cluster { profile = "memc", n = 1, mem_limit = 48 * 1024 * 1024 }
+    local rc <close> = cluster:start_and_connect()
+    local ok, err = pcall(function() return rc[0]:apply(big_task):get(10) end)
+    assert.is_false(ok)
+    assert.matches("not enough memory %(limit 48 MB%)", tostring(err))
+    assert.equal(2, rc[0]:apply(function() return 1 + 1 end):get(5))
+  end)
+end)
+
+describe("a standalone controller's strangers and descriptors", function()
+  local clusters = helpers.scratch_clusters()
+  setup(clusters.setup)
+  teardown(clusters.teardown)
+
+  -- `count` idle TCP connections to `port` from address `from`; the list,
+  -- each with .eof set once the controller cuts it off.
+  local function strangers(from, port, count)
+    local list, connected = {}, 0
+    for i = 1, count do
+      local t = uv.new_tcp()
+      assert(t:bind(from, 0))
+      local s = { handle = t }
+      t:connect("127.0.0.1", port, function(err)
+        connected = connected + 1
+        if err then s.eof = true return end
+        t:read_start(function(rerr, chunk) if rerr or not chunk then s.eof = true end end)
+      end)
+      list[i] = s
+    end
+    assert.is_true(helpers.wait_until(function() return connected == count end, 10))
+    return list
+  end
+
+  local function still_open(list)
+    local n = 0
+    for _, s in ipairs(list) do if not s.eof then n = n + 1 end end
+    return n
+  end
+
+  local function close_all(list)
+    for _, s in ipairs(list) do s.handle:close() end
+    uv.run("nowait")
+  end
+
+  -- A connection file for the cluster's TCP address only.
+  local function tcp_only(name)
+    local path = clusters.base .. "/" .. name .. "-tcp.json"
+    local f = assert(io.open(path, "w"))
+    f:write((helpers.read_file(clusters.conn_file(name)):gsub('  "socket":"[^"]*",\n', "")))
+    f:close()
+    uv.fs_chmod(path, tonumber("600", 8))
+    return path
+  end
+
+  it("caps one address's idle connections, so another address and a real client keep theirs", function()
+    clusters.start("src", "-n 1 --port 0")
+    local port = math.tointeger(tonumber(helpers.read_file(clusters.conn_file("src")):match('"port":(%d+)')))
+    local flood = strangers("127.0.0.2", port, 100)
+    local few = strangers("127.0.0.3", port, 5)
+    local ok, err = pcall(function()
+      -- The real client, over TCP too, is served after the controller took every connection before it.
+      local rc <close> = lpar.Client { connection_file = tcp_only("src") }
+      assert.equal(0, rc[0]:apply_sync(function() return lpar.engine.id end))
+      assert.is_true(helpers.wait_until(function() return still_open(flood) <= 16 end, 5),
+        still_open(flood) .. " of one address's 100 idle connections still open")
+      assert.equal(16, still_open(flood)) -- its own oldest made room: the newest stay
+      assert.equal(5, still_open(few))
+      assert.is_true(rc:queue_status().refused >= 84)
+    end)
+    close_all(flood)
+    close_all(few)
+    assert(ok, err)
+  end)
+
+  local function cpu_ticks(pid)
+    local stat = helpers.read_file("/proc/" .. pid .. "/stat")
+    local utime, stime = stat:match("^%d+ %b() %a" .. string.rep(" %S+", 10) .. " (%d+) (%d+)")
+    return tonumber(utime) + tonumber(stime)
+  end
+
+  it("tells a client when the controller is out of file descriptors, without spinning", function()
+    clusters.start("fds", "-n 1")
+    local pid = clusters.controller_pid("fds")
+    -- Room for a few more descriptors than it holds now: new ones take the
+    -- lowest free numbers, and the limit bounds those.
+    local held = 0
+    for _ in uv.fs_scandir_next, uv.fs_scandir("/proc/" .. pid .. "/fd") do held = held + 1 end
+    local _, code = helpers.run(string.format("prlimit --pid %d --nofile=%d:%d", pid, held + 6, held + 6))
+    assert.equal(0, code)
+    local clients, refusal = {}, nil
+    for _ = 1, 40 do
+      local ok, rc = pcall(lpar.Client, { profile = "fds" })
+      if not ok then refusal = rc break end
+      clients[#clients + 1] = rc
+    end
+    local ok, err = pcall(function()
+      assert.is_truthy(refusal, "40 clients got in")
+      assert.is_true(#clients >= 1)
+      assert.matches("the controller refused the connection: it is out of file descriptors %(Too many open " ..
+        "files; pid " .. pid .. "%): raise its limit %(ulimit %-n%)", refusal)
+      local before = cpu_ticks(pid)
+      uv.sleep(500)
+      assert.is_true(cpu_ticks(pid) - before < 10, "the controller spins: " .. (cpu_ticks(pid) - before) ..
+        " ticks in 0.5 s")
+      -- Those in are served, and see it counted; once one leaves, the next gets in.
+      assert.equal(0, clients[1][0]:apply_sync(function() return lpar.engine.id end))
+      assert.is_true(clients[1]:queue_status().no_fds >= 1)
+      clients[1]:close()
+      table.remove(clients, 1)
+      local rc <close> = lpar.Client { profile = "fds" }
+      assert.equal(0, rc[0]:apply_sync(function() return lpar.engine.id end))
+    end)
+    for _, c in ipairs(clients) do c:close() end
+    assert(ok, err)
+  end)
+
+  it("says a controller that takes no connection took none, not that it did not answer", function()
+    clusters.start("stopped", "-n 1")
+    local pid = clusters.controller_pid("stopped")
+    uv.kill(pid, "sigstop")
+    local ok, err = pcall(lpar.Client, { profile = "stopped" })
+    uv.kill(pid, "sigcont")
+    assert.is_false(ok)
+    assert.matches("the controller did not take the connection within 10 s %(its hello never came", err)
+    local rc <close> = lpar.Client { profile = "stopped" }
+    assert.equal(0, rc[0]:apply_sync(function() return lpar.engine.id end))
+  end)
+
+  it("says so when this process's own descriptor table is full", function()
+    clusters.start("own", "-n 1")
+    local script = os.tmpname()
+    local f = assert(io.open(script, "w"))
+    f:write([[
+      local lpar = require "lpar"
+      local keep = {}
+      while true do
+        local h = io.open("/dev/null")
+        if not h then break end
+        keep[#keep + 1] = h
+      end
+      local ok, err = pcall(lpar.Client, { profile = "own" })
+      print(ok, err)
+    ]])
+    f:close()
+    local out, code = clusters.sh(string.format("ulimit -n 64; %s %s 2>&1", helpers.lpar, script))
+    os.remove(script)
+    assert.equal(0, code, out)
+    assert.matches("^false\tcannot connect to the cluster in %S+: this process has too many open files %(EMFILE%): " ..
+      "close some files or raise the limit %(ulimit %-n%)", out)
+  end)
+end)

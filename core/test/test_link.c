@@ -5,14 +5,22 @@
 ** unix socket; the bytes on the wire never hold the payload; a stranger's
 ** frame, a replayed one, an oversized unauthenticated one and silence past
 ** the time to authenticate each end their connection and are counted;
+** idle strangers are capped per source address (a flood from one address
+** cuts off its own, not another's) and in total; a controller out of file
+** descriptors does not spin and answers a client with a notice it shows;
 ** connecting to nobody is a clear error, at once (unix) or from the loop (TCP).
 */
 #define _GNU_SOURCE /* memfd_create, memmem */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -27,18 +35,20 @@
 
 /* ---- the controller side, in the child ---- */
 
-static lparL_server *servers[2];
+static lparL_server *servers[3]; /* unix, TCP, TCP keeping the default time to authenticate */
 static int refused_at_stop = -1, cut_at_stop = -1; /* read before the servers are freed */
 
 static void echo_frame(lparR_route *r, const lparW_header *h, const char *payload, int *fds,
                        int nfds, void *ud) {
   (void)ud;
   if (h->id == STOP_ID) {
-    refused_at_stop = (int)(lparL_server_refused(servers[0]) + lparL_server_refused(servers[1]));
-    cut_at_stop =
-        (int)(lparL_server_disconnected(servers[0]) + lparL_server_disconnected(servers[1]));
-    lparL_server_close(servers[0]);
-    lparL_server_close(servers[1]);
+    if (servers[1]) { /* the first controller: its unix and short-timeout TCP servers */
+      refused_at_stop = (int)(lparL_server_refused(servers[0]) + lparL_server_refused(servers[1]));
+      cut_at_stop =
+          (int)(lparL_server_disconnected(servers[0]) + lparL_server_disconnected(servers[1]));
+    }
+    for (int i = 0; i < 3; i++)
+      if (servers[i]) lparL_server_close(servers[i]);
     lparR_close(r, NULL);
     return;
   }
@@ -53,18 +63,25 @@ static void on_accept(lparL_server *s, lparR_route *r, void *ud) {
   lparR_set_auth_timeout(r, 300);
 }
 
+static void on_accept_patient(lparL_server *s, lparR_route *r, void *ud) {
+  (void)s, (void)ud;
+  lparR_set_handlers(r, &echo, NULL);
+}
+
 static int run_controller(const char *path, const unsigned char *key, int port_pipe) {
   uv_loop_t loop;
   uv_loop_init(&loop);
   char err[256];
   if (lparL_listen(&loop, path, NULL, 0, key, on_accept, NULL, &servers[0], err, sizeof err) != 0 ||
       lparL_listen(&loop, NULL, "127.0.0.1", 0, key, on_accept, NULL, &servers[1], err,
+                   sizeof err) != 0 ||
+      lparL_listen(&loop, NULL, "127.0.0.1", 0, key, on_accept_patient, NULL, &servers[2], err,
                    sizeof err) != 0) {
     fprintf(stderr, "listen: %s\n", err);
     return 100;
   }
-  int port = lparL_server_port(servers[1]);
-  if (write(port_pipe, &port, sizeof port) != sizeof port) return 102;
+  int ports[2] = {lparL_server_port(servers[1]), lparL_server_port(servers[2])};
+  if (write(port_pipe, ports, sizeof ports) != sizeof ports) return 102;
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
   return refused_at_stop == cut_at_stop ? refused_at_stop : 101;
@@ -165,6 +182,185 @@ static void check_echo(uv_loop_t *loop, const char *path, int port, const unsign
   CHECK(s.closed && !s.refused);
 }
 
+/* ---- caps on strangers ---- */
+
+/* A raw TCP connection from address `from` (any 127/8 address is this host). */
+static int raw_from(const char *from, int port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET};
+  inet_pton(AF_INET, from, &a.sin_addr);
+  if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0) return -1;
+  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+  a.sin_port = htons((uint16_t)port);
+  if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+/* Is the controller still holding this connection (its hello read, no EOF)? */
+static int still_open(int fd) {
+  char buf[64];
+  for (;;) {
+    ssize_t k = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (k > 0) continue;
+    return k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  }
+}
+
+#define FLOODS 5 /* sources of 40 idle connections each, 127.0.0.2 and .4 to .7 */
+
+/*
+** Five sources flood the patient server with 40 idle connections each, and
+** one (127.0.0.3) holds 5 between the first flood and the others: each
+** flood keeps at most LPARL_MAX_STRANGERS_PER_SOURCE open, the server at
+** most LPARL_MAX_STRANGERS, and the small source loses none. A real client
+** gets in after it all.
+*/
+static void check_stranger_caps(uv_loop_t *loop, int port, const unsigned char *key) {
+  static const char *floods[FLOODS] = {"127.0.0.2", "127.0.0.4", "127.0.0.5", "127.0.0.6",
+                                       "127.0.0.7"};
+  int flood[FLOODS][40], few[5], made = 0;
+  for (int i = 0; i < 40; i++) made += (flood[0][i] = raw_from(floods[0], port)) >= 0;
+  /* Alone, far below the total cap, one source still keeps only its share. */
+  seen first;
+  lparR_route *r0 = connect_to(loop, NULL, port, key, &first);
+  CHECK(lparR_send(r0, LPAR_MSG_EXECUTE, 0, 0, 7, "first", 5, NULL, 0) == LPAR_OK);
+  run_until(loop, &first.frames, 1);
+  int alone = 0;
+  for (int i = 0; i < 40; i++) alone += still_open(flood[0][i]);
+  CHECKF(alone == LPARL_MAX_STRANGERS_PER_SOURCE, "one source alone: %d of 40 open", alone);
+  lparR_close(r0, NULL);
+  run_until(loop, &first.closed, 1);
+  for (int i = 0; i < 5; i++) made += (few[i] = raw_from("127.0.0.3", port)) >= 0;
+  for (int f = 1; f < FLOODS; f++)
+    for (int i = 0; i < 40; i++) made += (flood[f][i] = raw_from(floods[f], port)) >= 0;
+  CHECKF(made == 40 * FLOODS + 5, "%d connections made", made);
+  /* A real client's echo comes once the server has taken every connection before it. */
+  seen s;
+  lparR_route *r = connect_to(loop, NULL, port, key, &s);
+  CHECK(lparR_send(r, LPAR_MSG_EXECUTE, 0, 0, 7, "after", 5, NULL, 0) == LPAR_OK);
+  run_until(loop, &s.frames, 1);
+  CHECKF(s.frames == 1 && strcmp(s.payload, "after") == 0, "real client: %d frames, %s", s.frames,
+         s.reason);
+  int few_open = 0, total = 0;
+  for (int i = 0; i < 5; i++) few_open += still_open(few[i]);
+  CHECKF(few_open == 5, "%d of the small source's 5 still open", few_open);
+  total += few_open;
+  for (int f = 0; f < FLOODS; f++) {
+    int open_here = 0;
+    for (int i = 0; i < 40; i++) open_here += still_open(flood[f][i]);
+    CHECKF(open_here > 0 && open_here <= LPARL_MAX_STRANGERS_PER_SOURCE, "%s: %d of 40 open",
+           floods[f], open_here);
+    total += open_here;
+  }
+  CHECKF(total <= LPARL_MAX_STRANGERS, "%d strangers open in all", total);
+  for (int i = 0; i < 5; i++) close(few[i]);
+  for (int f = 0; f < FLOODS; f++)
+    for (int i = 0; i < 40; i++) close(flood[f][i]);
+  lparR_close(r, NULL);
+  run_until(loop, &s.closed, 1);
+}
+
+/* ---- out of file descriptors ---- */
+
+/* CPU ticks (user + system) process `pid` has used. */
+static long cpu_ticks(pid_t pid) {
+  char path[64], buf[1024];
+  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+  FILE *f = fopen(path, "r");
+  if (f == NULL) return -1;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  char *p = strrchr(buf, ')');
+  long utime = 0, stime = 0;
+  /* after ") ": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime */
+  if (p == NULL || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %ld %ld", &utime,
+                          &stime) != 2)
+    return -1;
+  return utime + stime;
+}
+
+/* A controller allowed a few descriptors more than it has at the start. */
+static int run_starved_controller(const char *path, const unsigned char *key, int ready) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char err[256];
+  if (lparL_listen(&loop, path, NULL, 0, key, on_accept_patient, NULL, &servers[0], err,
+                   sizeof err) != 0)
+    return 100;
+  servers[1] = servers[2] = NULL;
+  int lowest = dup(0);
+  close(lowest);
+  struct rlimit lim = {(rlim_t)lowest + 4, (rlim_t)lowest + 4};
+  if (setrlimit(RLIMIT_NOFILE, &lim) != 0) return 103;
+  if (write(ready, "r", 1) != 1) return 102;
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  return 0;
+}
+
+/*
+** Clients that have authenticated fill the controller's descriptor table:
+** the next one is told why it cannot stay (not left to time out), the
+** controller does not spin meanwhile, and once a client leaves, the next
+** gets in.
+*/
+static void check_out_of_descriptors(const char *path, const unsigned char *key) {
+  int pp[2];
+  CHECK(pipe(pp) == 0);
+  pid_t child = fork();
+  if (child == 0) _exit(run_starved_controller(path, key, pp[1]));
+  char c;
+  CHECK(read(pp[0], &c, 1) == 1);
+  close(pp[0]);
+  close(pp[1]);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  enum { MAX_IN = 16 };
+  seen s[MAX_IN + 1];
+  lparR_route *in[MAX_IN + 1];
+  int n = 0;
+  for (; n <= MAX_IN; n++) {
+    in[n] = connect_to(&loop, path, 0, key, &s[n]);
+    lparR_send(in[n], LPAR_MSG_EXECUTE, 0, 0, 1, "in", 2, NULL, 0); /* refused: may fail at once */
+    for (int i = 0; i < 3000 && !s[n].frames && !s[n].closed; i++) {
+      uv_run(&loop, UV_RUN_NOWAIT);
+      usleep(1000);
+    }
+    if (!s[n].frames) break;
+  }
+  CHECKF(n > 0 && n <= MAX_IN && s[n].closed, "%d clients in, the next %s", n,
+         s[n].closed ? "refused" : "not refused");
+  CHECKF(strstr(s[n].reason, "the controller refused the connection: it is out of file descriptors") != NULL,
+         "reason: %s", s[n].reason);
+  long before = cpu_ticks(child);
+  usleep(500000);
+  long spent = cpu_ticks(child) - before;
+  CHECKF(before >= 0 && spent < 10, "the starved controller used %ld ticks in 0.5 s idle", spent);
+  /* One leaves: the next gets in. */
+  lparR_close(in[0], NULL);
+  run_until(&loop, &s[0].closed, 1);
+  in[n] = connect_to(&loop, path, 0, key, &s[n]);
+  CHECK(lparR_send(in[n], LPAR_MSG_EXECUTE, 0, 0, STOP_ID, "", 0, NULL, 0) == LPAR_OK);
+  run_until(&loop, &s[n].closed, 1);
+  CHECKF(s[n].closed && strstr(s[n].reason, "refused") == NULL, "after one left: %s", s[n].reason);
+  for (int i = 1; i < n; i++) lparR_close(in[i], NULL);
+  for (int i = 1; i < n; i++) run_until(&loop, &s[i].closed, 1);
+  int status = 0;
+  for (int i = 0; i < 500 && waitpid(child, &status, WNOHANG) == 0; i++) usleep(10000);
+  if (waitpid(child, &status, WNOHANG) == 0) { /* it never heard the stop: fail, not hang */
+    kill(child, SIGKILL);
+    waitpid(child, &status, 0);
+  }
+  CHECKF(WIFEXITED(status) && WEXITSTATUS(status) == 0, "starved controller status %d", status);
+  uv_run(&loop, UV_RUN_NOWAIT);
+  CHECK(uv_loop_close(&loop) == 0);
+  unlink(path);
+}
+
 int main(void) {
   char dir[] = "/tmp/lpar-test-link-XXXXXX";
   CHECK(mkdtemp(dir) != NULL);
@@ -177,8 +373,9 @@ int main(void) {
   CHECK(pipe(pp) == 0);
   pid_t child = fork();
   if (child == 0) _exit(run_controller(path, key, pp[1]));
-  int port = 0;
-  CHECK(read(pp[0], &port, sizeof port) == sizeof port && port > 0);
+  int ports[2] = {0, 0};
+  CHECK(read(pp[0], ports, sizeof ports) == sizeof ports && ports[0] > 0 && ports[1] > 0);
+  int port = ports[0];
   struct stat st;
   CHECK(stat(path, &st) == 0);
   CHECKF((st.st_mode & 0777) == 0600, "socket mode %o", (unsigned)(st.st_mode & 0777));
@@ -188,6 +385,7 @@ int main(void) {
   seen s;
   check_echo(&loop, path, 0, key);
   check_echo(&loop, NULL, port, key);
+  check_stranger_caps(&loop, ports[1], key);
 
   /* Sealed with another key: no echo, the connection is cut. */
   lparR_route *r = connect_to(&loop, path, 0, other, &s);
@@ -243,6 +441,7 @@ int main(void) {
   lparB_free(&b);
   CHECK(uv_loop_close(&loop) == 0);
   unlink(path);
+  check_out_of_descriptors(path, key);
   rmdir(dir);
   return check_report();
 }

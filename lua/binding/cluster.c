@@ -347,6 +347,21 @@ static int l_spawn(lua_State *L) {
   return 1;
 }
 
+/* A failed send: on a link that has just closed (its close event not yet
+   delivered), say why it closed rather than "engine is not running". */
+static int push_send_failure(lua_State *L, cluster_ud *u, int rc) {
+  lparR_route *link = lparK_link(u->c);
+  const char *why = rc == LPAR_EDEAD && link ? lparR_close_reason(link) : NULL;
+  if (why == NULL) return lparC_push_failure(L, rc, NULL);
+  lua_pushnil(L);
+  if (strncmp(why, "the controller refused", 22) == 0) /* it said why: that is the whole story */
+    lua_pushstring(L, why);
+  else
+    lua_pushfstring(L, "the connection to the controller was lost (%s)", why);
+  lua_pushinteger(L, rc);
+  return 3;
+}
+
 /* Encode the values from `first` (after a deadline, if given) and send them. */
 static int send_values(lua_State *L, cluster_ud *u, const double *deadline, int first) {
   int engine = (int)luaL_checkinteger(L, 2);
@@ -377,7 +392,7 @@ static int send_values(lua_State *L, cluster_ud *u, const double *deadline, int 
     lparF_discard(&u->funcs);
   lparS_shm_done(&shm);
   if (u->enc.cap > (1u << 24)) lparB_free(&u->enc);
-  if (rc < 0) return lparC_push_failure(L, rc, NULL);
+  if (rc < 0) return push_send_failure(L, u, rc);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -470,7 +485,7 @@ static int l_send_bytes(lua_State *L) {
   int rc = lpar_cluster_send(u->c, (int)luaL_checkinteger(L, 2), (int)luaL_checkinteger(L, 3),
                              (unsigned)luaL_checkinteger(L, 4), (uint64_t)luaL_checkinteger(L, 5),
                              p, n);
-  if (rc < 0) return lparC_push_failure(L, rc, NULL);
+  if (rc < 0) return push_send_failure(L, u, rc);
   lua_pushboolean(L, 1);
   return 1;
 }

@@ -257,7 +257,9 @@ static int l_stats(lua_State *L) {
   relay_ud *u = check_relay(L);
   lparY_stats s;
   lparY_get_stats(u->y, &s);
-  lua_createtable(L, 0, 6);
+  lua_createtable(L, 0, 7);
+  lua_pushinteger(L, (lua_Integer)s.no_fds);
+  lua_setfield(L, -2, "no_fds");
   lua_pushinteger(L, (lua_Integer)s.refused);
   lua_setfield(L, -2, "refused");
   lua_pushinteger(L, (lua_Integer)s.disconnected);

@@ -12,6 +12,8 @@
 --   lpar.Client{profile = "default"}  or  lpar.Client{connection_file = path}
 local DirectView = require "lpar.view"
 local LoadBalancedView = require "lpar.balanced"
+local options = require "lpar.options"
+local remote = require "lpar.remote" -- loaded now: with the descriptor table full, a require later says "not found"
 local wait = require "lpar.wait"
 local AsyncResult = require "lpar.asyncresult"
 
@@ -22,8 +24,8 @@ local methods = {}
 function Client.connect(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("Client: expected a table of options {profile=} or {connection_file=}", 2) end
-  require("lpar.options").check("Client", opts, { profile = true, connection_file = true })
-  local ok, hub = pcall(require("lpar.remote").connect, opts)
+  options.check("Client", opts, { profile = true, connection_file = true })
+  local ok, hub = pcall(remote.connect, opts)
   if not ok then error(hub, 2) end
   return Client.new(hub)
 end
@@ -256,7 +258,9 @@ end
 --- Per engine: requests in flight and state; plus messages dropped:
 -- bad_messages (malformed frames from engines), undecodable (replies that
 -- did not decode) and, on a standalone cluster, refused (messages that
--- failed authentication), disconnected (peers cut off for them), clients.
+-- failed authentication), disconnected (peers cut off for them), clients,
+-- no_fds (connections turned away because the controller was out of file
+-- descriptors).
 function methods:queue_status()
   return self._hub:queue_status()
 end

@@ -35,9 +35,6 @@ Cluster.__index = Cluster
 --- The engines' environment: engine_env, and LPAR_MEM_LIMIT for mem_limit.
 local function engine_env(opts)
   if opts.mem_limit == nil then return opts.engine_env end
-  if math.type(opts.mem_limit) ~= "integer" or opts.mem_limit < 1 then
-    error("Cluster: mem_limit must be a positive integer (bytes)", 4)
-  end
   local env = {}
   for k, v in pairs(opts.engine_env or {}) do env[k] = v end
   env[#env + 1] = "LPAR_MEM_LIMIT=" .. opts.mem_limit
@@ -90,6 +87,7 @@ local START_OPTIONS = {
   { "ip", "--ip" }, { "port", "--port" }, { "launcher", "--launcher" }, { "hosts", "--hosts" },
   { "hostfile", "--hostfile" }, { "ssh_command", "--ssh-command" },
   { "remote_command", "--remote-command" }, { "mpiexec_args", "--mpiexec-args" },
+  { "mem_limit", "--mem-limit" },
 }
 
 function Standalone.start(self, level)
@@ -150,6 +148,12 @@ function Cluster.new(opts)
   options.check("Cluster", opts, OPTIONS)
   local n = opts.n or 4
   if math.type(n) ~= "integer" or n < 1 then error("Cluster: n must be a positive integer", 2) end
+  if opts.mem_limit ~= nil then
+    if math.type(opts.mem_limit) ~= "integer" then
+      error("Cluster: mem_limit must be an integer (bytes), not " .. type(opts.mem_limit), 2)
+    end
+    options.mem_limit(opts.mem_limit, "Cluster: mem_limit")
+  end
   local self = setmetatable({ n = n, opts = opts, profile = opts.profile, launcher = Local }, Cluster)
   -- Engines started elsewhere (ssh, mpi, slurm) join a standalone controller.
   if opts.launcher ~= nil and opts.launcher ~= "local" and opts.profile == nil then

@@ -1,12 +1,14 @@
 --- `lpar cluster ...` and `lpar engine ...`: standalone clusters from the shell.
---   lpar cluster start [-n N] [--profile P] [--daemonize] [--ip ADDR] [--port PORT]
+--   lpar cluster start [-n N] [--profile P] [--daemonize] [--ip ADDR] [--port PORT] [--mem-limit SIZE]
 --   lpar cluster stop [--profile P | --all]
 --   lpar cluster list
 --   lpar cluster clean
 --   lpar engine [--profile P | --file PATH | --stdin] [-n K] [--id FIRST | --rank] [--host-name NAME]
+--               [--mem-limit SIZE]
 -- Each returns a process exit status; messages go to stdout, errors to stderr.
 local uv = require "luv"
 local core = require "lpar.core"
+local opts_lib = require "lpar.options"
 local profile = require "lpar.profile"
 local remote = require "lpar.remote"
 local wait = require "lpar.wait"
@@ -26,6 +28,12 @@ local function port_number(text)
     error(string.format("--port must be 0 (any free port) to 65535, not '%s'", text), 0)
   end
   return n
+end
+
+--- The engines' environment for a --mem-limit (nil without one).
+local function mem_limit_env(text)
+  if text == nil then return nil end
+  return { "LPAR_MEM_LIMIT=" .. opts_lib.mem_limit(text, "--mem-limit", 0) }
 end
 
 local function positive(text, what)
@@ -73,6 +81,7 @@ local function launch(opts, n, info, conn_path)
   return launchers[opts.launcher] {
     n = n, hosts = hosts, ssh_command = opts.ssh_command, remote_command = opts.remote_command,
     lpar = lpar_command(), info = info, connection_file = conn_path, mpiexec_args = opts.mpiexec_args,
+    mem_limit = opts.mem_limit and opts_lib.mem_limit(opts.mem_limit, "--mem-limit", 0),
   }
 end
 
@@ -90,6 +99,7 @@ local function run_controller(name, n, opts, ready_fd)
   local ok, ctl = pcall(Controller.new, {
     n = n, socket = socket, ip = opts.ip, port = opts.port and port_number(opts.port),
     key = key, profile = name, pid = uv.os_getpid(), launcher = launcher,
+    engine_env = mem_limit_env(opts.mem_limit),
     on_stop = function(why)
       stopped_why = why
       os.remove(conn_path)
@@ -236,6 +246,7 @@ local function cluster_start(opts, args)
     error(string.format("--launcher must be local, ssh, mpi or slurm, not '%s'", launcher), 0)
   end
   local n = opts.n and positive(opts.n, "-n")
+  mem_limit_env(opts.mem_limit) -- a bad size fails here, not in the daemon's log
   if launcher == "ssh" or (launcher == "mpi" and (opts.hosts or opts.hostfile)) then
     opts.hosts = opts.hostfile and launchers.read_hostfile(opts.hostfile) or launchers.parse_hosts(opts.hosts or "")
     local _, total = launchers.plan(opts.hosts, n)
@@ -440,6 +451,7 @@ end
 -- controller for 5 s; Lua hears only engines coming and going, and the link.
 local function engine_join(opts)
   local count = positive(opts.n or "1", "-n")
+  local env = mem_limit_env(opts.mem_limit)
   local info = engine_info(opts)
   local first = opts.rank and rank_from_environment() or (opts.id and math.tointeger(tonumber(opts.id)))
   if opts.id and not first then error(string.format("--id must be an integer, not '%s'", opts.id), 0) end
@@ -471,8 +483,12 @@ local function engine_join(opts)
   end
   -- An MPI rank's engine starts MPI as it starts (lpar.mpi; engines/engine.c).
   local mpi = opts.rank and (os.getenv("OMPI_COMM_WORLD_RANK") or os.getenv("PMIX_RANK") or os.getenv("PMI_RANK"))
+  if mpi then
+    env = env or {}
+    env[#env + 1] = "LPAR_MPI=1"
+  end
   local hr, herr = core.host_relay { link = link, first = first, count = count, n = joined.n, host = host,
-                                     env = mpi and { "LPAR_MPI=1" } or nil,
+                                     env = env,
                                      handler = function(kind, ...) events[kind](...) end }
   link:stop()
   if not hr then return fail("cannot relay for the cluster in %s: %s", info.file, herr) end

@@ -393,6 +393,8 @@ function Hub:closed(reason)
 end
 
 function Hub:lost()
+  -- A controller that refused the connection (out of descriptors) said why: that is the whole story.
+  if self.link_lost and self.link_lost:find("^the controller refused") then return self.link_lost end
   return "the connection to the controller was lost (" .. (self.link_lost or "it went away") .. ")"
 end
 
@@ -423,6 +425,12 @@ function Hub:call(op, ...)
   if not ok then return nil, err end
   wait.until_done(function() return answered end, CALL_TIMEOUT, nil, 3)
   if not answered then
+    -- No hello either: it never took the connection (stopped, wedged, or
+    -- unable to accept one), which is not the same as a slow answer.
+    if self.core and not self.core:stats().session then
+      return nil, string.format("the controller did not take the connection within %d s (its hello never " ..
+        "came: it may be stopped, overloaded or out of file descriptors)", CALL_TIMEOUT)
+    end
     return nil, "the controller did not answer '" .. op .. "' within " .. CALL_TIMEOUT .. " s"
   end
   return table.unpack(result, 1, result.n)
@@ -505,8 +513,8 @@ function Hub:queue_status()
       status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms, host = e.host,
                      link_sent = e.link_sent }
     end
-    status.bad_messages, status.refused, status.disconnected, status.clients =
-      st.bad_messages, st.refused, st.disconnected, st.clients
+    status.bad_messages, status.refused, status.disconnected, status.clients, status.no_fds =
+      st.bad_messages, st.refused, st.disconnected, st.clients, st.no_fds
   else
     local host = require("luv").os_gethostname()
     for id, e in pairs(self.engines) do

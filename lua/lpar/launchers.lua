@@ -186,7 +186,8 @@ end
 -- ---- the launchers ----
 
 --- opts: n, hosts (parsed), ssh_command, remote_command, lpar (this lpar's
--- path), info (ip, port, key, profile: what the engines connect to).
+-- path), info (ip, port, key, profile: what the engines connect to),
+-- mem_limit (bytes, passed on as `lpar engine --mem-limit`).
 function launchers.ssh(opts)
   local plan = launchers.plan(opts.hosts, opts.n)
   local ssh = words(opts.ssh_command or "ssh")
@@ -195,8 +196,8 @@ function launchers.ssh(opts)
                                  key = opts.info.key }
   local job = new_job()
   for _, p in ipairs(plan) do
-    local command = string.format("%s engine --stdin -n %d --id %d --host-name %s", shell_quote(remote),
-      p.count, p.first, shell_quote(p.host))
+    local command = string.format("%s engine --stdin -n %d --id %d --host-name %s%s", shell_quote(remote),
+      p.count, p.first, shell_quote(p.host), opts.mem_limit and (" --mem-limit " .. opts.mem_limit) or "")
     local args = {}
     for i = 2, #ssh do args[#args + 1] = ssh[i] end
     args[#args + 1] = p.host
@@ -217,7 +218,7 @@ local function cores()
 end
 
 --- Ranks under `mpiexec` (or `srun`), each `lpar engine --rank`, reading
--- the connection file (opts.connection_file). opts: n, lpar, mpiexec_args;
+-- the connection file (opts.connection_file). opts: n, lpar, mpiexec_args, mem_limit;
 -- for mpi also hosts (mpiexec --host) and ssh_command (its plm_rsh_agent).
 local function ranked(launcher, opts)
   local job = new_job()
@@ -241,6 +242,7 @@ local function ranked(launcher, opts)
   end
   for _, w in ipairs(words(opts.mpiexec_args or "")) do args[#args + 1] = w end
   for _, w in ipairs { opts.lpar, "engine", "--file", opts.connection_file, "--rank" } do args[#args + 1] = w end
+  if opts.mem_limit then args[#args + 1] = "--mem-limit"; args[#args + 1] = tostring(opts.mem_limit) end
   job:spawn(uv.os_gethostname(), 0, opts.n, launcher == "mpi" and "mpiexec" or "srun", args, "", env)
   return job
 end

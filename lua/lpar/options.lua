@@ -77,4 +77,36 @@ function options.set(names, ...)
   return s
 end
 
+local UNITS = { [""] = 1, K = 1024, M = 1024 ^ 2, G = 1024 ^ 3 }
+
+--- The smallest engine memory limit: an engine needs a few hundred KB of
+-- Lua heap to start, and a smaller cap would kill it before it says hello.
+options.MIN_MEM_LIMIT = 1024 * 1024
+
+--- Bytes from a size: an integer, or a string of digits with an optional
+-- K, M or G suffix (powers of 1024, either case): "268435456", "256M", "1g".
+-- `what` names the option in the error, raised with error's `level`
+-- (default 3: the caller's caller; 0 for a command's message) when the size
+-- is malformed or below MIN_MEM_LIMIT.
+function options.mem_limit(v, what, level)
+  level = level or 3
+  local bytes
+  if math.type(v) == "integer" then
+    bytes = v
+  elseif type(v) == "string" then
+    local digits, unit = v:match("^%s*(%d+)%s*([KkMmGg]?)[Bb]?%s*$")
+    -- 2^53 and over cannot be said exactly; nobody means that many bytes.
+    if digits and #digits <= 15 then bytes = math.tointeger(tonumber(digits) * UNITS[unit:upper()]) end
+  end
+  if not bytes then
+    error(string.format("%s must be a size in bytes, with an optional K, M or G suffix (256M), not '%s'",
+      what, tostring(v)), level)
+  end
+  if bytes < options.MIN_MEM_LIMIT then
+    error(string.format("%s must be at least 1M (1048576 bytes): an engine needs that much to start, not %s",
+      what, tostring(v)), level)
+  end
+  return bytes
+end
+
 return options

@@ -159,7 +159,9 @@ end
 function profile.alive(pid)
   pid = math.tointeger(pid)
   if not pid or pid <= 0 then return false end
-  local f = io.open("/proc/" .. pid .. "/stat", "r")
+  local f, _, errno = io.open("/proc/" .. pid .. "/stat", "r")
+  -- EMFILE/ENFILE (24, 23): this process cannot look; a signal 0 still tells (a zombie counts as alive).
+  if not f and (errno == 24 or errno == 23) then return (uv.kill(pid, 0)) == 0 end
   if not f then return false end
   local stat = f:read("a") or ""
   f:close()

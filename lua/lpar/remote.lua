@@ -78,6 +78,16 @@ end
 function remote.connect(opts)
   local name = opts.profile or (not opts.connection_file and "default") or nil
   local path = opts.connection_file or profile.connection_file(name)
+  -- With this process's descriptor table full, every step below fails its
+  -- own confusing way (a "stale" file, a lost connection): say what it is.
+  local probe, _, code = uv.fs_open("/dev/null", "r", 0)
+  if probe then
+    uv.fs_close(probe)
+  elseif code == "EMFILE" or code == "ENFILE" then
+    error(string.format("cannot connect to the cluster in %s: %s (%s): close some files or raise " ..
+      "the limit (ulimit -n)", path, code == "EMFILE" and "this process has too many open files" or
+      "the system has too many open files", code), 0)
+  end
   local info = profile.read(path, not opts.connection_file and name or nil)
   local hub, hello = remote.open(info, { info = info })
   if not hub then
