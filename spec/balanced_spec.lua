@@ -178,6 +178,17 @@ describe("a load-balanced view", function()
     assert.equal(2 * n, out[n])
   end)
 
+  it("keeps a task's false or nil result as it is", function()
+    local out = lb:map_sync(function(x)
+      if x == 1 then return false end
+      if x == 2 then return nil end
+      return x
+    end, { 1, 2, 3 })
+    assert.is_false(out[1])
+    assert.is_nil(out[2])
+    assert.equal(3, out[3])
+  end)
+
   it("sends tiny tasks several to a request, each keeping its own result, error and output", function()
     local n = 20000
     local requests_before = rc[0]:apply_sync(function() return lpar.engine.functions_received() end)

@@ -289,7 +289,12 @@ end
 function Hub:result(_, id, started, completed, ...)
   local rec = take(self, id)
   -- A record that wants one value (a map's task) gets it without a table.
-  if rec then rec.ar:_settle(rec, true, started, completed, rec.one and (...) or table.pack(...)) end
+  if not rec then return end
+  if rec.one then
+    rec.ar:_settle(rec, true, started, completed, (...)) -- nil and false too
+  else
+    rec.ar:_settle(rec, true, started, completed, table.pack(...))
+  end
 end
 
 function Hub:error(engine, id, started, completed, err)
