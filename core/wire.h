@@ -118,11 +118,10 @@ void lparW_fanout_get(const lparW_fanout *f, size_t i, unsigned *route, unsigned
 void lparW_fanout_count(char *list, size_t n);
 void lparW_fanout_put(char *list, size_t i, unsigned route, unsigned offset);
 
-/* Blocking helpers for the engine: whole frames over a blocking socket. */
+/* Blocking helpers for the engine: whole frames written to a blocking socket
+   (it reads them with an lparW_reader). */
 int lparW_write_all(int fd, const void *p, size_t n);
 int lparW_send(int fd, int type, unsigned flags, uint64_t id, const void *payload,
                size_t len);
-/* 1 with a frame read into buf (payload at buf->data), 0 on EOF, <0 on error. */
-int lparW_recv(int fd, lparW_header *h, lparB_buffer *buf, const char **reason);
 
 #endif

@@ -317,11 +317,9 @@ static void serve(lua_State *L, lparE_state *st, const lparW_header *h, const ch
   if (!decoded) {
     st->bad_messages++;
     lua_settop(L, base);
-    lua_createtable(L, 0, 1);
-    lua_pushfstring(L, "malformed request: %s", err);
-    lua_setfield(L, -2, "message");
-    reply_values(L, st, LPAR_MSG_ERROR, started, base + 1, 1, enc);
-    lua_settop(L, base);
+    char why[sizeof err + 32];
+    snprintf(why, sizeof why, "malformed request: %s", err);
+    refuse_request(L, st, started, why, enc);
     return;
   }
   lparE_task_begin(h->id);

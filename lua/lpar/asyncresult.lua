@@ -177,7 +177,6 @@ local function slot_at(self, k)
            count = math.min(c.size, c.n - (k - 1) * c.size), chunked = c.size > 1,
            stdout = c.stdout[k], stderr = c.stderr[k] }
 end
-AsyncResult.slot_at = slot_at -- for the views
 
 --- The same for a batch: each of its tasks from the reply's list (or
 -- every one failed with the batch's error).

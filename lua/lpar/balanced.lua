@@ -350,11 +350,9 @@ function Task:_display(_, output) self.result:_display(self.slot, output) end
 local function interrupt_tasks(ar)
   ar._interrupting = true
   if ar._stop then ar._stop(errors.TaskError.new("aborted", "interrupted before it ran", nil)) end
-  local seen = {}
   for _, s in pairs(ar._c and ar._c.live or ar._slots) do
     local task = not s.done and s.task
-    if task and not task.done and not seen[task] then
-      seen[task] = true
+    if task and not task.done then
       task.retries = 0
       if task.running then
         task.sched.hub:interrupt_task(task.engine, task.id)
