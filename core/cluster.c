@@ -435,16 +435,17 @@ static void link_frame(lparR_route *r, const lparW_header *h, const char *payloa
   lpar_event ev = {.kind = LPAR_EV_MESSAGE, .engine = (int)h->route, .type = h->type,
                    .flags = h->flags, .id = h->id, .payload = payload, .len = (size_t)h->len,
                    .fds = fds, .nfds = nfds};
-  remote_engine *e = remote_slot(c, (int)h->route);
   char why[192]; /* an EXIT's why: ev.reason points into it */
   if (h->type == LPAR_MSG_HELLO) {
     ev.kind = LPAR_EV_READY;
     ev.pid = lparW_hello_pid(payload, (size_t)h->len);
+    remote_engine *e = remote_slot(c, (int)h->route);
     if (e) *e = (remote_engine){1, ev.pid, (h->flags & LPAR_FLAG_INLINE) != 0};
   } else if (h->type == LPAR_MSG_EXIT) {
     ev.kind = LPAR_EV_EXIT;
     lparW_exit_parse(payload, (size_t)h->len, &ev.exit_status, &ev.term_signal, why, sizeof why);
     if (why[0]) ev.reason = why; /* what the controller knows of why: a host gone silent */
+    remote_engine *e = remote_slot(c, (int)h->route);
     if (e) e->state = 2;
   }
   emit(c, &ev);
@@ -597,6 +598,12 @@ int lpar_cluster_execute(lpar_cluster *c, int engine, uint64_t id, const char *c
 int lpar_cluster_passes_fds(const lpar_cluster *c, int engine) {
   if (c->link == NULL) return c->engine_path != NULL;
   if (!lparR_passes_fds(c->link)) return 0;
+  if (engine >= LPAR_ANY_ENGINE) {
+    /* The controller picks: descriptors would keep it to its local engines. */
+    for (int i = 0; i < c->nremote; i++)
+      if (c->remote[i].state == 1 && c->remote[i].inline_only) return 0;
+    return 1;
+  }
   return !(engine >= 0 && engine < c->nremote && c->remote[engine].inline_only);
 }
 

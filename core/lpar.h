@@ -90,8 +90,23 @@ enum lpar_msg_type {
   LPAR_MSG_HEARTBEAT = 15, /* engine -> host: empty, "my Lua is stepping"; never an event */
   LPAR_MSG_PING = 16,      /* controller <-> a host's relay: empty; the link is alive */
   LPAR_MSG_STARTED = 17,   /* engine -> host: empty, request `id` (LPAR_FLAG_DEADLINE) began */
-  LPAR_MSG_MAX_ = 18
+  LPAR_MSG_PLACED = 18,    /* controller -> client: empty, request `id` went to the route's engine */
+  LPAR_MSG_MAX_ = 19
 };
+
+/*
+** Load balancing in the controller. Behind a standalone controller a
+** request may leave the engine to it: send it to engine LPAR_ANY_ENGINE +
+** depth (depth 1 to 255). The controller schedules such requests from all
+** its clients together: each waits there until some ready engine holds
+** fewer than `depth` requests, clients taking turns, and goes to the least
+** loaded; a MESSAGE of type PLACED then names that engine (ev->engine) for
+** request ev->id, before any of its replies. lpar_cluster_interrupt(c,
+** LPAR_ANY_ENGINE, id) withdraws one still waiting, and PLACED then names
+** LPAR_ANY_ENGINE; one already placed is interrupted on its engine as any
+** request is. A local cluster has no controller: LPAR_ENOENGINE.
+*/
+#define LPAR_ANY_ENGINE 0xff00
 
 /* An engine's heartbeat period, in milliseconds (LPAR_HEARTBEAT_MS in its
    environment overrides it; 0 turns heartbeats off). */
@@ -238,7 +253,8 @@ LPAR_API int lpar_cluster_send_many(lpar_cluster *c, const int *engines, int n, 
 
 /*
 ** 1 when messages to `engine` can carry descriptors: not over TCP, nor to
-** an engine that joined a controller from elsewhere.
+** an engine that joined a controller from elsewhere (for LPAR_ANY_ENGINE +
+** depth: when no such engine is up).
 */
 LPAR_API int lpar_cluster_passes_fds(const lpar_cluster *c, int engine);
 

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <sodium.h>
 
@@ -16,8 +17,23 @@
 #define CID_BITS 40
 #define CID_MASK ((UINT64_C(1) << CID_BITS) - 1)
 #define SERIAL_MAX 0xffffffu /* serials fill the id's top 24 bits */
+/* Load-balanced requests one client may have waiting here at once. */
+#define MAX_WAITING (1 << 16)
 
 typedef enum peer_kind { PEER_CLIENT = 1, PEER_ENGINE = 2 } peer_kind;
+
+/* A load-balanced request waiting for an engine with room, in its client's queue. */
+typedef struct waiting {
+  struct waiting *next;
+  uint64_t id; /* the client's */
+  int type;
+  unsigned flags;
+  unsigned depth; /* it goes to an engine holding fewer requests than this */
+  int nfds;
+  int *fds;       /* ours: closed once it is sent or dropped */
+  size_t len;
+  char *payload;  /* fds and payload follow the struct, in its allocation */
+} waiting;
 
 typedef struct peer {
   lparY_relay *y;
@@ -28,6 +44,8 @@ typedef struct peer {
   int passes_fds;
   uint64_t heard;   /* PEER_ENGINE: loop time (ms) of its last frame */
   char host[64];    /* PEER_ENGINE: its host, for messages */
+  waiting *first_waiting, *last_waiting; /* PEER_CLIENT: its balanced requests not yet sent */
+  size_t nwaiting;
 } peer;
 
 typedef struct yengine {
@@ -39,6 +57,8 @@ typedef struct yengine {
   int status, signal;
   char why[112]; /* DEAD and joined: what its host's relay or link said */
   uint64_t in_flight;
+  uint64_t last_given; /* the relay's tick when it last got a balanced request */
+  int refusing;        /* a send to it failed: its end is on the way */
   char hello[128];
   size_t hello_len;
 } yengine;
@@ -54,6 +74,10 @@ struct lparY_relay {
   int npeers, cap_peers;
   uint32_t next_serial;
   uint64_t bad_messages;
+  size_t nwaiting; /* balanced requests waiting, all clients' */
+  int turn;        /* the client whose balanced request goes next (round robin) */
+  uint64_t tick;
+  int placing;
   uv_timer_t heartbeat; /* runs while engines are joined */
   int heartbeat_on;
   int stopping;
@@ -89,6 +113,8 @@ static yengine *known_engine(const lparY_relay *y, int id) {
   return id >= 0 && id < y->nengines && y->engines[id].state != LPARY_NONE ? &y->engines[id] : NULL;
 }
 
+static void place_waiting(lparY_relay *y);
+
 /* ---- telling clients of engines ---- */
 
 static void send_state(peer *p, int id, const yengine *e) {
@@ -112,12 +138,14 @@ static void engine_ready(lparY_relay *y, int id, const char *hello, size_t len, 
   yengine *e = engine_slot(y, id);
   if (e == NULL) return;
   e->state = LPARY_READY;
+  e->refusing = 0;
   e->pid = pid;
   e->hello_len = len < sizeof e->hello ? len : sizeof e->hello;
   memcpy(e->hello, hello, e->hello_len);
   tell_clients(y, id);
   lparY_event ev = {.kind = LPARY_ENGINE_READY, .engine = id};
   emit(y, &ev);
+  place_waiting(y);
 }
 
 static void engine_exit(lparY_relay *y, int id, int status, int signal, const char *why) {
@@ -144,14 +172,15 @@ static void reply(lparY_relay *y, int id, const lparW_header *h, const char *pay
                   int nfds) {
   yengine *e = known_engine(y, id);
   if (e == NULL) return;
-  if (h->type == LPAR_MSG_RESULT || h->type == LPAR_MSG_ERROR) {
-    if (e->in_flight > 0) e->in_flight--;
-  }
+  int ended = h->type == LPAR_MSG_RESULT || h->type == LPAR_MSG_ERROR;
+  if (ended && e->in_flight > 0) e->in_flight--;
   peer *p = find_peer(y, (uint32_t)(h->id >> CID_BITS));
-  if (p == NULL || p->route == NULL) return; /* its client left: the task ran all the same */
-  unsigned flags = h->flags & ~(unsigned)(LPAR_FLAG_ROUTES | LPAR_FLAG_SHM);
-  lparR_send(p->route, h->type, flags, (unsigned)id, h->id & CID_MASK, payload, (size_t)h->len,
-             fds, p->passes_fds ? nfds : 0);
+  if (p != NULL && p->route != NULL) { /* else its client left: the task ran all the same */
+    unsigned flags = h->flags & ~(unsigned)(LPAR_FLAG_ROUTES | LPAR_FLAG_SHM);
+    lparR_send(p->route, h->type, flags, (unsigned)id, h->id & CID_MASK, payload, (size_t)h->len,
+               fds, p->passes_fds ? nfds : 0);
+  }
+  if (ended) place_waiting(y); /* the engine has room again */
 }
 
 static void on_local_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
@@ -187,6 +216,22 @@ static unsigned request_flags(const peer *p, const lparW_header *h) {
   return p->passes_fds ? flags : flags | LPAR_FLAG_INLINE;
 }
 
+/* Send a client's request on to ready engine `id`, under the relay's id `gid`. */
+static int forward(lparY_relay *y, int id, yengine *e, int type, unsigned flags, uint64_t gid,
+                   const char *payload, size_t len, const int *fds, int nfds) {
+  int rc;
+  if (e->joined) {
+    /* Its link is read by a relay that sends matrices inline. */
+    rc = e->via && e->via->route ? lparR_send(e->via->route, type, flags | LPAR_FLAG_INLINE,
+                                              (unsigned)e->index, gid, payload, len, NULL, 0)
+                                 : LPAR_EDEAD;
+  } else {
+    rc = lpar_cluster_send_fds(y->local, id, type, flags, gid, payload, len, fds, nfds);
+  }
+  if (rc == LPAR_OK) e->in_flight++;
+  return rc;
+}
+
 static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *payload, int *fds,
                     int nfds) {
   int id = (int)h->route;
@@ -197,26 +242,153 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
     return;
   }
   uint64_t gid = (uint64_t)p->serial << CID_BITS | h->id;
-  unsigned flags = request_flags(p, h);
-  int rc;
-  if (e->joined) {
-    /* Its link is read by a relay that sends matrices inline. */
-    rc = e->via && e->via->route
-             ? lparR_send(e->via->route, h->type, flags | LPAR_FLAG_INLINE, (unsigned)e->index, gid, payload,
-                          (size_t)h->len, NULL, 0)
-             : LPAR_EDEAD;
-  } else {
-    rc = lpar_cluster_send_fds(y->local, id, h->type, flags, gid, payload, (size_t)h->len, fds,
-                               nfds);
+  int rc = forward(y, id, e, h->type, request_flags(p, h), gid, payload, (size_t)h->len, fds, nfds);
+  /* A dying engine: its socket closed before its exit was seen. Its EXIT,
+  ** with the real status and signal, follows and fails the request. */
+  if (rc < 0 && !(rc == LPAR_EDEAD && e->state == LPARY_READY)) refuse_request(p, id, e);
+}
+
+/* ---- load-balanced requests: scheduled here, for every client at once ---- */
+
+/*
+** A request for LPAR_ANY_ENGINE + depth waits in its client's queue until
+** some ready engine holds fewer than `depth` requests (counting every
+** client's, load-balanced or not); then it goes to the least loaded of
+** them (the one given a balanced request longest ago, on a tie), and its
+** client is told where with PLACED. Clients take turns, so two clients
+** mapping at once each get half the engines, however many each has
+** waiting. A request carrying descriptors goes only to a local engine.
+*/
+
+/* The engine a request of `depth` (with descriptors or not) may go to now, or -1. */
+static int least_loaded(const lparY_relay *y, unsigned depth, int has_fds) {
+  int best = -1;
+  for (int id = 0; id < y->nengines; id++) {
+    const yengine *e = &y->engines[id];
+    if (e->state != LPARY_READY || e->refusing || e->in_flight >= depth) continue;
+    if (e->joined && (has_fds || e->via == NULL || e->via->route == NULL)) continue;
+    const yengine *b = best >= 0 ? &y->engines[best] : NULL;
+    if (b == NULL || e->in_flight < b->in_flight ||
+        (e->in_flight == b->in_flight && e->last_given < b->last_given))
+      best = id;
   }
-  if (rc < 0) {
-    /* A dying engine: its socket closed before its exit was seen. Its EXIT,
-    ** with the real status and signal, follows and fails the request. */
-    if (rc == LPAR_EDEAD && e->state == LPARY_READY) return;
-    refuse_request(p, id, e);
+  return best;
+}
+
+static void free_waiting(waiting *w) {
+  for (int i = 0; i < w->nfds; i++) close(w->fds[i]);
+  free(w);
+}
+
+/* Tell the client where its request `id` went (LPAR_ANY_ENGINE: nowhere, withdrawn). */
+static void tell_placed(peer *p, unsigned engine, uint64_t id) {
+  if (p->route) lparR_send(p->route, LPAR_MSG_PLACED, LPAR_FLAG_RAW, engine, id, "", 0, NULL, 0);
+}
+
+/* Send p's first waiting request to an engine with room: 1, or 0 when none has. */
+static int place_one(lparY_relay *y, peer *p) {
+  waiting *w = p->first_waiting;
+  uint64_t gid = (uint64_t)p->serial << CID_BITS | w->id;
+  for (int id; (id = least_loaded(y, w->depth, w->nfds > 0)) >= 0;) {
+    yengine *e = &y->engines[id];
+    if (forward(y, id, e, w->type, w->flags, gid, w->payload, w->len, w->fds, w->nfds) < 0) {
+      /* Dying (its EXIT follows) or unable to take it: left out until it says hello again. */
+      e->refusing = 1;
+      continue;
+    }
+    e->last_given = ++y->tick;
+    p->first_waiting = w->next;
+    if (p->first_waiting == NULL) p->last_waiting = NULL;
+    p->nwaiting--;
+    y->nwaiting--;
+    tell_placed(p, (unsigned)id, w->id);
+    free_waiting(w);
+    return 1;
+  }
+  return 0;
+}
+
+/*
+** Give engines with room the waiting requests, a client at a time in turn.
+** A client whose first request finds no room keeps its turn: the next
+** engine to free is its, so a request that needs an idle engine (depth 1)
+** is not passed over for ever by others that take less.
+*/
+static void place_waiting(lparY_relay *y) {
+  if (y->placing || y->stopping) return;
+  y->placing = 1; /* a failed send may close a route, whose handler comes back here */
+  while (y->nwaiting > 0 && y->npeers > 0) {
+    if (y->turn >= y->npeers) y->turn = 0;
+    peer *p = y->peers[y->turn];
+    if (p->first_waiting != NULL && !place_one(y, p)) break;
+    y->turn++;
+  }
+  y->placing = 0;
+}
+
+/* A client's request for any engine: into its queue, then placed if an engine has room. */
+static void request_any(lparY_relay *y, peer *p, const lparW_header *h, const char *payload,
+                        int *fds, int nfds) {
+  if (h->id > CID_MASK) {
+    y->bad_messages++;
     return;
   }
-  e->in_flight++;
+  if (p->nwaiting >= MAX_WAITING) {
+    char why[96];
+    snprintf(why, sizeof why, "the client had more than %d load-balanced requests waiting",
+             MAX_WAITING);
+    lparR_close(p->route, why);
+    return;
+  }
+  waiting *w = malloc(sizeof *w + sizeof(int) * (size_t)nfds + (size_t)h->len);
+  if (w == NULL) {
+    lparR_close(p->route, "the controller is out of memory");
+    return;
+  }
+  unsigned depth = h->route - LPAR_ANY_ENGINE;
+  *w = (waiting){.id = h->id, .type = h->type, .flags = request_flags(p, h),
+                 .depth = depth ? depth : 1, .nfds = nfds, .fds = (int *)(w + 1),
+                 .len = (size_t)h->len};
+  for (int i = 0; i < nfds; i++) {
+    w->fds[i] = fds[i];
+    fds[i] = -1; /* kept: the route closes the others after this callback */
+  }
+  w->payload = (char *)(w->fds + nfds);
+  memcpy(w->payload, payload, (size_t)h->len);
+  if (p->last_waiting)
+    p->last_waiting->next = w;
+  else
+    p->first_waiting = w;
+  p->last_waiting = w;
+  p->nwaiting++;
+  y->nwaiting++;
+  place_waiting(y);
+}
+
+/* The client takes back its request `id` if it still waits here (PLACED says so). */
+static void withdraw(lparY_relay *y, peer *p, uint64_t id) {
+  for (waiting **at = &p->first_waiting, *prev = NULL; *at; prev = *at, at = &(*at)->next) {
+    waiting *w = *at;
+    if (w->id != id) continue;
+    *at = w->next;
+    if (p->last_waiting == w) p->last_waiting = prev;
+    p->nwaiting--;
+    y->nwaiting--;
+    free_waiting(w);
+    tell_placed(p, LPAR_ANY_ENGINE, id);
+    return;
+  }
+}
+
+static void drop_waiting(lparY_relay *y, peer *p) {
+  while (p->first_waiting) {
+    waiting *w = p->first_waiting;
+    p->first_waiting = w->next;
+    free_waiting(w);
+    y->nwaiting--;
+  }
+  p->last_waiting = NULL;
+  p->nwaiting = 0;
 }
 
 /*
@@ -304,6 +476,10 @@ static void request_many(lparY_relay *y, peer *p, const lparW_header *h, const c
 }
 
 static void interrupt(lparY_relay *y, peer *p, const lparW_header *h) {
+  if (h->route >= LPAR_ANY_ENGINE) {
+    withdraw(y, p, h->id);
+    return;
+  }
   yengine *e = known_engine(y, (int)h->route);
   if (e == NULL || e->state != LPARY_READY || h->id > CID_MASK) return;
   uint64_t gid = (uint64_t)p->serial << CID_BITS | h->id;
@@ -325,6 +501,8 @@ static void client_frame(lparY_relay *y, peer *p, const lparW_header *h, const c
   case LPAR_MSG_PULL:
     if (h->flags & LPAR_FLAG_ROUTES)
       request_many(y, p, h, payload, fds, nfds);
+    else if (h->route >= LPAR_ANY_ENGINE)
+      request_any(y, p, h, payload, fds, nfds);
     else
       request(y, p, h, payload, fds, nfds);
     break;
@@ -433,6 +611,7 @@ static void peer_closed(lparR_route *r, const char *reason, int refused, void *u
   peer *p = ud;
   lparY_relay *y = p->y;
   p->route = NULL;
+  drop_waiting(y, p);
   for (int i = 0; i < y->npeers; i++) {
     if (y->peers[i] == p) {
       y->peers[i] = y->peers[--y->npeers];
@@ -605,6 +784,7 @@ void lparY_get_stats(const lparY_relay *y, lparY_stats *out) {
   }
   out->bad_messages = y->bad_messages + lpar_cluster_bad_messages(y->local);
   for (int i = 0; i < y->npeers; i++) out->clients += y->peers[i]->kind == PEER_CLIENT;
+  out->waiting = y->nwaiting;
   for (int i = 0; i < y->nengines; i++)
     if (y->engines[i].state != LPARY_NONE) out->engines = i + 1;
 }
@@ -624,6 +804,7 @@ void lparY_free(lparY_relay *y) {
       lparR_set_handlers(p->route, NULL, NULL);
       lparR_close(p->route, "the controller stopped");
     }
+    drop_waiting(y, p);
     free(p);
   }
   free(y->peers);

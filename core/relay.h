@@ -88,6 +88,7 @@ typedef struct lparY_stats {
   uint64_t refused, disconnected; /* frames refused, peers cut off for it */
   uint64_t no_fds;                /* connections turned away: out of file descriptors */
   uint64_t bad_messages;          /* malformed or misdirected frames dropped */
+  uint64_t waiting;                /* load-balanced requests waiting for an engine with room */
   int clients;
   int engines; /* highest engine id + 1 */
 } lparY_stats;

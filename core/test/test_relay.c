@@ -5,7 +5,10 @@
 ** each and reads the answers as text, gets a remote error back, kills an
 ** engine through the controller and hears of its death, is told that a
 ** request for the dead engine cannot go, and hears the link close when the
-** controller stops. The other engine answers throughout.
+** controller stops. The other engine answers throughout. Load-balanced
+** requests (LPAR_ANY_ENGINE + depth) wait in the controller for an engine
+** with room, each placed one is named by a PLACED before its reply, and one
+** still waiting can be withdrawn.
 **
 ** Then a host's relay, played here on a raw link, joins with two engines
 ** (ids 2 and 3, route field 0 and 1 on its link): the client sees them,
@@ -95,6 +98,10 @@ static int run_controller(const char *path, const unsigned char *key) {
 
 typedef struct seen {
   int ready, results, errors, exits, closed;
+  int placed;
+  int placed_engine[8];
+  uint64_t placed_id[8];
+  int results_when_placed[8]; /* results seen before each PLACED */
   int exit_engine, exit_signal;
   char result[128], error[256], why[192];
 } seen;
@@ -112,6 +119,15 @@ static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
     break;
   case LPAR_EV_CLOSED: s->closed++; break;
   case LPAR_EV_MESSAGE: {
+    if (ev->type == LPAR_MSG_PLACED) {
+      if (s->placed < 8) {
+        s->placed_engine[s->placed] = ev->engine;
+        s->placed_id[s->placed] = ev->id;
+        s->results_when_placed[s->placed] = s->results;
+      }
+      s->placed++;
+      break;
+    }
     char *dst = ev->type == LPAR_MSG_RESULT ? s->result : s->error;
     size_t cap = ev->type == LPAR_MSG_RESULT ? sizeof s->result : sizeof s->error;
     size_t n = ev->len < cap - 1 ? ev->len : cap - 1;
@@ -182,6 +198,28 @@ int main(void) {
   CHECK(lpar_cluster_execute(c, 1, 10, "return 'still here'", 19) == LPAR_OK);
   CHECK(run_until(&loop, &s.results, 2));
   CHECK(strcmp(s.result, "still here") == 0);
+
+  /* Load-balanced, depth 1: the slow one goes to engine 1 (0 is dead), the
+  ** next waits for it to finish, and a third is withdrawn while it waits. */
+  const char *slow = "local t = os.clock() while os.clock() - t < 0.3 do end return 'slow'";
+  CHECK(lpar_cluster_execute(c, LPAR_ANY_ENGINE + 1, 20, slow, strlen(slow)) == LPAR_OK);
+  CHECK(lpar_cluster_execute(c, LPAR_ANY_ENGINE + 1, 21, "return 'next'", 13) == LPAR_OK);
+  CHECK(lpar_cluster_execute(c, LPAR_ANY_ENGINE + 1, 22, "return 'never'", 14) == LPAR_OK);
+  CHECK(run_until(&loop, &s.placed, 1));
+  CHECK(s.placed_engine[0] == 1 && s.placed_id[0] == 20);
+  CHECK(lpar_cluster_interrupt(c, LPAR_ANY_ENGINE, 22) == LPAR_OK);
+  CHECK(run_until(&loop, &s.placed, 2));
+  CHECKF(s.placed_engine[1] == LPAR_ANY_ENGINE && s.placed_id[1] == 22, "engine %d, id %llu",
+         s.placed_engine[1], (unsigned long long)s.placed_id[1]);
+  CHECK(run_until(&loop, &s.results, 4));
+  CHECK(s.placed == 3 && s.placed_engine[2] == 1 && s.placed_id[2] == 21);
+  CHECK(s.results_when_placed[2] == 3); /* placed only once the slow one was done */
+  CHECK(strcmp(s.result, "next") == 0);
+  /* Withdrawing one already placed changes nothing; nothing else comes. */
+  CHECK(lpar_cluster_interrupt(c, LPAR_ANY_ENGINE, 21) == LPAR_OK);
+  CHECK(lpar_cluster_execute(c, 1, 23, "return 'after'", 14) == LPAR_OK);
+  CHECK(run_until(&loop, &s.results, 5));
+  CHECK(s.placed == 3 && strcmp(s.result, "after") == 0);
   /* Descriptors cannot go to... nothing: a send to a link is fine without them. */
   CHECK(lpar_cluster_passes_fds(c, 1) == 1);
 
@@ -205,7 +243,7 @@ int main(void) {
   CHECK(hs.last.type == LPAR_MSG_EXECUTE && hs.last.route == 1);
   CHECK((hs.last.flags & LPAR_FLAG_INLINE) != 0);
   CHECK(lparR_send(hr, LPAR_MSG_RESULT, LPAR_FLAG_RAW, 1, hs.last.id, "from 3", 6, NULL, 0) == 0);
-  CHECK(run_until(&loop, &s.results, 3));
+  CHECK(run_until(&loop, &s.results, 6));
   CHECK(strcmp(s.result, "from 3") == 0);
   /* Index 0 dies on its host: engine 2 is dead, engine 3 is not. */
   CHECK(lparR_send(hr, LPAR_MSG_EXIT, LPAR_FLAG_RAW, 0, 0, "-1 9", 4, NULL, 0) == LPAR_OK);

@@ -12,7 +12,9 @@
 **   ("stdout" | "stderr", engine, id, text)  ("display", engine, id, mime, data, meta)
 **   ("undecodable", engine, id, why)         ("bad", engine, reason)
 **   ("started", engine, id): a request sent with a deadline (send_by) began
-** and, connected: ("control", id, values...) and ("closed", reason, refused).
+** and, connected: ("control", id, values...), ("closed", reason, refused) and
+** ("placed", engine, id): the controller sent load-balanced request id (sent
+** to core.ANY_ENGINE + depth) to that engine; engine nil: withdrawn unsent.
 ** With raw, messages come as ("frame", engine, type, flags, id, payload), not
 ** decoded: a relay passes them on.
 **
@@ -65,6 +67,7 @@ static const char *message_kind(int type) {
   case LPAR_MSG_DISPLAY: return "display";
   case LPAR_MSG_CONTROL: return "control";
   case LPAR_MSG_STARTED: return "started";
+  case LPAR_MSG_PLACED: return "placed";
   default: return NULL;
   }
 }
@@ -117,9 +120,12 @@ static int push_message(lua_State *L, cluster_ud *u, const lpar_event *ev) {
       return luaL_error(L, "the controller's answer could not be decoded: %s", err);
     return 2 + n;
   }
-  lua_pushinteger(L, ev->engine);
+  if (ev->type == LPAR_MSG_PLACED && ev->engine >= LPAR_ANY_ENGINE)
+    lua_pushnil(L);
+  else
+    lua_pushinteger(L, ev->engine);
   lua_pushinteger(L, (lua_Integer)ev->id);
-  if (ev->type == LPAR_MSG_STARTED) return 3;
+  if (ev->type == LPAR_MSG_STARTED || ev->type == LPAR_MSG_PLACED) return 3;
   if (ev->type == LPAR_MSG_STDOUT || ev->type == LPAR_MSG_STDERR) {
     lua_pushlstring(L, ev->payload, ev->len);
     return 4;
@@ -376,7 +382,10 @@ static int send_values(lua_State *L, cluster_ud *u, const double *deadline, int 
     flags |= LPAR_FLAG_DEADLINE;
   }
   lparS_shm shm = {.min_bytes = lpar_cluster_passes_fds(u->c, engine) ? LPARM_SHM_MIN_BYTES : 0};
-  int rc = lparS_encode_for(L, first, lua_gettop(L) - first + 1, root, &u->enc, &shm, &u->funcs,
+  /* Which engine a load-balanced request meets is the controller's choice:
+  ** its functions go whole, as no engine may be counted on to hold them. */
+  lparF_sender *funcs = engine >= LPAR_ANY_ENGINE ? NULL : &u->funcs;
+  int rc = lparS_encode_for(L, first, lua_gettop(L) - first + 1, root, &u->enc, &shm, funcs,
                             engine, err, sizeof err);
   if (rc < 0) {
     lua_pushnil(L);
@@ -386,8 +395,8 @@ static int send_values(lua_State *L, cluster_ud *u, const double *deadline, int 
   }
   rc = lpar_cluster_send_fds(u->c, engine, type, flags, (uint64_t)id, u->enc.data, u->enc.len,
                              shm.fds, shm.nfds);
-  if (rc == 0)
-    lparF_commit(&u->funcs, engine); /* the engine now holds the functions it set */
+  if (rc == 0 && funcs)
+    lparF_commit(funcs, engine); /* the engine now holds the functions it set */
   else
     lparF_discard(&u->funcs);
   lparS_shm_done(&shm);

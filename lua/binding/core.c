@@ -186,7 +186,8 @@ int luaopen_lpar_core(lua_State *L) {
                {"STDOUT", LPAR_MSG_STDOUT},   {"STDERR", LPAR_MSG_STDERR},
                {"DISPLAY", LPAR_MSG_DISPLAY}, {"FLAG_INLINE", LPAR_FLAG_INLINE},
                {"ECLOSED", LPAR_ECLOSED},     {"EDEAD", LPAR_EDEAD},
-               {"HEARTBEAT", LPAR_MSG_HEARTBEAT}, {"HEARTBEAT_MS", LPAR_HEARTBEAT_MS}};
+               {"HEARTBEAT", LPAR_MSG_HEARTBEAT}, {"HEARTBEAT_MS", LPAR_HEARTBEAT_MS},
+               {"ANY_ENGINE", LPAR_ANY_ENGINE}};
   for (size_t i = 0; i < sizeof types / sizeof *types; i++) {
     lua_pushinteger(L, types[i].value);
     lua_setfield(L, -2, types[i].name);

@@ -257,7 +257,9 @@ static int l_stats(lua_State *L) {
   relay_ud *u = check_relay(L);
   lparY_stats s;
   lparY_get_stats(u->y, &s);
-  lua_createtable(L, 0, 7);
+  lua_createtable(L, 0, 8);
+  lua_pushinteger(L, (lua_Integer)s.waiting);
+  lua_setfield(L, -2, "waiting");
   lua_pushinteger(L, (lua_Integer)s.no_fds);
   lua_setfield(L, -2, "no_fds");
   lua_pushinteger(L, (lua_Integer)s.refused);

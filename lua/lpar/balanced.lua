@@ -3,7 +3,10 @@
 --   lb:map(f, list, {chunksize = 10, ordered = false})
 -- Dispatch is pipelined: each engine holds up to `queue_depth` tasks (a view
 -- flag, default 2), so it never waits a round trip between tasks; the rest
--- wait here, in the client, in submission order.
+-- wait here, in the client, in submission order. Behind a standalone
+-- controller the controller picks the engine (for every client at once, so
+-- clients mapping together share the engines): a task that may go anywhere
+-- is sent there, a few per engine ahead, and learns its engine when placed.
 -- Flags (fields, or per call through view:with{}): block, timeout (seconds
 -- from submission: a task still queued here fails without running; one
 -- handed to an engine is interrupted if running, and fails as timed out
@@ -32,10 +35,16 @@ local function scheduler_of(hub)
   local s = hub.scheduler
   if s then return s end
   s = setmetatable({ hub = hub, head = 1, tail = 0, queue = {}, held = {}, load = {},
-                     last = {}, tick = 0, grace = STRANDED_GRACE }, Scheduler)
+                     last = {}, tick = 0, grace = STRANDED_GRACE,
+                     shared = 0, unplaced = {} }, Scheduler)
   hub.scheduler = s
   -- An engine that comes up (or goes) changes where tasks can go.
-  hub.on_ready[#hub.on_ready + 1] = function() s:dispatch() end
+  hub.on_ready[#hub.on_ready + 1] = function()
+    -- With no engine left, what waits in the controller comes back here,
+    -- where it waits its grace for one (see Scheduler:stranded).
+    if next(s.unplaced) and #hub:ids_shared() == 0 then s:withdraw_unplaced() end
+    s:dispatch()
+  end
   return s
 end
 
@@ -130,6 +139,18 @@ local function has_live_engine(self, task)
   return false
 end
 
+--- Does the controller pick the engine of `task` (one that may go anywhere,
+-- by the default scheme, behind a standalone controller)?
+local function by_controller(self, task)
+  return self.hub.controller and task.scheme == "least" and not (task.targets or task.follow or task.excluded)
+end
+
+--- Tasks a client keeps in the controller, placed or waiting there: enough
+-- that the controller has the next at hand when an engine frees.
+local function controller_room(self, task, ids)
+  return self.shared < 2 * task.depth * #ids
+end
+
 --- The least-loaded engine with room (the oldest used on a tie), for a
 -- task that may go anywhere: the common case, without a list.
 local function pick_least(self, depth, ids)
@@ -182,19 +203,26 @@ function Task:fail(err)
   if self.result._feed then self.result._feed(self) end
 end
 
---- Send `task` to `engine`: "sent", "failed" (it cannot be sent anywhere,
--- and is failed), or "gone" (the engine is gone: the task is untouched).
+local function submit(hub, engine, task, ...)
+  if engine then return hub:submit(engine, APPLY, "args", task, ...) end
+  return hub:submit_balanced(task.depth, APPLY, "args", task, ...)
+end
+
+--- Send `task` to `engine` (nil: to the controller, which picks): "sent",
+-- "failed" (it cannot be sent anywhere, and is failed), or "gone" (the
+-- engine, or the controller, is gone: the task is untouched).
 function Scheduler:send(task, engine)
   -- The task is its own request record (ar = itself, kind, deadline, one).
+  local hub = self.hub
   local ok, err
   if task.args then
-    ok, err = self.hub:submit(engine, APPLY, "args", task, task.f, table.unpack(task.args, 1, task.args.n))
+    ok, err = submit(hub, engine, task, task.f, table.unpack(task.args, 1, task.args.n))
   elseif task.chunk then
-    ok, err = self.hub:submit(engine, APPLY, "args", task, map_chunk, task.f, task.chunk)
+    ok, err = submit(hub, engine, task, map_chunk, task.f, task.chunk)
   elseif task.batch then
-    ok, err = self.hub:submit(engine, APPLY, "args", task, map_batch, task.f, task.batch, task.slot.batch)
+    ok, err = submit(hub, engine, task, map_batch, task.f, task.batch, task.slot.batch)
   else
-    ok, err = self.hub:submit(engine, APPLY, "args", task, task.f, task.item)
+    ok, err = submit(hub, engine, task, task.f, task.item)
   end
   if not ok then
     if type(err) == "string" then
@@ -205,10 +233,26 @@ function Scheduler:send(task, engine)
   end
   task.running, task.began = true, false
   task.slot.engine = engine
-  self.load[engine] = (self.load[engine] or 0) + 1
-  self.tick = self.tick + 1
-  self.last[engine] = self.tick
+  if engine then
+    self.load[engine] = (self.load[engine] or 0) + 1
+    self.tick = self.tick + 1
+    self.last[engine] = self.tick
+  else
+    task.shared = true
+    self.shared = self.shared + 1
+    self.unplaced[task] = true
+  end
   return "sent"
+end
+
+--- Take back from the controller the tasks waiting there for an engine.
+function Scheduler:withdraw_unplaced()
+  for task in pairs(self.unplaced) do
+    if not task.withdrawing then
+      task.withdrawing = true
+      self.hub:interrupt_task(nil, task.id)
+    end
+  end
 end
 
 --- A task that could not be placed: true when it is failed because no
@@ -288,8 +332,12 @@ function Scheduler:dispatch()
     local task = self.queue[self.head]
     -- The common case first: a task that may go anywhere, and no engine has room.
     if not task.done and #ids > 0 and not (task.after or task.targets or task.follow or task.excluded)
-      and task.scheme == "least" and pick_least(self, task.depth, ids) == nil then
-      break
+      and task.scheme == "least" then
+      if self.hub.controller then
+        if not controller_room(self, task, ids) then break end
+      elseif pick_least(self, task.depth, ids) == nil then
+        break
+      end
     end
     if not task.done and not self:place(task, ids, true) and not self:stranded(task) then break end
     self.queue[self.head] = nil
@@ -313,6 +361,10 @@ function Scheduler:place(task, ids, from_queue)
   if deps == "waiting" or deps_state(task.follow) == "waiting" then
     if from_queue then self.held[#self.held + 1] = task end
     return from_queue
+  end
+  if by_controller(self, task) then
+    if #ids == 0 or not controller_room(self, task, ids) then return false end
+    return self:send(task, nil) ~= "gone"
   end
   while true do
     local engine = pick(self, task, ids)
@@ -354,7 +406,10 @@ local function interrupt_tasks(ar)
     local task = not s.done and s.task
     if task and not task.done then
       task.retries = 0
-      if task.running then
+      if task.running and task.engine == nil then -- waiting in the controller: taken back
+        task:fail(errors.TaskError.new("aborted", "interrupted before it ran", nil))
+        task.sched.hub:interrupt_task(nil, task.id)
+      elseif task.running then
         task.sched.hub:interrupt_task(task.engine, task.id)
       else
         task:fail(errors.TaskError.new("aborted", "interrupted before it ran", nil))
@@ -366,9 +421,40 @@ end
 --- The engine began it (only tasks with a deadline say so).
 function Task:_started() self.began = true end
 
+--- The controller sent it to engine rec.engine.
+function Task:_placed(rec)
+  local s, engine = self.sched, rec.engine
+  s.unplaced[self] = nil
+  s.load[engine] = (s.load[engine] or 0) + 1
+  s.tick = s.tick + 1
+  s.last[engine] = s.tick
+  if self.done then
+    -- It failed as it was placed (aborted, interrupted): stop it should it start.
+    s.hub:interrupt_task(engine, rec.id)
+  else
+    self.slot.engine = engine
+  end
+end
+
+--- The controller gave it back unsent, as asked: it waits here again
+-- (when every engine went), unless it has failed meanwhile.
+function Task:_withdrawn()
+  local s = self.sched
+  s.unplaced[self] = nil
+  s.shared = s.shared - 1
+  self.shared, self.running, self.withdrawing = false, false, nil
+  if not self.done then s.held[#s.held + 1] = self end
+  s:dispatch()
+end
+
 function Task:_settle(rec, ok, started, completed, value)
   local s = self.sched
-  s.load[rec.engine] = math.max(0, (s.load[rec.engine] or 1) - 1)
+  if rec.engine then s.load[rec.engine] = math.max(0, (s.load[rec.engine] or 1) - 1) end
+  if self.shared then
+    self.shared = false
+    s.shared = s.shared - 1
+    s.unplaced[self] = nil
+  end
   self.running = false
   if self.done then -- failed at its deadline already: its engine is free again
     s:dispatch()
@@ -422,6 +508,13 @@ function Task:on_timeout()
     for i = #self.sched.held, 1, -1 do
       if self.sched.held[i] == self then table.remove(self.sched.held, i) end
     end
+  elseif self.engine == nil then
+    -- Still in the controller: taken back, or dropped unstarted by the
+    -- engine it goes to meanwhile (the deadline travels with it).
+    hub:interrupt_task(nil, self.id)
+    self:fail(errors.TaskError.new("timeout", string.format(
+      "timed out while queued in the controller: the task did not start within its timeout of %gs",
+      self.timeout), self.id))
   elseif not self.began then
     -- Its engine drops it unstarted (the deadline travelled with it); the
     -- interrupt covers a start already on its way here.
@@ -746,6 +839,14 @@ function LoadBalancedView.abort(client, results)
   end
   abort_in(sched.queue, sched.head, sched.tail)
   abort_in(sched.held, 1, #sched.held)
+  -- Those waiting in the controller for an engine are taken back.
+  for task in pairs(sched.unplaced) do
+    if not task.done and wanted[task.result] then
+      task:fail(errors.TaskError.new("aborted", "task was aborted before it ran", nil))
+      sched.hub:interrupt_task(nil, task.id)
+      n = n + (task.slot.batch or 1)
+    end
+  end
   return n
 end
 

@@ -116,7 +116,7 @@ function Controller:status()
   end
   return {
     engines = engines, refused = stats.refused, disconnected = stats.disconnected, clients = stats.clients,
-    no_fds = stats.no_fds,
+    no_fds = stats.no_fds, waiting = stats.waiting,
     bad_messages = stats.bad_messages, uptime = core.now() - self.started, pid = self.opts.pid,
     profile = self.opts.profile,
   }

@@ -22,17 +22,25 @@ function errors.RemoteError.new(engine, kind, err, task)
   }, errors.RemoteError)
 end
 function errors.RemoteError:__tostring()
-  local head = string.format("[%d:%s] %s", self.engine, self.kind, self.message)
+  -- No engine: it failed here, as it was sent.
+  local head = string.format("[%s:%s] %s", self.engine or "client", self.kind, self.message)
   if self.traceback then head = head .. "\n" .. self.traceback end
   return head
 end
 
---- An engine that died, or was stopped, while a task of ours was on it.
+--- An engine that died, or was stopped, while a task of ours was on it
+-- (engine nil: a load-balanced task still waiting in the controller for
+-- one, when every engine went).
 errors.EngineError = class("EngineError")
 function errors.EngineError.new(engine, task, how)
   return setmetatable({ engine = engine, task = task, message = how }, errors.EngineError)
 end
 function errors.EngineError:__tostring()
+  if not self.engine then
+    return string.format("EngineError: %severy engine %s",
+      self.task and string.format("task %d waited in the controller for an engine, and ", self.task) or "",
+      self.message)
+  end
   if self.task then
     return string.format("EngineError: engine %d %s while running task %d", self.engine,
       self.message, self.task)

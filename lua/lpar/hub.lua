@@ -215,6 +215,34 @@ function Hub:submit(engine, mtype, root, record, ...)
   return id
 end
 
+--- A request for whichever engine the controller picks (connected hubs):
+-- it schedules every client's such requests together, sending this one to
+-- the least-loaded engine holding fewer than `depth` requests. The record
+-- learns its engine (record.engine) when the controller says where it went
+-- (record.ar:_placed(record)), or, when it was withdrawn unsent
+-- (Hub:interrupt_task(nil, id)), gets record.ar:_withdrawn(record) instead.
+-- Returns the request id, or nil and an error.
+function Hub:submit_balanced(depth, mtype, root, record, ...)
+  if not self.core then return nil, errors.EngineError.new(nil, nil, "is stopped") end
+  self.next_id = self.next_id + 1
+  local id = self.next_id
+  local any = core.ANY_ENGINE + depth
+  local ok, err, code
+  if record.deadline then
+    ok, err, code = self.core:send_by(any, mtype, id, record.deadline, root, ...)
+  else
+    ok, err, code = self.core:send(any, mtype, id, root, ...)
+  end
+  if not ok then
+    if code == core.EDEAD or code == core.ECLOSED then
+      return nil, errors.EngineError.new(nil, nil, "is unreachable: " .. err)
+    end
+    return nil, err
+  end
+  track(self, nil, id, record)
+  return id
+end
+
 --- The same request to every engine of `engines` (up, as Hub:unavailable
 -- says), encoded once: behind a controller one frame, which crosses each
 -- host's link once; records[i] receives engines[i]'s answer. Returns a
@@ -306,6 +334,21 @@ function Hub:error(engine, id, started, completed, err)
   end
 end
 
+--- The controller sent load-balanced request `id` to `engine` (nil: it
+-- was withdrawn, unsent, as asked).
+function Hub:placed(engine, id)
+  if engine == nil then
+    local rec = take(self, id)
+    if rec then rec.ar:_withdrawn(rec) end
+    return
+  end
+  local rec = self.pending[id]
+  if rec then
+    rec.engine = engine
+    rec.ar:_placed(rec)
+  end
+end
+
 function Hub:started(_, id)
   local rec = self.pending[id]
   if rec and rec.ar._started then rec.ar:_started(rec) end
@@ -343,7 +386,8 @@ function Hub:bad(engine, reason)
   if e then e.bad = reason end
 end
 
---- Fail every pending request of `engine` with an EngineError saying `how`.
+--- Fail every pending request of `engine` with an EngineError saying `how`
+-- (engine nil: those still waiting in the controller for an engine).
 function Hub:fail_engine(engine, how)
   local now, failed = core.now(), {}
   for id, rec in pairs(self.pending) do
@@ -384,6 +428,7 @@ local function cut_off(self, how)
       for _, fn in ipairs(self.on_ready) do fn(id) end
     end
   end
+  self:fail_engine(nil, how) -- what still waited in the controller for an engine
 end
 
 --- The link to the controller closed.
@@ -451,9 +496,11 @@ function Hub:signal(engine, sig)
   if not ok then error(string.format("cannot signal engine %d: %s", engine, err), 3) end
 end
 
---- Interrupt request `id` on `engine`, if it is still the one running there.
+--- Interrupt request `id` on `engine`, if it is still the one running
+-- there; engine nil: withdraw load-balanced request `id` from the
+-- controller if it still waits there (Hub:placed follows either way).
 function Hub:interrupt_task(engine, id)
-  if self.core then self.core:interrupt(engine, id) end
+  if self.core then self.core:interrupt(engine or core.ANY_ENGINE, id) end
 end
 
 --- Wait until `ids` are all up; raises naming those that are not.
@@ -518,8 +565,8 @@ function Hub:queue_status()
       status[id] = { queue = e.queue, state = e.state, pid = e.pid, silent_ms = e.silent_ms, host = e.host,
                      link_sent = e.link_sent }
     end
-    status.bad_messages, status.refused, status.disconnected, status.clients, status.no_fds =
-      st.bad_messages, st.refused, st.disconnected, st.clients, st.no_fds
+    status.bad_messages, status.refused, status.disconnected, status.clients, status.no_fds, status.waiting =
+      st.bad_messages, st.refused, st.disconnected, st.clients, st.no_fds, st.waiting
   else
     local host = require("luv").os_gethostname()
     for id, e in pairs(self.engines) do
