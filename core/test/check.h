@@ -6,8 +6,11 @@
 #ifndef LPAR_CHECK_H
 #define LPAR_CHECK_H
 
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static int check_passed, check_failed;
 
@@ -31,6 +34,22 @@ static int check_(int ok, const char *file, int line, const char *fmt, ...) {
 /* CHECK(cond) or CHECKF(cond, "printf format", ...): returns whether it held. */
 #define CHECK(cond) check_((cond) != 0, __FILE__, __LINE__, "%s", #cond)
 #define CHECKF(cond, ...) check_((cond) != 0, __FILE__, __LINE__, __VA_ARGS__)
+
+/*
+** Reap child `pid` within `seconds`: its wait status, or, when it has not
+** exited by then, kill it (a test fails rather than hangs) and return -1.
+*/
+__attribute__((unused))
+static int check_reap(pid_t pid, int seconds) {
+  int status = 0;
+  for (int i = 0; i < seconds * 100; i++) {
+    if (waitpid(pid, &status, WNOHANG) == pid) return status;
+    usleep(10000);
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  return -1;
+}
 
 __attribute__((unused))
 static int check_report(void) {

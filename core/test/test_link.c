@@ -349,13 +349,8 @@ static void check_out_of_descriptors(const char *path, const unsigned char *key)
   CHECKF(s[n].closed && strstr(s[n].reason, "refused") == NULL, "after one left: %s", s[n].reason);
   for (int i = 1; i < n; i++) lparR_close(in[i], NULL);
   for (int i = 1; i < n; i++) run_until(&loop, &s[i].closed, 1);
-  int status = 0;
-  for (int i = 0; i < 500 && waitpid(child, &status, WNOHANG) == 0; i++) usleep(10000);
-  if (waitpid(child, &status, WNOHANG) == 0) { /* it never heard the stop: fail, not hang */
-    kill(child, SIGKILL);
-    waitpid(child, &status, 0);
-  }
-  CHECKF(WIFEXITED(status) && WEXITSTATUS(status) == 0, "starved controller status %d", status);
+  int status = check_reap(child, 5); /* it never heard the stop: fail, not hang */
+  CHECKF(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0, "starved controller status %d", status);
   uv_run(&loop, UV_RUN_NOWAIT);
   CHECK(uv_loop_close(&loop) == 0);
   unlink(path);
@@ -423,9 +418,8 @@ int main(void) {
   r = connect_to(&loop, path, 0, key, &s);
   lparR_send(r, LPAR_MSG_CONTROL, 0, 0, STOP_ID, "", 0, NULL, 0);
   run_until(&loop, &s.closed, 1);
-  int status = 0;
-  waitpid(child, &status, 0);
-  CHECKF(WIFEXITED(status) && WEXITSTATUS(status) == 4, "controller status %d", status);
+  int status = check_reap(child, 5);
+  CHECKF(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 4, "controller status %d", status);
 
   /* Nobody listening: a clear error, at once on a unix socket... */
   char err[256] = "";

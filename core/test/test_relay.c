@@ -262,9 +262,8 @@ int main(void) {
   /* The controller stops: the link closes, and the client hears it. */
   CHECK(lpar_cluster_send(c, 0, LPAR_MSG_CONTROL, 0, STOP_ID, "", 0) == LPAR_OK);
   CHECK(run_until(&loop, &s.closed, 1));
-  int status = 0;
-  waitpid(child, &status, 0);
-  CHECKF(WIFEXITED(status) && WEXITSTATUS(status) == 0, "controller status %d", status);
+  int status = check_reap(child, 5);
+  CHECKF(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0, "controller status %d", status);
   CHECK(lpar_cluster_execute(c, 1, 11, "return 1", 8) == LPAR_EDEAD);
   lpar_cluster_free(c);
 
