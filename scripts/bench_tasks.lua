@@ -2,7 +2,8 @@
 -- `scripts/bench --tasks [--quick]`): tiny tasks through a load-balanced map
 -- and DirectView apply_async, a 1,000,000-task map's rate and memory, imap
 -- over an endless iterator, and two clients mapping on one standalone cluster.
--- `lpar scripts/bench_tasks.lua --client PROFILE N` is the second client.
+-- `lpar scripts/bench_tasks.lua --client PROFILE N` (or `--window PROFILE
+-- START SECONDS`) is the second client.
 local lpar = require "lpar"
 local uv = require "luv"
 
@@ -41,10 +42,30 @@ local function map_rate(view, n)
   return n / dt
 end
 
--- The second client: map n tasks on the cluster of PROFILE, print the rate.
-if arg and arg[1] == "--client" then
+--- Tasks per second of maps of identity, one after another, from wall
+-- clock time `start` (core.now() seconds) for `seconds`: two clients given
+-- the same window are measured over the same time, whichever ends first.
+local MAP_SIZE = 10000
+local function window_rate(view, start, seconds)
+  local list = range(MAP_SIZE)
+  local core = require "lpar.core"
+  while core.now() < start do uv.sleep(1) end
+  local done = 0
+  repeat
+    local out = view:map_sync(identity, list)
+    assert(#out == MAP_SIZE and out[MAP_SIZE] == MAP_SIZE, "the map lost results")
+    done = done + MAP_SIZE
+  until core.now() >= start + seconds
+  return done / (core.now() - start)
+end
+
+-- The second client: on the cluster of PROFILE, a map of N tasks, or maps
+-- over a window; print the rate.
+if arg and (arg[1] == "--client" or arg[1] == "--window") then
   local rc = lpar.Client { profile = arg[2] }
-  local rate = map_rate(rc:load_balanced_view(), tonumber(arg[3]))
+  local lb = rc:load_balanced_view()
+  local rate = arg[1] == "--client" and map_rate(lb, tonumber(arg[3]))
+    or window_rate(lb, tonumber(arg[3]), tonumber(arg[4]))
   print(string.format("rate %.1f", rate))
   rc:close()
   return
@@ -133,13 +154,19 @@ local function bench_two_clients(b)
     local rss0 = status_mb("VmRSS", controller)
     local alone = map_rate(lb, n)
     row("two_clients_alone", "standalone: one client's map of identity", alone, "/s")
-    local other = io.popen(string.format("%s scripts/bench_tasks.lua --client tasks %d", lpar_cmd, n))
-    local mine = map_rate(lb, n)
+    -- Both map over the same window, from a moment the other has had time to connect by.
+    local seconds = b.quick and 0.5 or 2
+    alone = window_rate(lb, require("lpar.core").now(), seconds)
+    row("two_clients_window", string.format("  one client mapping for %g s alone", seconds), alone, "/s")
+    local start = require("lpar.core").now() + 1
+    local other = io.popen(string.format("%s scripts/bench_tasks.lua --window tasks %.3f %g", lpar_cmd, start,
+      seconds))
+    local mine = window_rate(lb, start, seconds)
     local theirs = tonumber((other:read("a") or ""):match("rate (%S+)"))
     other:close()
     assert(theirs, "the second client printed no rate")
-    row("two_clients_mine", "  two clients at once: this one / half of alone", mine / (alone / 2), "x",
-      "0.8x - 1.2x")
+    row("two_clients_mine", "  two clients at once, the same window: this one / half of alone", mine / (alone / 2),
+      "x", "0.8x - 1.2x")
     row("two_clients_theirs", "  two clients at once: the other / half of alone", theirs / (alone / 2), "x",
       "0.8x - 1.2x")
     row("two_clients_fair", "  two clients at once: this one's rate / the other's", mine / theirs, "x",
