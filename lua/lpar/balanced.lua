@@ -463,7 +463,7 @@ function Task:_settle(rec, ok, started, completed, value)
   if self.timed_out then
     ok, value = false, errors.TaskError.new("timeout",
       string.format("task ran past its timeout of %gs and was interrupted", self.timeout), rec.id, rec.engine)
-  elseif not ok and self.retries > 0 then
+  elseif not ok and self.retries > 0 and rec.engine then -- (no engine: the controller is gone)
     self.retries = self.retries - 1
     self.last_error = value
     self.excluded = self.excluded or {}
