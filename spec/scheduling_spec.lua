@@ -188,4 +188,19 @@ describe("the controller's load balancing", function()
     cluster:restart_engines()
     cluster:wait_for_engines(5)
   end)
+
+  it("fails what waits there, clearly, when the controller dies", function()
+    clusters.start("doomed", "-n 1")
+    local rc <close> = lpar.Client { profile = "doomed" }
+    local busy = {}
+    for i = 1, 2 do busy[i] = rc[0]:apply(spin, 5) end
+    local ar = rc:load_balanced_view():apply(function() return 1 end)
+    assert.is_true(helpers.wait_until(function() return rc:queue_status().waiting == 1 end, 2))
+    require("luv").kill(clusters.controller_pid("doomed"), "sigkill")
+    local ok, err = pcall(ar.get, ar, 5)
+    assert.is_false(ok)
+    assert.matches("EngineError: task %d+ waited in the controller for an engine, and every engine is " ..
+      "unreachable: the connection to its controller was lost", tostring(err))
+    assert.is_false(pcall(busy[1].get, busy[1], 5))
+  end)
 end)
