@@ -48,6 +48,7 @@ typedef struct engine {
   int retired; /* slot released; freed once its handles have closed */
   int open;    /* handles not yet closed: the poll, the route */
   uint64_t last_seen; /* uv_now when it last sent a frame */
+  int heartbeat_ms;   /* its heartbeat period, as its hello said (0: none) */
 } engine;
 
 /* What a connected cluster knows of an engine behind its controller. */
@@ -205,7 +206,10 @@ static void engine_frame(lparR_route *r, const lparW_header *h, const char *payl
   lpar_event ev = {.kind = h->type == LPAR_MSG_HELLO ? LPAR_EV_READY : LPAR_EV_MESSAGE,
                    .engine = e->id, .type = h->type, .flags = h->flags, .id = h->id,
                    .payload = payload, .len = (size_t)h->len, .fds = fds, .nfds = nfds};
-  if (ev.kind == LPAR_EV_READY) ev.pid = lparW_hello_pid(payload, (size_t)h->len);
+  if (ev.kind == LPAR_EV_READY) {
+    ev.pid = lparW_hello_pid(payload, (size_t)h->len);
+    e->heartbeat_ms = lparW_hello_heartbeat(payload, (size_t)h->len);
+  }
   emit(e->c, &ev);
 }
 
@@ -636,6 +640,13 @@ int64_t lpar_cluster_silence_ms(const lpar_cluster *c, int id) {
   uv_update_time(c->loop);
   uint64_t now = uv_now(c->loop);
   return now > e->last_seen ? (int64_t)(now - e->last_seen) : 0;
+}
+
+int lpar_cluster_heartbeat_ms(const lpar_cluster *c, int id) {
+  if (c->link || c->remote) return LPAR_ENOENGINE;
+  engine *e = find_engine(c, id);
+  if (e == NULL) return LPAR_ENOENGINE;
+  return e->heartbeat_ms;
 }
 
 int lpar_cluster_pid(lpar_cluster *c, int id) {

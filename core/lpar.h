@@ -72,7 +72,7 @@ LPAR_API const char *lpar_strerror(int code);
 
 /* Message types on the wire. */
 enum lpar_msg_type {
-  LPAR_MSG_HELLO = 1,    /* engine -> host: raw "lpar-engine VERSION id=N pid=P" */
+  LPAR_MSG_HELLO = 1,    /* engine -> host: raw "lpar-engine VERSION id=N pid=P heartbeat=MS" */
   LPAR_MSG_EXECUTE = 2,  /* host -> engine: (code) */
   LPAR_MSG_APPLY = 3,    /* host -> engine: (f, args...) */
   LPAR_MSG_PUSH = 4,     /* host -> engine: (table of globals) */
@@ -283,6 +283,12 @@ LPAR_API int lpar_cluster_pid(lpar_cluster *c, int engine);
 ** or wedged engine goes silent), or a negative code (not a local engine).
 */
 int64_t lpar_cluster_silence_ms(const lpar_cluster *c, int engine);
+/*
+** The heartbeat period local engine `id` said in its hello, in ms: 0 when
+** it sends none (LPAR_HEARTBEAT_MS=0 in its environment), so its silence
+** says nothing; or a negative code (not a local engine).
+*/
+int lpar_cluster_heartbeat_ms(const lpar_cluster *c, int engine);
 
 /* Frames dropped as malformed from local engines since the cluster started. */
 LPAR_API uint64_t lpar_cluster_bad_messages(const lpar_cluster *c);

@@ -19,6 +19,8 @@
 #define SERIAL_MAX 0xffffffu /* serials fill the id's top 24 bits */
 /* Load-balanced requests one client may have waiting here at once. */
 #define MAX_WAITING (1 << 16)
+/* A local engine silent this many of its heartbeat periods gets none: it is stopped or wedged. */
+#define SILENT_BEATS 10
 
 typedef enum peer_kind { PEER_CLIENT = 1, PEER_ENGINE = 2 } peer_kind;
 
@@ -78,7 +80,9 @@ struct lparY_relay {
   int turn;        /* the client whose balanced request goes next (round robin) */
   uint64_t tick;
   int placing;
+  uv_timer_t recheck; /* looks again while requests wait and silent engines were passed over */
   uv_timer_t heartbeat; /* runs while engines are joined */
+  int open_timers;
   int heartbeat_on;
   int stopping;
   lparY_event_cb on_event;
@@ -114,6 +118,7 @@ static yengine *known_engine(const lparY_relay *y, int id) {
 }
 
 static void place_waiting(lparY_relay *y);
+static void on_recheck(uv_timer_t *t);
 
 /* ---- telling clients of engines ---- */
 
@@ -260,13 +265,26 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
 ** waiting. A request carrying descriptors goes only to a local engine.
 */
 
-/* The engine a request of `depth` (with descriptors or not) may go to now, or -1. */
-static int least_loaded(const lparY_relay *y, unsigned depth, int has_fds) {
+/* Is local engine `id` silent past its heartbeats (stopped, or wedged in a C call)? */
+static int silent(const lparY_relay *y, int id) {
+  int beat = lpar_cluster_heartbeat_ms(y->local, id);
+  return beat > 0 && lpar_cluster_silence_ms(y->local, id) > (int64_t)SILENT_BEATS * beat;
+}
+
+/*
+** The engine a request of `depth` (with descriptors or not) may go to now,
+** or -1; *passed is set when a silent engine with room was passed over.
+*/
+static int least_loaded(const lparY_relay *y, unsigned depth, int has_fds, int *passed) {
   int best = -1;
   for (int id = 0; id < y->nengines; id++) {
     const yengine *e = &y->engines[id];
     if (e->state != LPARY_READY || e->refusing || e->in_flight >= depth) continue;
     if (e->joined && (has_fds || e->via == NULL || e->via->route == NULL)) continue;
+    if (!e->joined && silent(y, id)) {
+      *passed = 1;
+      continue;
+    }
     const yengine *b = best >= 0 ? &y->engines[best] : NULL;
     if (b == NULL || e->in_flight < b->in_flight ||
         (e->in_flight == b->in_flight && e->last_given < b->last_given))
@@ -286,10 +304,10 @@ static void tell_placed(peer *p, unsigned engine, uint64_t id) {
 }
 
 /* Send p's first waiting request to an engine with room: 1, or 0 when none has. */
-static int place_one(lparY_relay *y, peer *p) {
+static int place_one(lparY_relay *y, peer *p, int *passed) {
   waiting *w = p->first_waiting;
   uint64_t gid = (uint64_t)p->serial << CID_BITS | w->id;
-  for (int id; (id = least_loaded(y, w->depth, w->nfds > 0)) >= 0;) {
+  for (int id; (id = least_loaded(y, w->depth, w->nfds > 0, passed)) >= 0;) {
     yengine *e = &y->engines[id];
     if (forward(y, id, e, w->type, w->flags, gid, w->payload, w->len, w->fds, w->nfds) < 0) {
       /* Dying (its EXIT follows) or unable to take it: left out until it says hello again. */
@@ -317,14 +335,20 @@ static int place_one(lparY_relay *y, peer *p) {
 static void place_waiting(lparY_relay *y) {
   if (y->placing || y->stopping) return;
   y->placing = 1; /* a failed send may close a route, whose handler comes back here */
+  int passed = 0;
   while (y->nwaiting > 0 && y->npeers > 0) {
     if (y->turn >= y->npeers) y->turn = 0;
     peer *p = y->peers[y->turn];
-    if (p->first_waiting != NULL && !place_one(y, p)) break;
+    if (p->first_waiting != NULL && !place_one(y, p, &passed)) break;
     y->turn++;
   }
+  /* A silent engine that speaks again sends no reply to wake us: look again soon. */
+  if (y->nwaiting > 0 && passed && !uv_is_active((uv_handle_t *)&y->recheck))
+    uv_timer_start(&y->recheck, on_recheck, 2 * LPAR_HEARTBEAT_MS, 0);
   y->placing = 0;
 }
+
+static void on_recheck(uv_timer_t *t) { place_waiting(t->data); }
 
 /* A client's request for any engine: into its queue, then placed if an engine has room. */
 static void request_any(lparY_relay *y, peer *p, const lparW_header *h, const char *payload,
@@ -669,7 +693,11 @@ static void on_accept(lparL_server *s, lparR_route *r, void *ud) {
 
 /* ---- the relay ---- */
 
-static void free_relay(uv_handle_t *h) { free(h->data); }
+/* y goes with the last of its timers: the loop closes them in its own order. */
+static void timer_closed(uv_handle_t *h) {
+  lparY_relay *y = h->data;
+  if (--y->open_timers == 0) free(y);
+}
 
 int lparY_new(uv_loop_t *loop, const lparY_config *cfg, lparY_relay **out, char *err,
               size_t errlen) {
@@ -689,6 +717,9 @@ int lparY_new(uv_loop_t *loop, const lparY_config *cfg, lparY_relay **out, char 
   }
   uv_timer_init(loop, &y->heartbeat);
   y->heartbeat.data = y;
+  uv_timer_init(loop, &y->recheck);
+  y->recheck.data = y;
+  y->open_timers = 2;
   rc = lparL_listen(loop, cfg->socket, NULL, 0, cfg->key, on_accept, y, &y->servers[0], err, errlen);
   if (rc == LPAR_OK) y->nservers = 1;
   if (rc == LPAR_OK && cfg->ip) {
@@ -771,6 +802,8 @@ int lparY_engine(const lparY_relay *y, int id, lparY_engine_info *out) {
   if (!e->joined && e->state == LPARY_READY) {
     int64_t ms = lpar_cluster_silence_ms(y->local, id);
     if (ms >= 0) out->silent_ms = ms;
+    int beat = lpar_cluster_heartbeat_ms(y->local, id);
+    out->heartbeat_ms = beat > 0 ? beat : 0;
   }
   return LPAR_OK;
 }
@@ -810,7 +843,7 @@ void lparY_free(lparY_relay *y) {
   free(y->peers);
   lpar_cluster_free(y->local);
   free(y->engines);
-  /* The timer is closed from the loop; y goes with it. */
-  uv_timer_stop(&y->heartbeat);
-  uv_close((uv_handle_t *)&y->heartbeat, free_relay);
+  /* The timers are closed from the loop; y goes with the last. */
+  uv_close((uv_handle_t *)&y->recheck, timer_closed);
+  uv_close((uv_handle_t *)&y->heartbeat, timer_closed);
 }

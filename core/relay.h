@@ -81,6 +81,7 @@ typedef struct lparY_engine_info {
   int status, signal; /* how it ended (DEAD) */
   uint64_t in_flight; /* requests sent, not answered */
   int64_t silent_ms;  /* since a local engine last sent a frame; -1 when not known */
+  int heartbeat_ms;   /* a local engine's heartbeat period (0: it sends none) */
   uint64_t link_sent; /* joined: bytes sent so far on its host's link (all its engines') */
 } lparY_engine_info;
 

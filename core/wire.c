@@ -154,13 +154,21 @@ int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
   return 1;
 }
 
-int lparW_hello_pid(const char *hello, size_t len) {
-  char text[128];
+/* The number after `key` (" pid=") in a HELLO, or `missing`. */
+static int hello_field(const char *hello, size_t len, const char *key, int missing) {
+  char text[160];
   if (len >= sizeof text) len = sizeof text - 1;
   memcpy(text, hello, len);
   text[len] = 0;
-  const char *at = strstr(text, " pid=");
-  return at ? atoi(at + 5) : -1;
+  const char *at = strstr(text, key);
+  return at ? atoi(at + strlen(key)) : missing;
+}
+
+int lparW_hello_pid(const char *hello, size_t len) { return hello_field(hello, len, " pid=", -1); }
+
+int lparW_hello_heartbeat(const char *hello, size_t len) {
+  int ms = hello_field(hello, len, " heartbeat=", LPAR_HEARTBEAT_MS);
+  return ms > 0 ? ms : 0;
 }
 
 int lparW_reader_peek(lparW_reader *r, lparW_header *h, size_t *have, const char **reason) {

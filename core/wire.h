@@ -78,8 +78,10 @@ int lparW_reader_next(lparW_reader *r, lparW_header *h, const char **payload,
 */
 int lparW_reader_peek(lparW_reader *r, lparW_header *h, size_t *have, const char **reason);
 
-/* The pid in an engine's HELLO ("lpar-engine VERSION id=N pid=P"), or -1. */
+/* The pid in an engine's HELLO ("lpar-engine VERSION id=N pid=P heartbeat=MS"), or -1. */
 int lparW_hello_pid(const char *hello, size_t len);
+/* Its heartbeat period in ms (0: it sends none); LPAR_HEARTBEAT_MS when it does not say. */
+int lparW_hello_heartbeat(const char *hello, size_t len);
 /*
 ** An EXIT's "status signal[ why]": status (-1 when malformed) and signal,
 ** and the why copied into why[0..whylen) ("" when none).

@@ -502,9 +502,12 @@ int main(void) {
   lparE_interrupt_init(L);
   start_mpi(L, st.id);
 
-  char hello[96];
-  int n = snprintf(hello, sizeof hello, "lpar-engine %s id=%d pid=%ld", LPAR_VERSION, st.id,
-                   (long)getpid());
+  /* The hello says how often heartbeats come (0: never), so a host judges
+  ** this engine's silence by its own period. */
+  int beat_ms = env_int("LPAR_HEARTBEAT_MS", LPAR_HEARTBEAT_MS);
+  char hello[128];
+  int n = snprintf(hello, sizeof hello, "lpar-engine %s id=%d pid=%ld heartbeat=%d", LPAR_VERSION,
+                   st.id, (long)getpid(), beat_ms > 0 ? beat_ms : 0);
   if (lparW_send(st.fd, LPAR_MSG_HELLO, LPAR_FLAG_RAW, 0, hello, (size_t)n) < 0) {
     lua_close(L);
     return 0;
@@ -521,7 +524,7 @@ int main(void) {
   lparW_reader_init(&in);
   lparB_init(&enc);
   lparB_init(&body);
-  lparE_heartbeat_init(st.fd, env_int("LPAR_HEARTBEAT_MS", LPAR_HEARTBEAT_MS));
+  lparE_heartbeat_init(st.fd, beat_ms);
   for (;;) {
     lparW_header h;
     const char *payload = NULL, *reason = "";

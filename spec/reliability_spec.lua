@@ -240,6 +240,15 @@ describe("a wait on an empty loop", function()
   end)
 end)
 
+describe("engines without heartbeats", function()
+  it("are never called not responding, and take load-balanced tasks after idling", function()
+    local rc <close> = lpar.Cluster { n = 1, engine_env = { LPAR_HEARTBEAT_MS = "0" } }:start_and_connect()
+    uv.sleep(1200) -- past the ten periods of silence that mark an engine that beats
+    assert.equal("ready", rc:queue_status()[0].state)
+    assert.equal(7, rc:load_balanced_view():apply(function() return 7 end):get(5))
+  end)
+end)
+
 describe("an engine's memory limit", function()
   it("fails a task past it with the limit named, and the engine serves on with its globals", function()
     local rc <close> = lpar.Cluster { n = 1, mem_limit = 64 * 1024 * 1024 }:start_and_connect()

@@ -147,6 +147,45 @@ describe("the controller's load balancing", function()
     end
   end)
 
+  it("passes over a stopped engine, and uses it again once it is back", function()
+    local rc <close> = client()
+    local cluster = lpar.Cluster { profile = "sched" }
+    cluster:signal_engines("STOP", { 0 })
+    local ok, err = pcall(function()
+      assert.is_true(helpers.wait_until(function() return rc:queue_status()[0].state == "not responding" end, 5))
+      local list = {}
+      for i = 1, 20 do list[i] = i end
+      local ran = rc:load_balanced_view():map(function() return lpar.engine.id end, list):get(10)
+      assert.equal(20, #ran)
+      for _, id in ipairs(ran) do assert.equal(1, id) end
+    end)
+    cluster:signal_engines("CONT", { 0 })
+    assert(ok, err)
+    assert.is_true(helpers.wait_until(function() return rc:queue_status()[0].state == "ready" end, 5))
+    local busy = { rc[1]:apply(spin, 0.5), rc[1]:apply(spin, 0.5) }
+    assert.equal(0, rc:load_balanced_view():apply(function() return lpar.engine.id end):get(5))
+    rc:wait(busy, 5)
+  end)
+
+  it("keeps a task waiting while every engine is stopped, and places it when one is back", function()
+    local rc <close> = client()
+    local cluster = lpar.Cluster { profile = "sched" }
+    cluster:signal_engines("STOP")
+    local ar
+    local ok, err = pcall(function()
+      assert.is_true(helpers.wait_until(function()
+        local st = rc:queue_status()
+        return st[0].state == "not responding" and st[1].state == "not responding"
+      end, 5))
+      ar = rc:load_balanced_view():apply(function() return "ran" end)
+      assert.is_false(ar:wait(0.3))
+      assert.equal(1, rc:queue_status().waiting)
+    end)
+    cluster:signal_engines("CONT")
+    assert(ok, err)
+    assert.equal("ran", ar:get(5))
+  end)
+
   it("fails a task whose engine dies, naming it, and places the others elsewhere", function()
     local rc <close> = client()
     local cluster = lpar.Cluster { profile = "sched" }

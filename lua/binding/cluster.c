@@ -581,12 +581,15 @@ static int l_pid(lua_State *L) {
 }
 
 /* c:silence(id): ms since local engine id last sent anything; nil, msg when not local. */
+/* cluster:silence(engine): ms since local engine's last frame, and its heartbeat period (0: none). */
 static int l_silence(lua_State *L) {
   cluster_ud *u = check_cluster(L);
-  int64_t ms = lpar_cluster_silence_ms(u->c, (int)luaL_checkinteger(L, 2));
+  int id = (int)luaL_checkinteger(L, 2);
+  int64_t ms = lpar_cluster_silence_ms(u->c, id);
   if (ms < 0) return lparC_push_failure(L, (int)ms, NULL);
   lua_pushinteger(L, (lua_Integer)ms);
-  return 1;
+  lua_pushinteger(L, lpar_cluster_heartbeat_ms(u->c, id));
+  return 2;
 }
 
 static int l_stats(lua_State *L) {

@@ -224,12 +224,13 @@ static const char *state_name(lparY_engine_state s) {
   }
 }
 
-/* relay:engine(id) -> {state=, kind=, pid=, status=, signal=, queue=, silent_ms=, link_sent=} or nil */
+/* relay:engine(id) -> {state=, kind=, pid=, status=, signal=, queue=, silent_ms=, heartbeat_ms=,
+   link_sent=} or nil */
 static int l_engine(lua_State *L) {
   relay_ud *u = check_relay(L);
   lparY_engine_info e;
   if (lparY_engine(u->y, (int)luaL_checkinteger(L, 2), &e) < 0) return 0;
-  lua_createtable(L, 0, 6);
+  lua_createtable(L, 0, 8);
   lua_pushstring(L, state_name(e.state));
   lua_setfield(L, -2, "state");
   lua_pushstring(L, e.joined ? "joined" : "local");
@@ -245,6 +246,8 @@ static int l_engine(lua_State *L) {
   if (e.silent_ms >= 0) {
     lua_pushinteger(L, (lua_Integer)e.silent_ms);
     lua_setfield(L, -2, "silent_ms");
+    lua_pushinteger(L, e.heartbeat_ms);
+    lua_setfield(L, -2, "heartbeat_ms");
   }
   if (e.joined) {
     lua_pushinteger(L, (lua_Integer)e.link_sent);

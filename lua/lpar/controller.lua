@@ -15,9 +15,10 @@ local core = require "lpar.core"
 -- matrix.blas_info) before any engine is spawned, so the engines inherit it.
 require "lpar.matrix"
 
--- Engines send a heartbeat every core.HEARTBEAT_MS; silent ten times that
--- long, a ready engine is stopped or wedged.
-local NOT_RESPONDING_MS = 10 * core.HEARTBEAT_MS
+-- Engines send a heartbeat every core.HEARTBEAT_MS (or the period their
+-- hello says); a ready engine silent this many periods is stopped or
+-- wedged. One that sends none is never judged.
+local NOT_RESPONDING_BEATS = 10
 
 local Controller = {}
 Controller.__index = Controller
@@ -109,7 +110,10 @@ function Controller:status()
     if e then
       -- A ready engine silent for ten heartbeats is stopped or wedged.
       local state = e.state
-      if state == "ready" and (e.silent_ms or 0) > NOT_RESPONDING_MS then state = "not responding" end
+      local beat = e.heartbeat_ms or 0
+      if state == "ready" and beat > 0 and (e.silent_ms or 0) > NOT_RESPONDING_BEATS * beat then
+        state = "not responding"
+      end
       engines[eid] = { queue = e.queue, state = state, pid = e.pid, kind = e.kind, silent_ms = e.silent_ms,
                        host = self.hosts[eid] or self.hostname, link_sent = e.link_sent }
     end

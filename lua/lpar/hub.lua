@@ -38,9 +38,10 @@ end
 
 local CALL_TIMEOUT = 10
 
--- Engines send a heartbeat every core.HEARTBEAT_MS, busy or idle; a ready
--- engine silent ten times that long is stopped or wedged: "not responding".
-Hub.NOT_RESPONDING_MS = 10 * core.HEARTBEAT_MS
+-- Engines send a heartbeat every core.HEARTBEAT_MS (or the period their
+-- hello says), busy or idle; a ready engine silent ten periods is stopped
+-- or wedged: "not responding". One that sends none is never judged.
+Hub.NOT_RESPONDING_BEATS = 10
 
 local signal_names = {
   [1] = "SIGHUP", [2] = "SIGINT", [3] = "SIGQUIT", [4] = "SIGILL", [6] = "SIGABRT",
@@ -550,8 +551,8 @@ end
 -- Engines behind a controller are watched there (its status says).
 function Hub:not_responding(id)
   if self.controller or not self.core then return false end
-  local ms = self.core:silence(id)
-  return ms ~= nil and ms > Hub.NOT_RESPONDING_MS
+  local ms, beat = self.core:silence(id)
+  return ms ~= nil and beat > 0 and ms > Hub.NOT_RESPONDING_BEATS * beat
 end
 
 --- Per engine: requests in flight and state; plus what was dropped.
