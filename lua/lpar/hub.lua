@@ -20,15 +20,18 @@ Hub.__index = Hub
 -- it back to the system: glibc keeps freed heap otherwise. A finalizer that
 -- makes its successor runs once per collection cycle; it looks at most
 -- twice a second, since asking malloc what lies free walks its whole heap
--- (a busy client collects many times a second).
+-- (a busy client collects many times a second), and less often when a look
+-- took long: a trim of a big heap can take a fifth of a second, which a
+-- client churning through results at that size would pay again and again.
 do
-  local last = 0
+  local next_look = 0
   local function watch()
     setmetatable({}, { __gc = function()
       local now = core.now()
-      if now - last >= 0.5 then
-        last = now
+      if now >= next_look then
         core.trim(64 * 1024 * 1024)
+        local took = core.now() - now
+        next_look = now + math.max(0.5, 20 * took)
       end
       watch()
     end })

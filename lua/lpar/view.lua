@@ -190,9 +190,30 @@ function DirectView:run(path, opts)
   return finish_call(self, ar, opts, true)
 end
 
+local ONE_ENGINE = { single = true }
+
+local apply_one -- it records itself with each result, for rc:resubmit
+
+--- f(...) on the one engine of a single-engine view: submit's work for
+-- that case alone, without its loops and per-call tables (the common
+-- `rc[i]:apply_async(f, x)` made many times over).
+function apply_one(self, f, ...)
+  local hub = self.client._hub
+  local id = self.targets
+  local ar = AsyncResult.new("apply", ONE_ENGINE)
+  ar._hub, ar._interrupt = hub, interrupt_slots
+  -- An engine that is down fails the call here (Hub:submit says how it went).
+  local ok, err = hub:submit(id, APPLY, "args", ar:_slot(id), f, ...)
+  if not ok then error(err, 3) end
+  self._outstanding[ar] = true
+  self.client:_track(ar, apply_one, self, f, ...) -- for rc:resubmit
+  return ar
+end
+
 --- f(...) on every target, not waiting: the AsyncResult.
 function DirectView:apply_async(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
+  if math.type(self.targets) == "integer" then return apply_one(self, f, ...) end -- single(self)
   return submit(self, "apply", APPLY, "args", nil, nil, f, ...)
 end
 
