@@ -94,7 +94,7 @@ function AsyncResult.__index(self, k)
     return self:_per_slot(function(s) return s[k] and table.concat(s[k]) or "" end)
   elseif k == "metadata" then
     return self:_per_slot(function(s)
-      return { engine_id = s.engine, task = s.id, submitted = s.submitted, started = s.started,
+      return { engine_id = s.engine, task = s.id, submitted = s.submitted or self._submitted, started = s.started,
                completed = s.completed, status = s.done and (s.ok and "ok" or "error") or "pending" }
     end)
   elseif k == "engine_ids" then
@@ -128,15 +128,28 @@ function AsyncResult:__len() return total(self) end
 
 -- Internal: slots and events.
 
+-- Per kind of call, the metatable that gives its slots their kind.
+local slot_metas = {}
+local function slot_meta(kind)
+  local m = slot_metas[kind]
+  if not m then
+    m = { __index = { kind = kind } }
+    slot_metas[kind] = m
+  end
+  return m
+end
+
 --- A new task slot for `engine`; the hub fills in its id. `batch`: a
 -- compact map's slot for that many of its one-item tasks sent as one
 -- request (settled with the list of their values, `failed` naming errors).
 function methods:_slot(engine, batch)
   -- The fields the hub and a settle fill in are named (nil) here, so the
-  -- table is made with room for them and does not grow at each reply.
-  local s = { ar = self, engine = engine, kind = self._kind, submitted = core.now(), done = false,
-              id = nil, ok = nil, started = nil, completed = nil, values = nil }
-              -- stdout and stderr: lists of chunks, made on first output
+  -- table is made with room for them and does not grow at each reply:
+  -- eight, which fit a hash of 8. Its kind comes from its metatable (px
+  -- sets its own), and it was submitted with its result (ar._submitted).
+  -- stdout and stderr: lists of chunks, made on first output.
+  local s = setmetatable({ ar = self, engine = engine, id = nil, done = nil, ok = nil, started = nil,
+                           completed = nil, values = nil }, slot_meta(self._kind))
   local c = self._c
   if c then
     local k = c.made + 1

@@ -191,6 +191,10 @@ function DirectView:run(path, opts)
 end
 
 local ONE_ENGINE = { single = true }
+-- Called as functions, not methods: a result's and a client's methods are
+-- found through an __index function, a call of its own at each look.
+local new_slot = AsyncResult.methods._slot
+local track -- Client's _track (lpar.client requires this module: looked up once, on first use)
 
 local apply_one -- it records itself with each result, for rc:resubmit
 
@@ -203,10 +207,11 @@ function apply_one(self, f, ...)
   local ar = AsyncResult.new("apply", ONE_ENGINE)
   ar._hub, ar._interrupt = hub, interrupt_slots
   -- An engine that is down fails the call here (Hub:submit says how it went).
-  local ok, err = hub:submit(id, APPLY, "args", ar:_slot(id), f, ...)
+  local ok, err = hub:submit(id, APPLY, "args", new_slot(ar, id), f, ...)
   if not ok then error(err, 3) end
   self._outstanding[ar] = true
-  self.client:_track(ar, apply_one, self, f, ...) -- for rc:resubmit
+  track = track or require("lpar.client").methods._track
+  track(self.client, ar, apply_one, self, f, ...) -- for rc:resubmit
   return ar
 end
 
