@@ -39,6 +39,18 @@ describe("a local cluster", function()
     assert.equal(fresh + 1, received(1))
   end)
 
+  it("runs the function it was given when the slot it had went to others since", function()
+    local f = function(x) return x * 7 end
+    assert.equal(14, rc[2]:apply_sync(f, 2))
+    -- More distinct functions than a sender has slots: f's slot is given to another.
+    for k = 1, 70 do
+      local g = load("return function(x) return x + " .. k .. " end")()
+      assert.equal(k + 1, rc[2]:apply_sync(g, 1))
+    end
+    assert.equal(21, rc[2]:apply_sync(f, 3))
+    assert.equal(70, rc[2]:apply_sync(load("return function(x) return x + 69 end")(), 1))
+  end)
+
   it("gives each engine its id and the cluster size", function()
     assert.same({ 0, 1, 2, 3 }, dview:apply_sync(function() return lpar.engine.id end))
     assert.same({ 4, 4, 4, 4 }, dview:apply_sync(function() return lpar.engine.n end))

@@ -73,12 +73,16 @@ local function new_state(fields)
 end
 
 --- The core's handler must not keep the hub alive, or a dropped Cluster
--- would never be collected and its engines never stopped.
+-- would never be collected and its engines never stopped. The second
+-- function takes results, which the core hands over without their kind.
 local function handler_for(self)
   local weak = setmetatable({ self }, { __mode = "v" })
   return function(kind, ...)
     local hub = weak[1]
     if hub then hub[kind](hub, ...) end
+  end, function(...)
+    local hub = weak[1]
+    if hub then hub:result(...) end
   end
 end
 
@@ -91,8 +95,9 @@ function Hub.embedded(opts)
     if type(k) == "string" then env[#env + 1] = k .. "=" .. tostring(v)
     else env[#env + 1] = v end
   end
+  local handler, on_result = handler_for(self)
   local c, err = core.new_cluster { engine = self.engine_path, env = env, blas_threads = opts.blas_threads,
-                                    handler = handler_for(self) }
+                                    handler = handler, on_result = on_result }
   if not c then error(err, 3) end
   self.core = c
   return self
@@ -105,8 +110,9 @@ end
 function Hub.connect(address, key, fields)
   local self = new_state(fields or {})
   self.controller, self.next_call = true, 0
+  local handler, on_result = handler_for(self)
   local c, err = core.connect { path = address.path, host = address.host, port = address.port,
-                                key = key, handler = handler_for(self) }
+                                key = key, handler = handler, on_result = on_result }
   if not c then return nil, err end
   self.core = c
   return self
