@@ -149,7 +149,7 @@ function methods:_slot(engine, batch)
   -- sets its own), and it was submitted with its result (ar._submitted).
   -- stdout and stderr: lists of chunks, made on first output.
   local s = setmetatable({ ar = self, engine = engine, id = nil, done = nil, ok = nil, started = nil,
-                           completed = nil, values = nil }, slot_meta(self._kind))
+                           completed = nil, values = nil }, slot_metas[self._kind] or slot_meta(self._kind))
   local c = self._c
   if c then
     local k = c.made + 1
@@ -290,7 +290,7 @@ function methods:_settle(slot, ok, started, completed, value)
   elseif not self._single then -- a one-engine result's arrivals follow from _done
     self._arrivals[#self._arrivals + 1] = slot
   end
-  if self._done == total(self) then
+  if self._done == (self._total or #self._slots) then -- total(self)
     self._completed = core.now()
     local waiters = self._waiters
     if waiters then
