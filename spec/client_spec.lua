@@ -80,6 +80,23 @@ describe("a local cluster", function()
       assert.same({ 0, 1 }, rc:view("0:2").targets)
     end)
 
+    it("wait for every result they handed out, their copies' too, and for no other view's", function()
+      local v, other = rc[1], rc[2]
+      local spin = function(s) local t = os.clock() while os.clock() - t < s do end return s end
+      local busy = other:apply_async(spin, 3) -- another view's: v:wait does not wait for it
+      local ars = {}
+      local copy = v:with { block = false }
+      for i = 1, 300 do ars[i] = (i % 2 == 0 and copy or v):apply_async(function(x) return x end, i) end
+      local last = v:apply_async(spin, 0.2)
+      assert.is_false(v:wait(0))
+      assert.is_true(v:wait(10))
+      assert.is_true(last:ready())
+      for i = 1, 300 do assert.equal(i, ars[i]:get(0)) end
+      assert.is_false(busy:ready())
+      rc:interrupt(2)
+      assert.is_true(busy:wait(10))
+    end)
+
     it("refuse targets that do not exist, at the call site", function()
       assert.has_error(function() rc:view(9) end, "no engine 9 (engines: 0 1 2 3)")
     end)

@@ -54,6 +54,7 @@ typedef struct cluster_ud {
   lua_State *L;    /* main thread: callbacks run on it, as luv's do */
   int handler_ref; /* the Lua event handler */
   int result_ref;  /* on_result, or LUA_NOREF: results go to the handler */
+  int msgh_ref;    /* deliver_msgh closed over this ud, made once (LUA_NOREF until then) */
   int delivering;  /* deliver_result got past decoding: an error now is on_result's */
   int raw;
   uint64_t undecodable; /* replies that did not decode: counted here only */
@@ -239,8 +240,12 @@ static void end_refused_reply(lua_State *L, cluster_ud *u, const lpar_event *ev,
 */
 static int on_result_event(lua_State *L, cluster_ud *u, const lpar_event *ev, int top) {
   u->delivering = 0;
-  lua_pushlightuserdata(L, u);
-  lua_pushcclosure(L, deliver_msgh, 1);
+  if (u->msgh_ref == LUA_NOREF) { /* made once: a closure per result would be garbage per result */
+    lua_pushlightuserdata(L, u);
+    lua_pushcclosure(L, deliver_msgh, 1);
+    u->msgh_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, u->msgh_ref);
   lua_pushcfunction(L, deliver_result);
   lua_pushlightuserdata(L, u);
   lua_pushlightuserdata(L, (void *)ev);
@@ -312,6 +317,7 @@ static cluster_ud *new_ud(lua_State *L, int raw) {
   u->raw = raw;
   u->handler_ref = LUA_NOREF;
   u->result_ref = LUA_NOREF;
+  u->msgh_ref = LUA_NOREF;
   luaL_setmetatable(L, CLUSTER_MT);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   u->L = lua_tothread(L, -1);
@@ -694,6 +700,7 @@ static int l_stop(lua_State *L) {
   }
   lparC_unref(L, &u->handler_ref);
   lparC_unref(L, &u->result_ref);
+  lparC_unref(L, &u->msgh_ref);
   lparB_free(&u->enc);
   lparF_release(L, &u->funcs);
   lparF_free(&u->funcs);

@@ -46,13 +46,41 @@ function DirectView:with(flags)
   return viewflags.with(self, flags, FLAGS)
 end
 
+-- The results a view handed out, for DirectView:wait: weak values, so a
+-- finished result the user dropped need not be kept (a pending one is held
+-- by the hub until it settles). A list, not a table keyed by results: such
+-- a table is an ephemeron, which every collection walks again and again,
+-- and hashing a result into it cost half a microsecond a call. `n` results
+-- were added; those before `first` are known done (DirectView:wait); when
+-- the list has doubled since it was last compacted, the collected go and
+-- the known done with them (amortized, whatever the user keeps).
+-- Copies of the view (view:with) share it.
+local WEAK_VALUES = { __mode = "v" }
+
+local function outstanding_list() return setmetatable({ n = 0, first = 1, compact_at = 64 }, WEAK_VALUES) end
+
+local ready = AsyncResult.methods.ready
+
+local function add_outstanding(out, ar)
+  local n = out.n + 1
+  out[n], out.n = ar, n
+  if n < out.compact_at then return end
+  local k, first = 0, out.first
+  for i = 1, n do -- k <= i: out[k] is behind the walk
+    local r = out[i]
+    out[i] = nil
+    if r and i >= first then
+      k = k + 1
+      out[k] = r
+    end
+  end
+  out.n, out.first, out.compact_at = k, 1, math.max(64, 2 * k)
+end
+
 --- A view of `client` over `spec` (see lpar.targets); nil means every
 -- engine, resolved at each call so restarted engines are included.
 function DirectView.new(client, spec)
-  -- Weak: a finished result the user dropped need not be kept; a pending
-  -- one is held by the hub until it settles.
-  local outstanding = setmetatable({}, { __mode = "k" })
-  local self = setmetatable({ client = client, block = false, _outstanding = outstanding },
+  local self = setmetatable({ client = client, block = false, _outstanding = outstanding_list() },
     DirectView)
   if spec == nil then
     self.targets = "all"
@@ -136,7 +164,7 @@ function submit(self, kind, mtype, root, finish, per_target, ...)
     for _ in pairs(errs) do failed = failed + 1 end
     if failed == #ids then error(errs[1], 3) end -- it reached none
     for i, err in pairs(errs) do ar:_settle(slots[i], false, nil, nil, err) end
-    self._outstanding[ar] = true
+    add_outstanding(self._outstanding, ar)
     self.client:_track(ar, submit, self, kind, mtype, root, finish, per_target, ...) -- for rc:resubmit
     return ar
   end
@@ -155,7 +183,7 @@ function submit(self, kind, mtype, root, finish, per_target, ...)
       ar:_settle(slot, false, nil, nil, err)
     end
   end
-  self._outstanding[ar] = true
+  add_outstanding(self._outstanding, ar)
   self.client:_track(ar, submit, self, kind, mtype, root, finish, per_target, ...) -- for rc:resubmit
   return ar
 end
@@ -209,7 +237,7 @@ function apply_one(self, f, ...)
   -- An engine that is down fails the call here (Hub:submit says how it went).
   local ok, err = hub:submit(id, APPLY, "args", new_slot(ar, id), f, ...)
   if not ok then error(err, 3) end
-  self._outstanding[ar] = true
+  add_outstanding(self._outstanding, ar)
   track = track or require("lpar.client").methods._track
   track(self.client, ar, apply_one, self, f, ...) -- for rc:resubmit
   return ar
@@ -430,8 +458,10 @@ end
 function DirectView:wait(timeout)
   local out = self._outstanding
   local ok = wait.until_done(function()
-    for ar in pairs(out) do
-      if ar:ready() then out[ar] = nil else return false end
+    for i = out.first, out.n do
+      local ar = out[i]
+      if ar and not ready(ar) then return false end
+      out.first = i + 1
     end
     return true
   end, timeout, nil, 2)
