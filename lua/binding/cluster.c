@@ -239,6 +239,7 @@ static void end_refused_reply(lua_State *L, cluster_ud *u, const lpar_event *ev,
 ** above `top` + 2 (the traceback function and the handler).
 */
 static int on_result_event(lua_State *L, cluster_ud *u, const lpar_event *ev, int top) {
+  int outer = u->delivering; /* a delivery this one runs inside, if on_result ever drains a route */
   u->delivering = 0;
   if (u->msgh_ref == LUA_NOREF) { /* made once: a closure per result would be garbage per result */
     lua_pushlightuserdata(L, u);
@@ -249,8 +250,10 @@ static int on_result_event(lua_State *L, cluster_ud *u, const lpar_event *ev, in
   lua_pushcfunction(L, deliver_result);
   lua_pushlightuserdata(L, u);
   lua_pushlightuserdata(L, (void *)ev);
-  if (lua_pcall(L, 2, 0, top + 1) == LUA_OK) return 1;
-  if (u->delivering) {
+  int status = lua_pcall(L, 2, 0, top + 1), delivered = u->delivering;
+  u->delivering = outer;
+  if (status == LUA_OK) return 1;
+  if (delivered) {
     fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
     end_refused_reply(L, u, ev, top);
     return 1;
