@@ -274,10 +274,15 @@ static void flush(lparR_route *r) {
   update_poll(r);
 }
 
-/* The pieces copied to the end of the queue: into the last chunk when it has room. */
-static int cork_append(lparR_route *r, struct iovec *iov, int niov, size_t total, const int *fds,
-                       int nfds) {
+/*
+** The pieces copied to the end of the queue: into the last chunk when it
+** has room, else into a new one of at least CORK_CHUNK bytes. 1 when they
+** started a chunk, 0 when they joined one, or an error.
+*/
+static int append_to_queue(lparR_route *r, struct iovec *iov, int niov, size_t total, const int *fds,
+                           int nfds) {
   chunk *c = r->tail;
+  int started = 0;
   /* Descriptors go with their own frame's first byte: such a frame starts a chunk. */
   if (c == NULL || nfds > 0 || c->unsealed || c->ready < c->len || c->cap - c->len < total) {
     c = chunk_with_room(0, total > CORK_CHUNK ? total : CORK_CHUNK);
@@ -287,12 +292,20 @@ static int cork_append(lparR_route *r, struct iovec *iov, int niov, size_t total
       return LPAR_ESYS;
     }
     enqueue(r, c);
+    started = 1;
   }
   for (int i = 0; i < niov; i++) {
     memcpy(c->data + c->len, iov[i].iov_base, iov[i].iov_len);
     c->len += iov[i].iov_len;
   }
   c->ready = c->len;
+  return started;
+}
+
+static int cork_append(lparR_route *r, struct iovec *iov, int niov, size_t total, const int *fds,
+                       int nfds) {
+  int rc = append_to_queue(r, iov, niov, total, fds, nfds);
+  if (rc < 0) return rc;
   if (r->head != r->tail) flush(r); /* a whole chunk is gathered: no use holding it */
   return LPAR_OK;
 }
@@ -305,6 +318,16 @@ static int write_or_queue(lparR_route *r, struct iovec *iov, int niov, const int
   size_t total = 0, done = 0;
   for (int i = 0; i < niov; i++) total += iov[i].iov_len;
   if (r->corked) return cork_append(r, iov, niov, total, fds, nfds);
+  /*
+  ** Behind frames already waiting for the socket, a small one joins the
+  ** last of them: a backlog of small requests then goes out in a few
+  ** writes of CORK_CHUNK bytes, not in one write each. Nothing waits
+  ** longer for it: the socket takes nothing before what is queued.
+  */
+  if (r->head != NULL && total <= CORK_CHUNK) {
+    int rc = append_to_queue(r, iov, niov, total, fds, nfds);
+    return rc < 0 ? rc : LPAR_OK;
+  }
   if (r->head == NULL) {
     ssize_t k = send_pieces(r, iov, niov, fds, nfds);
     if (k < 0) {

@@ -39,6 +39,18 @@ describe("a local cluster", function()
     assert.equal(fresh + 1, received(1))
   end)
 
+  it("runs the function it was given when the slot it had went to others since", function()
+    local f = function(x) return x * 7 end
+    assert.equal(14, rc[2]:apply_sync(f, 2))
+    -- More distinct functions than a sender has slots: f's slot is given to another.
+    for k = 1, 70 do
+      local g = load("return function(x) return x + " .. k .. " end")()
+      assert.equal(k + 1, rc[2]:apply_sync(g, 1))
+    end
+    assert.equal(21, rc[2]:apply_sync(f, 3))
+    assert.equal(70, rc[2]:apply_sync(load("return function(x) return x + 69 end")(), 1))
+  end)
+
   it("gives each engine its id and the cluster size", function()
     assert.same({ 0, 1, 2, 3 }, dview:apply_sync(function() return lpar.engine.id end))
     assert.same({ 4, 4, 4, 4 }, dview:apply_sync(function() return lpar.engine.n end))
@@ -66,6 +78,23 @@ describe("a local cluster", function()
       assert.equal("all", dview.targets)
       assert.equal(1, rc[1].targets)
       assert.same({ 0, 1 }, rc:view("0:2").targets)
+    end)
+
+    it("wait for every result they handed out, their copies' too, and for no other view's", function()
+      local v, other = rc[1], rc[2]
+      local spin = function(s) local t = os.clock() while os.clock() - t < s do end return s end
+      local busy = other:apply_async(spin, 3) -- another view's: v:wait does not wait for it
+      local ars = {}
+      local copy = v:with { block = false }
+      for i = 1, 300 do ars[i] = (i % 2 == 0 and copy or v):apply_async(function(x) return x end, i) end
+      local last = v:apply_async(spin, 0.2)
+      assert.is_false(v:wait(0))
+      assert.is_true(v:wait(10))
+      assert.is_true(last:ready())
+      for i = 1, 300 do assert.equal(i, ars[i]:get(0)) end
+      assert.is_false(busy:ready())
+      rc:interrupt(2)
+      assert.is_true(busy:wait(10))
     end)
 
     it("refuse targets that do not exist, at the call site", function()

@@ -16,7 +16,10 @@
 ** ("placed", engine, id): the controller sent load-balanced request id (sent
 ** to core.ANY_ENGINE + depth) to that engine; engine nil: withdrawn unsent.
 ** With raw, messages come as ("frame", engine, type, flags, id, payload), not
-** decoded: a relay passes them on.
+** decoded: a relay passes them on. Given on_result=, a function, results go
+** to it instead, without their kind: on_result(engine, id, started,
+** completed, values...), in one protected call that decodes and delivers
+** (a result is most of the traffic; this is its short way in).
 **
 ** Events are decoded and handed over inside a protected call, so neither a
 ** decoding failure nor an error in the handler unwinds through libuv.
@@ -52,6 +55,9 @@ typedef struct cluster_ud {
   lpar_cluster *c;
   lua_State *L;    /* main thread: callbacks run on it, as luv's do */
   int handler_ref; /* the Lua event handler */
+  int result_ref;  /* on_result, or LUA_NOREF: results go to the handler */
+  int msgh_ref;    /* deliver_msgh closed over this ud, made once (LUA_NOREF until then) */
+  int delivering;  /* deliver_result got past decoding: an error now is on_result's */
   int raw;
   uint64_t undecodable; /* replies that did not decode: counted here only */
   lparB_buffer enc;     /* reused for every send */
@@ -179,6 +185,94 @@ static int decode_event(lua_State *L) {
   return push_event(L, u, ev);
 }
 
+/* Protected: (u, ev) -> on_result(engine, id, started, completed, values...) called. */
+static int deliver_result(lua_State *L) {
+  cluster_ud *u = lua_touserdata(L, 1);
+  const lpar_event *ev = lua_touserdata(L, 2);
+  lua_settop(L, 0);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, u->result_ref);
+  lua_pushinteger(L, ev->engine);
+  lua_pushinteger(L, (lua_Integer)ev->id);
+  int n = push_reply(L, ev);
+  u->delivering = 1;
+  lua_call(L, 2 + n, 0);
+  return 0;
+}
+
+/* The message handler of deliver_result: a traceback for on_result's errors, a decoding error as it is. */
+static int deliver_msgh(lua_State *L) {
+  cluster_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  return u->delivering ? lparC_traceback(L) : 1;
+}
+
+/* The handler's arguments for a message that did not decode, `why` on top: they replace it. */
+static void push_undecodable(lua_State *L, cluster_ud *u, const lpar_event *ev) {
+  char why[512];
+  snprintf(why, sizeof why, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "out of memory");
+  lua_pop(L, 1);
+  lua_checkstack(L, 8);
+  if (ev->kind == LPAR_EV_MESSAGE && ev->type == LPAR_MSG_CONTROL) {
+    lua_pushstring(L, "control");
+    lua_pushinteger(L, (lua_Integer)ev->id);
+    lua_pushnil(L);
+  } else {
+    u->undecodable++;
+    lua_pushstring(L, "undecodable");
+    lua_pushinteger(L, ev->engine);
+    lua_pushinteger(L, (lua_Integer)ev->id);
+  }
+  lua_pushstring(L, why);
+}
+
+/* A reply the handler (or on_result) could not take must still end its request. */
+static void end_refused_reply(lua_State *L, cluster_ud *u, const lpar_event *ev, int top) {
+  if (ev->kind != LPAR_EV_MESSAGE || u->raw || (ev->type != LPAR_MSG_RESULT && ev->type != LPAR_MSG_ERROR))
+    return;
+  lua_settop(L, top);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
+  lua_pushstring(L, "undecodable");
+  lua_pushinteger(L, ev->engine);
+  lua_pushinteger(L, (lua_Integer)ev->id);
+  lua_pushstring(L, "the event handler failed on it");
+  if (lua_pcall(L, 4, 0, 0) != LUA_OK)
+    fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
+}
+
+/*
+** A result, when there is an on_result: decoded and delivered in one
+** protected call. 1 when it is done with, 0 when it did not decode: then
+** the handler's arguments for an "undecodable" event are on the stack
+** above `top` + 2 (the traceback function and the handler).
+*/
+static int on_result_event(lua_State *L, cluster_ud *u, const lpar_event *ev, int top) {
+  int outer = u->delivering; /* a delivery this one runs inside, if on_result ever drains a route */
+  u->delivering = 0;
+  if (u->msgh_ref == LUA_NOREF) { /* made once: a closure per result would be garbage per result */
+    lua_pushlightuserdata(L, u);
+    lua_pushcclosure(L, deliver_msgh, 1);
+    u->msgh_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, u->msgh_ref);
+  lua_pushcfunction(L, deliver_result);
+  lua_pushlightuserdata(L, u);
+  lua_pushlightuserdata(L, (void *)ev);
+  int status = lua_pcall(L, 2, 0, top + 1), delivered = u->delivering;
+  u->delivering = outer;
+  if (status == LUA_OK) return 1;
+  if (delivered) {
+    fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
+    end_refused_reply(L, u, ev, top);
+    return 1;
+  }
+  /* [msgh, error] becomes [traceback, handler, error], as on the handler's way */
+  lua_replace(L, top + 1);
+  lua_pushcfunction(L, lparC_traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
+  lua_rotate(L, top + 1, -1);
+  push_undecodable(L, u, ev);
+  return 0;
+}
+
 /*
 ** Decode first, then call the handler, each protected: a message that does
 ** not decode (or holds more values than a Lua stack) becomes an
@@ -194,43 +288,26 @@ static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
   if (u->handler_ref == LUA_NOREF) return;
   int top = lua_gettop(L);
   if (!lua_checkstack(L, 8)) return;
-  lua_pushcfunction(L, lparC_traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
-  lua_pushcfunction(L, decode_event);
-  lua_pushlightuserdata(L, u);
-  lua_pushlightuserdata(L, (void *)ev);
-  if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
-    char why[512];
-    snprintf(why, sizeof why, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "out of memory");
-    lua_settop(L, top + 2);
-    lua_checkstack(L, 8);
-    if (ev->kind == LPAR_EV_MESSAGE && ev->type == LPAR_MSG_CONTROL) {
-      lua_pushstring(L, "control");
-      lua_pushinteger(L, (lua_Integer)ev->id);
-      lua_pushnil(L);
-    } else {
-      u->undecodable++;
-      lua_pushstring(L, "undecodable");
-      lua_pushinteger(L, ev->engine);
-      lua_pushinteger(L, (lua_Integer)ev->id);
+  if (ev->kind == LPAR_EV_MESSAGE && ev->type == LPAR_MSG_RESULT && !u->raw && u->result_ref != LUA_NOREF) {
+    if (on_result_event(L, u, ev, top)) {
+      lua_settop(L, top);
+      return;
     }
-    lua_pushstring(L, why);
+  } else {
+    lua_pushcfunction(L, lparC_traceback);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
+    lua_pushcfunction(L, decode_event);
+    lua_pushlightuserdata(L, u);
+    lua_pushlightuserdata(L, (void *)ev);
+    if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
+      lua_settop(L, top + 3); /* the error on top of the traceback function and the handler */
+      push_undecodable(L, u, ev);
+    }
   }
   int nargs = lua_gettop(L) - (top + 2);
   if (lua_pcall(L, nargs, 0, top + 1) != LUA_OK) {
     fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
-    /* A reply the handler could not take must still end its request. */
-    if (ev->kind == LPAR_EV_MESSAGE && !u->raw &&
-        (ev->type == LPAR_MSG_RESULT || ev->type == LPAR_MSG_ERROR)) {
-      lua_settop(L, top);
-      lua_rawgeti(L, LUA_REGISTRYINDEX, u->handler_ref);
-      lua_pushstring(L, "undecodable");
-      lua_pushinteger(L, ev->engine);
-      lua_pushinteger(L, (lua_Integer)ev->id);
-      lua_pushstring(L, "the event handler failed on it");
-      if (lua_pcall(L, 4, 0, 0) != LUA_OK)
-        fprintf(stderr, "lpar: error in the event handler: %s\n", lua_tostring(L, -1));
-    }
+    end_refused_reply(L, u, ev, top);
   }
   lua_settop(L, top);
 }
@@ -248,6 +325,8 @@ static cluster_ud *new_ud(lua_State *L, int raw) {
   lparF_init(&u->funcs);
   u->raw = raw;
   u->handler_ref = LUA_NOREF;
+  u->result_ref = LUA_NOREF;
+  u->msgh_ref = LUA_NOREF;
   luaL_setmetatable(L, CLUSTER_MT);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   u->L = lua_tothread(L, -1);
@@ -258,6 +337,17 @@ static cluster_ud *new_ud(lua_State *L, int raw) {
 static int get_handler(lua_State *L) {
   lua_getfield(L, 1, "handler");
   luaL_argexpected(L, lua_isfunction(L, -1), 1, "table with a handler function");
+  return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* The optional on_result function of the options at 1: a reference, or LUA_NOREF. */
+static int get_on_result(lua_State *L) {
+  lua_getfield(L, 1, "on_result");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return LUA_NOREF;
+  }
+  luaL_argexpected(L, lua_isfunction(L, -1), 1, "on_result to be a function");
   return luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
@@ -290,9 +380,10 @@ static int l_new_cluster(lua_State *L) {
   lua_getfield(L, 1, "blas_threads");
   int blas = (int)luaL_optinteger(L, -1, 0);
   const char **env = lparC_check_env(L, 1);
-  int handler = get_handler(L);
+  int handler = get_handler(L), on_result = get_on_result(L);
   cluster_ud *u = new_ud(L, opt_bool(L, "raw"));
   u->handler_ref = handler;
+  u->result_ref = on_result;
   lpar_config cfg = {.engine_path = engine, .env = env, .blas_threads = blas,
                      .on_event = on_event, .ud = u};
   int rc = lpar_cluster_new(luv_loop(L), &cfg, &u->c);
@@ -321,7 +412,7 @@ static int l_connect(lua_State *L) {
   lua_getfield(L, 1, "port");
   cfg.port = (int)luaL_optinteger(L, -1, 0);
   if (cfg.path == NULL && cfg.host == NULL) return luaL_error(L, "give a socket path, or a host and port");
-  int handler = get_handler(L);
+  int handler = get_handler(L), on_result = get_on_result(L);
   cluster_ud *u = new_ud(L, opt_bool(L, "raw"));
   cfg.ud = u;
   int rc = lpar_cluster_connect(luv_loop(L), &cfg, &u->c);
@@ -332,9 +423,11 @@ static int l_connect(lua_State *L) {
     lpar_cluster_free(u->c);
     u->c = NULL;
     lparC_unref(L, &handler);
+    lparC_unref(L, &on_result);
     return 3;
   }
   u->handler_ref = handler;
+  u->result_ref = on_result;
   sodium_memzero(cfg.key, sizeof cfg.key);
   return 1;
 }
@@ -621,7 +714,10 @@ static int l_stop(lua_State *L) {
     u->c = NULL;
   }
   lparC_unref(L, &u->handler_ref);
+  lparC_unref(L, &u->result_ref);
+  lparC_unref(L, &u->msgh_ref);
   lparB_free(&u->enc);
+  lparF_release(L, &u->funcs);
   lparF_free(&u->funcs);
   return 0;
 }

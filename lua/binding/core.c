@@ -131,14 +131,21 @@ static int keep_going_pcall(lua_State *L, int nargs, int nresults, int flags) {
 
 /*
 ** trim([bytes]): give freed heap back to the system (glibc keeps it), or
-** only when more than `bytes` lie free in it; true if some went. It asks
-** malloc, not Lua, so a finalizer may call it (collectgarbage may not).
+** only when more than `bytes` lie free in it and more lies free than is in
+** use; true if some went. The second condition tells a heap that shrank (a
+** big result released) from one churning at its size, whose free chunks
+** malloc is about to hand out again: trimming that one costs a walk of the
+** heap now and a page fault for every page later. It asks malloc, not Lua,
+** so a finalizer may call it (collectgarbage may not).
 */
 static int l_trim(lua_State *L) {
   lua_Integer at_least = luaL_optinteger(L, 1, 0);
-  if (at_least > 0 && mallinfo2().fordblks <= (size_t)at_least) {
-    lua_pushboolean(L, 0);
-    return 1;
+  if (at_least > 0) {
+    struct mallinfo2 mi = mallinfo2();
+    if (mi.fordblks <= (size_t)at_least || mi.fordblks <= mi.uordblks) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
   }
   lua_pushboolean(L, malloc_trim(0));
   return 1;

@@ -6,15 +6,23 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <lauxlib.h>
 #include <sodium.h>
 
 #include "lpar.h"
 
 #define REG_FUNCS "lpar.functions" /* (nonce .. slot) -> bytecode; n, received */
 #define MAX_ENGINE (1 << 20)
+/*
+** Functions remembered before the table starts afresh: a caller who makes a
+** new closure for every call would otherwise fill it faster than the
+** collector empties it.
+*/
+#define MAX_REMEMBERED 1024
 
 void lparF_init(lparF_sender *s) {
   memset(s, 0, sizeof *s);
+  s->memo_ref = LUA_NOREF;
   if (sodium_init() < 0) abort(); /* no randomness: nothing safe to do */
   randombytes_buf(s->nonce, sizeof s->nonce);
   lparB_init(&s->scratch);
@@ -75,6 +83,50 @@ int lparF_slot(lparF_sender *s, int engine, const void *code, size_t len, int *k
     s->pending[s->npending++] = k;
   }
   return k;
+}
+
+int lparF_recall(lua_State *L, lparF_sender *s, int idx, int engine) {
+  if (s->memo_ref == LUA_NOREF || engine < 0 || engine >= s->nknown || s->known[engine] == NULL ||
+      !lua_checkstack(L, 3))
+    return -1;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->memo_ref);
+  lua_pushvalue(L, idx);
+  int ok = lua_rawget(L, -2) == LUA_TNUMBER;
+  lua_Integer v = ok ? lua_tointeger(L, -1) : -1;
+  lua_pop(L, 2);
+  if (v < 0) return -1;
+  int k = (int)(v % LPARF_SLOTS);
+  uint32_t gen = (uint32_t)(v / LPARF_SLOTS);
+  /* The slot still holds this function's digest, and the engine holds that generation. */
+  if (s->gen[k] != gen || s->known[engine][k] != gen) return -1;
+  return k;
+}
+
+void lparF_remember(lua_State *L, lparF_sender *s, int idx, int slot) {
+  if (!lua_checkstack(L, 4)) return; /* not remembered: dumped again next time */
+  idx = lua_absindex(L, idx);
+  if (s->memo_ref == LUA_NOREF || s->memo_count >= MAX_REMEMBERED) {
+    if (s->memo_ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, s->memo_ref);
+    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    s->memo_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    s->memo_count = 0;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->memo_ref);
+  lua_pushvalue(L, idx);
+  lua_pushinteger(L, (lua_Integer)s->gen[slot] * LPARF_SLOTS + slot);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  s->memo_count++;
+}
+
+void lparF_release(lua_State *L, lparF_sender *s) {
+  if (s->memo_ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, s->memo_ref);
+  s->memo_ref = LUA_NOREF;
+  s->memo_count = 0;
 }
 
 void lparF_commit(lparF_sender *s, int engine) {

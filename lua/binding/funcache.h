@@ -40,6 +40,8 @@ typedef struct lparF_sender {
   int nknown;
   lparB_buffer scratch;      /* a function's bytecode, while its slot is looked up */
   int pending[LPARF_MAX_PENDING], npending; /* slots set by the message being encoded */
+  int memo_ref;              /* registry ref of {function = slot and generation}, weak keys; LUA_NOREF */
+  int memo_count;            /* entries put in it (dead ones go with their functions) */
 } lparF_sender;
 
 void lparF_init(lparF_sender *s);
@@ -59,6 +61,19 @@ int lparF_slot(lparF_sender *s, int engine, const void *code, size_t len, int *k
 */
 void lparF_commit(lparF_sender *s, int engine);
 void lparF_discard(lparF_sender *s);
+
+/*
+** The same function sent again: its slot is remembered by the function
+** itself (a table with weak keys, so a function collected takes its entry
+** with it and its address means nothing to a later one), sparing a dump
+** and a digest at each send. lparF_recall: the slot of the function at idx
+** when `engine` holds it already (the message names it, FUNCREF), else -1.
+** lparF_remember: the function at idx was given `slot` by lparF_slot.
+** lparF_release: let the table go (the sender is freed).
+*/
+int lparF_recall(lua_State *L, lparF_sender *s, int idx, int engine);
+void lparF_remember(lua_State *L, lparF_sender *s, int idx, int slot);
+void lparF_release(lua_State *L, lparF_sender *s);
 
 /*
 ** Receiving. lparF_keep: bytecode code[0..len) for (nonce, slot), kept

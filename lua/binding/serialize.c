@@ -591,6 +591,18 @@ static int enc_code(enc *S, int idx) {
     return rc ? rc : enc_dump(S, idx);
   }
   lua_State *L = S->L;
+  int slot = lparF_recall(L, S->funcs, idx, S->engine);
+  if (slot >= 0) { /* sent before, and held there: named, not dumped */
+    unsigned char *p = room(S, 1 + LPARF_NONCE_BYTES + UV_MAX);
+    if (p == NULL) return nomem(S);
+    size_t n = 0;
+    p[n++] = T_FUNCREF;
+    memcpy(p + n, S->funcs->nonce, LPARF_NONCE_BYTES);
+    n += LPARF_NONCE_BYTES;
+    n += put_uv(p + n, (uint64_t)slot);
+    S->b->len += n;
+    return 0;
+  }
   lparB_buffer *code = &S->funcs->scratch;
   code->len = 0;
   lua_pushvalue(L, idx);
@@ -598,7 +610,8 @@ static int enc_code(enc *S, int idx) {
   lua_pop(L, 1);
   if (st != 0) return nomem(S);
   int known = 0;
-  int slot = lparF_slot(S->funcs, S->engine, code->data, code->len, &known);
+  slot = lparF_slot(S->funcs, S->engine, code->data, code->len, &known);
+  if (slot >= 0) lparF_remember(L, S->funcs, idx, slot);
   unsigned char *p = room(S, 2 + LPARF_NONCE_BYTES + 2 * UV_MAX + (known ? 0 : code->len));
   if (p == NULL) return nomem(S);
   size_t n = 0;

@@ -12,6 +12,8 @@ local wait = require "lpar.wait"
 local AsyncResult = {}
 local methods = {}
 
+local NONE_YET = setmetatable({}, { __newindex = function() error("NONE_YET is shared: not to be changed", 2) end })
+
 --- A result over the given tasks. `opts.single`: a one-engine view, whose
 -- get() returns the values themselves; `opts.finish(slots)`: turns the
 -- finished slots into what get() returns. `opts.compact` ({ n =, size =,
@@ -26,29 +28,35 @@ function AsyncResult.new(kind, opts)
           stdout = {}, stderr = {}, submitted = core.now() }
   end
   -- Every field a settle or a wait looks at is present (false, not nil):
-  -- a missing one would go through __index below at each look.
-  return setmetatable({
+  -- a missing one would go through __index below at each look. Those only
+  -- a map or a load-balanced view sets (_ordered, _feed, _stop,
+  -- _interrupting) and on_output are left out when false: sixteen fields
+  -- fit a hash of 16, where one more would take 32. A one-engine result
+  -- (a direct call, made a hundred thousand times a second) keeps its one
+  -- slot in _one_slot and makes its lists of slots and arrivals only when
+  -- something asks for them (see __index): every table fewer per call is
+  -- work the collector does not do.
+  local single = opts.single or false
+  local self = {
     _c = c or false,
-    _total = c and c.tasks or false,
-    _ordered = c and c.ordered or false,
+    _total = c and c.tasks or (single and 1) or false,
     _kind = kind,
-    _slots = {},
+    _one_slot = false,
     _done = 0,
-    _single = opts.single or false,
+    _single = single,
     _finish = opts.finish or false,
-    _arrivals = {},
     _submitted = core.now(),
     _completed = false,
     _waiters = false,
     _interrupt = false,
-    _interrupting = false,
-    _feed = false,
-    _stop = false,
+    _hub = false, -- the hub its tasks went to, for interrupts (set by its view)
     _again = false, -- how to submit it again, and whose it is (Client:_track)
     _client = false,
     _purged = false,
-    on_output = false,
-  }, AsyncResult)
+  }
+  if not single then self._slots, self._arrivals = {}, {} end
+  if c then self._ordered = c.ordered end
+  return setmetatable(self, AsyncResult)
 end
 
 AsyncResult.methods = methods -- for the prompt's completion of ar:
@@ -72,14 +80,21 @@ local function total(self) return self._total or #self._slots end
 function AsyncResult.__index(self, k)
   local m = methods[k]
   if m then return m end
-  if k == "elapsed" then
+  if k == "_slots" then -- a one-engine result's, made when first asked for
+    local list = { rawget(self, "_one_slot") or nil }
+    rawset(self, "_slots", list)
+    return list
+  elseif k == "_arrivals" then -- likewise: its one slot once settled
+    if self._done > 0 then return self._slots end
+    return NONE_YET
+  elseif k == "elapsed" then
     local last = self._completed or core.now()
     return last - self._submitted
   elseif k == "stdout" or k == "stderr" then
     return self:_per_slot(function(s) return s[k] and table.concat(s[k]) or "" end)
   elseif k == "metadata" then
     return self:_per_slot(function(s)
-      return { engine_id = s.engine, task = s.id, submitted = s.submitted, started = s.started,
+      return { engine_id = s.engine, task = s.id, submitted = s.submitted or self._submitted, started = s.started,
                completed = s.completed, status = s.done and (s.ok and "ok" or "error") or "pending" }
     end)
   elseif k == "engine_ids" then
@@ -113,12 +128,28 @@ function AsyncResult:__len() return total(self) end
 
 -- Internal: slots and events.
 
+-- Per kind of call, the metatable that gives its slots their kind.
+local slot_metas = {}
+local function slot_meta(kind)
+  local m = slot_metas[kind]
+  if not m then
+    m = { __index = { kind = kind } }
+    slot_metas[kind] = m
+  end
+  return m
+end
+
 --- A new task slot for `engine`; the hub fills in its id. `batch`: a
 -- compact map's slot for that many of its one-item tasks sent as one
 -- request (settled with the list of their values, `failed` naming errors).
 function methods:_slot(engine, batch)
-  local s = { ar = self, engine = engine, kind = self._kind, submitted = core.now(),
-              done = false } -- stdout and stderr: lists of chunks, made on first output
+  -- The fields the hub and a settle fill in are named (nil) here, so the
+  -- table is made with room for them and does not grow at each reply:
+  -- eight, which fit a hash of 8. Its kind comes from its metatable (px
+  -- sets its own), and it was submitted with its result (ar._submitted).
+  -- stdout and stderr: lists of chunks, made on first output.
+  local s = setmetatable({ ar = self, engine = engine, id = nil, done = nil, ok = nil, started = nil,
+                           completed = nil, values = nil }, slot_metas[self._kind] or slot_meta(self._kind))
   local c = self._c
   if c then
     local k = c.made + 1
@@ -132,6 +163,8 @@ function methods:_slot(engine, batch)
     else
       c.made = k
     end
+  elseif self._single and not self._one_slot and rawget(self, "_slots") == nil then
+    self._one_slot = s
   else
     self._slots[#self._slots + 1] = s
   end
@@ -227,7 +260,7 @@ local function compact_settle(self, slot)
 end
 
 function methods:_per_slot(fn)
-  if self._single then return fn(self._slots[1]) end
+  if self._single then return fn(self._one_slot or self._slots[1]) end
   local out = {}
   for k = 1, made(self) do out[k] = fn(slot_at(self, k)) end
   return out
@@ -252,12 +285,18 @@ function methods:_settle(slot, ok, started, completed, value)
   slot.done, slot.ok, slot.started, slot.completed = true, ok, started, completed or core.now()
   if ok then slot.values = value else slot.error = value end
   self._done = self._done + (slot.batch or 1)
-  if self._c then compact_settle(self, slot) else self._arrivals[#self._arrivals + 1] = slot end
-  if self._done == total(self) then
+  if self._c then
+    compact_settle(self, slot)
+  elseif not self._single then -- a one-engine result's arrivals follow from _done
+    self._arrivals[#self._arrivals + 1] = slot
+  end
+  if self._done == (self._total or #self._slots) then -- total(self)
     self._completed = core.now()
     local waiters = self._waiters
-    self._waiters = false
-    for _, fn in ipairs(waiters or {}) do fn() end
+    if waiters then
+      self._waiters = false
+      for _, fn in ipairs(waiters) do fn() end
+    end
   end
 end
 
@@ -297,6 +336,8 @@ local function raise_errors(self)
         if c.failed[k] then failed[#failed + 1] = c.val[k] end
       end
     end
+  elseif self._one_slot then
+    if not self._one_slot.ok then error(self._one_slot.error, 0) end
   else
     for _, s in ipairs(self._slots) do
       if not s.ok then failed[#failed + 1] = s.error end
@@ -332,7 +373,7 @@ function methods:get(opts)
   if self._c then return self:_map_values() end
   if self._finish then return self._finish(self._slots, self._single, self) end
   if self._single then
-    local s = self._slots[1]
+    local s = self._one_slot or self._slots[1]
     if not s.ok then return s.error end
     return table.unpack(s.values, 1, s.values.n)
   end

@@ -96,7 +96,9 @@ end
 --- Record `ar`, made by a view, with how to submit its call again:
 -- `again(...)` returns a new AsyncResult (for resubmit).
 function methods:_track(ar, again, ...)
-  ar._again, ar._client = table.pack(again, ...), self
+  -- { count of the arguments, again, arguments... }: an array alone, where
+  -- table.pack's `n` would give the table a hash part too (one per call).
+  ar._again, ar._client = { select("#", ...), again, ... }, self
   local n = self._ntracked + 1
   self._tracked[n], self._ntracked = ar, n
   -- When the list has doubled since it was last compacted, drop the
@@ -117,6 +119,9 @@ function methods:_track(ar, again, ...)
 end
 
 local function is_result(x) return getmetatable(x) == AsyncResult end
+-- Called as a function: a result's methods are found through an __index
+-- function, a call of its own at each look (rc:wait looks at every result).
+local ready = AsyncResult.methods.ready
 
 --- Wait for a list of AsyncResults (or one), or with none, for every result
 -- of this client not done yet, as ipyparallel's rc.wait() does; up to
@@ -127,7 +132,7 @@ function methods:wait(results, timeout)
       local tracked = self._tracked
       for i = self._done_upto, self._ntracked do
         local ar = tracked[i]
-        if ar and not ar._purged and not ar:ready() then return false end
+        if ar and not ar._purged and not ready(ar) then return false end
         self._done_upto = i + 1
       end
       return true
@@ -141,7 +146,10 @@ function methods:wait(results, timeout)
   local first = 1 -- results before this one are known to be ready
   return (wait.until_done(function()
     for i = first, #results do
-      if not results[i]:ready() then
+      local ar = results[i]
+      local done
+      if is_result(ar) then done = ready(ar) else done = ar:ready() end
+      if not done then
         first = i
         return false
       end
@@ -239,7 +247,7 @@ function methods:resubmit(results)
   local out = {}
   for i, ar in ipairs(list) do
     local call = ar._again
-    local ok, new = pcall(call[1], table.unpack(call, 2, call.n))
+    local ok, new = pcall(call[2], table.unpack(call, 3, call[1] + 2))
     if not ok then
       error(string.format("resubmit: result %d: %s", i, tostring(new)), 2)
     end

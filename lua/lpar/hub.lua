@@ -20,15 +20,18 @@ Hub.__index = Hub
 -- it back to the system: glibc keeps freed heap otherwise. A finalizer that
 -- makes its successor runs once per collection cycle; it looks at most
 -- twice a second, since asking malloc what lies free walks its whole heap
--- (a busy client collects many times a second).
+-- (a busy client collects many times a second), and less often when a look
+-- took long: a trim of a big heap can take a fifth of a second, which a
+-- client churning through results at that size would pay again and again.
 do
-  local last = 0
+  local next_look = 0
   local function watch()
     setmetatable({}, { __gc = function()
       local now = core.now()
-      if now - last >= 0.5 then
-        last = now
+      if now >= next_look then
         core.trim(64 * 1024 * 1024)
+        local took = core.now() - now
+        next_look = now + math.max(0.5, 20 * took)
       end
       watch()
     end })
@@ -71,12 +74,16 @@ local function new_state(fields)
 end
 
 --- The core's handler must not keep the hub alive, or a dropped Cluster
--- would never be collected and its engines never stopped.
+-- would never be collected and its engines never stopped. The second
+-- function takes results, which the core hands over without their kind.
 local function handler_for(self)
   local weak = setmetatable({ self }, { __mode = "v" })
   return function(kind, ...)
     local hub = weak[1]
     if hub then hub[kind](hub, ...) end
+  end, function(...)
+    local hub = weak[1]
+    if hub then hub:result(...) end
   end
 end
 
@@ -89,8 +96,9 @@ function Hub.embedded(opts)
     if type(k) == "string" then env[#env + 1] = k .. "=" .. tostring(v)
     else env[#env + 1] = v end
   end
+  local handler, on_result = handler_for(self)
   local c, err = core.new_cluster { engine = self.engine_path, env = env, blas_threads = opts.blas_threads,
-                                    handler = handler_for(self) }
+                                    handler = handler, on_result = on_result }
   if not c then error(err, 3) end
   self.core = c
   return self
@@ -103,8 +111,9 @@ end
 function Hub.connect(address, key, fields)
   local self = new_state(fields or {})
   self.controller, self.next_call = true, 0
+  local handler, on_result = handler_for(self)
   local c, err = core.connect { path = address.path, host = address.host, port = address.port,
-                                key = key, handler = handler_for(self) }
+                                key = key, handler = handler, on_result = on_result }
   if not c then return nil, err end
   self.core = c
   return self

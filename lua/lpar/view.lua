@@ -46,13 +46,41 @@ function DirectView:with(flags)
   return viewflags.with(self, flags, FLAGS)
 end
 
+-- The results a view handed out, for DirectView:wait: weak values, so a
+-- finished result the user dropped need not be kept (a pending one is held
+-- by the hub until it settles). A list, not a table keyed by results: such
+-- a table is an ephemeron, which every collection walks again and again,
+-- and hashing a result into it cost half a microsecond a call. `n` results
+-- were added; those before `first` are known done (DirectView:wait); when
+-- the list has doubled since it was last compacted, the collected go and
+-- the known done with them (amortized, whatever the user keeps).
+-- Copies of the view (view:with) share it.
+local WEAK_VALUES = { __mode = "v" }
+
+local function outstanding_list() return setmetatable({ n = 0, first = 1, compact_at = 64 }, WEAK_VALUES) end
+
+local ready = AsyncResult.methods.ready
+
+local function add_outstanding(out, ar)
+  local n = out.n + 1
+  out[n], out.n = ar, n
+  if n < out.compact_at then return end
+  local k, first = 0, out.first
+  for i = 1, n do -- k <= i: out[k] is behind the walk
+    local r = out[i]
+    out[i] = nil
+    if r and i >= first then
+      k = k + 1
+      out[k] = r
+    end
+  end
+  out.n, out.first, out.compact_at = k, 1, math.max(64, 2 * k)
+end
+
 --- A view of `client` over `spec` (see lpar.targets); nil means every
 -- engine, resolved at each call so restarted engines are included.
 function DirectView.new(client, spec)
-  -- Weak: a finished result the user dropped need not be kept; a pending
-  -- one is held by the hub until it settles.
-  local outstanding = setmetatable({}, { __mode = "k" })
-  local self = setmetatable({ client = client, block = false, _outstanding = outstanding },
+  local self = setmetatable({ client = client, block = false, _outstanding = outstanding_list() },
     DirectView)
   if spec == nil then
     self.targets = "all"
@@ -136,7 +164,7 @@ function submit(self, kind, mtype, root, finish, per_target, ...)
     for _ in pairs(errs) do failed = failed + 1 end
     if failed == #ids then error(errs[1], 3) end -- it reached none
     for i, err in pairs(errs) do ar:_settle(slots[i], false, nil, nil, err) end
-    self._outstanding[ar] = true
+    add_outstanding(self._outstanding, ar)
     self.client:_track(ar, submit, self, kind, mtype, root, finish, per_target, ...) -- for rc:resubmit
     return ar
   end
@@ -155,7 +183,7 @@ function submit(self, kind, mtype, root, finish, per_target, ...)
       ar:_settle(slot, false, nil, nil, err)
     end
   end
-  self._outstanding[ar] = true
+  add_outstanding(self._outstanding, ar)
   self.client:_track(ar, submit, self, kind, mtype, root, finish, per_target, ...) -- for rc:resubmit
   return ar
 end
@@ -190,9 +218,35 @@ function DirectView:run(path, opts)
   return finish_call(self, ar, opts, true)
 end
 
+local ONE_ENGINE = { single = true }
+-- Called as functions, not methods: a result's and a client's methods are
+-- found through an __index function, a call of its own at each look.
+local new_slot = AsyncResult.methods._slot
+local track -- Client's _track (lpar.client requires this module: looked up once, on first use)
+
+local apply_one -- it records itself with each result, for rc:resubmit
+
+--- f(...) on the one engine of a single-engine view: submit's work for
+-- that case alone, without its loops and per-call tables (the common
+-- `rc[i]:apply_async(f, x)` made many times over).
+function apply_one(self, f, ...)
+  local hub = self.client._hub
+  local id = self.targets
+  local ar = AsyncResult.new("apply", ONE_ENGINE)
+  ar._hub, ar._interrupt = hub, interrupt_slots
+  -- An engine that is down fails the call here (Hub:submit says how it went).
+  local ok, err = hub:submit(id, APPLY, "args", new_slot(ar, id), f, ...)
+  if not ok then error(err, 3) end
+  add_outstanding(self._outstanding, ar)
+  track = track or require("lpar.client").methods._track
+  track(self.client, ar, apply_one, self, f, ...) -- for rc:resubmit
+  return ar
+end
+
 --- f(...) on every target, not waiting: the AsyncResult.
 function DirectView:apply_async(f, ...)
   if type(f) ~= "function" then error("apply: expected a function, got " .. type(f), 2) end
+  if math.type(self.targets) == "integer" then return apply_one(self, f, ...) end -- single(self)
   return submit(self, "apply", APPLY, "args", nil, nil, f, ...)
 end
 
@@ -404,8 +458,10 @@ end
 function DirectView:wait(timeout)
   local out = self._outstanding
   local ok = wait.until_done(function()
-    for ar in pairs(out) do
-      if ar:ready() then out[ar] = nil else return false end
+    for i = out.first, out.n do
+      local ar = out[i]
+      if ar and not ready(ar) then return false end
+      out.first = i + 1
     end
     return true
   end, timeout, nil, 2)
