@@ -99,8 +99,8 @@ enum lpar_msg_type {
 ** request may leave the engine to it: send it to engine LPAR_ANY_ENGINE +
 ** depth (depth 1 to 255). The controller schedules such requests from all
 ** its clients together: each waits there until some ready engine holds
-** fewer than `depth` requests, clients taking turns, and goes to the least
-** loaded; a MESSAGE of type PLACED then names that engine (ev->engine) for
+** fewer than `depth` requests, clients sharing the engines' time, and goes
+** to the least loaded; a MESSAGE of type PLACED then names that engine (ev->engine) for
 ** request ev->id, before any of its replies. lpar_cluster_interrupt(c,
 ** LPAR_ANY_ENGINE, id) withdraws one still waiting, and PLACED then names
 ** LPAR_ANY_ENGINE; one already placed is interrupted on its engine as any

@@ -48,6 +48,10 @@ typedef struct peer {
   char host[64];    /* PEER_ENGINE: its host, for messages */
   waiting *first_waiting, *last_waiting; /* PEER_CLIENT: its balanced requests not yet sent */
   size_t nwaiting;
+  /* PEER_CLIENT, for fair turns: engine seconds its requests took, how long
+  ** one takes (a moving mean), and how many are on engines now. */
+  double served, per_request;
+  uint64_t outstanding;
 } peer;
 
 typedef struct yengine {
@@ -77,7 +81,7 @@ struct lparY_relay {
   uint32_t next_serial;
   uint64_t bad_messages;
   size_t nwaiting; /* balanced requests waiting, all clients' */
-  int turn;        /* the client whose balanced request goes next (round robin) */
+  int turn;        /* where the next look for a client to serve starts (ties go in turn) */
   uint64_t tick;
   int placing;
   uv_timer_t recheck; /* looks again while requests wait and silent engines were passed over */
@@ -119,6 +123,25 @@ static yengine *known_engine(const lparY_relay *y, int id) {
 
 static void place_waiting(lparY_relay *y);
 static void on_recheck(uv_timer_t *t);
+
+/*
+** A reply ended one of p's requests: what it cost the engine, from the
+** stamps that lead a RESULT's or ERROR's payload (started, completed:
+** doubles, CLOCK_REALTIME); a text-mode answer has none and costs nothing.
+*/
+static void charge(peer *p, const lparW_header *h, const char *payload) {
+  if (p->outstanding > 0) p->outstanding--;
+  double stamps[2];
+  if ((h->flags & LPAR_FLAG_RAW) || h->len < sizeof stamps) return;
+  memcpy(stamps, payload, sizeof stamps);
+  double took = stamps[1] - stamps[0];
+  if (!(took >= 0 && took < 1e6)) return; /* not a duration: a forged or skewed stamp */
+  p->served += took;
+  p->per_request = p->per_request > 0 ? 0.8 * p->per_request + 0.2 * took : took;
+}
+
+/* What p's requests have cost the engines, counting those on engines now at the mean. */
+static double service(const peer *p) { return p->served + (double)p->outstanding * p->per_request; }
 
 /* ---- telling clients of engines ---- */
 
@@ -162,6 +185,11 @@ static void engine_exit(lparY_relay *y, int id, int status, int signal, const ch
   snprintf(e->why, sizeof e->why, "%s", why ? why : "");
   e->in_flight = 0;
   e->via = NULL;
+  /* Its requests will not end with a reply: no client counts more on engines than there are. */
+  uint64_t on_engines = 0;
+  for (int i = 0; i < y->nengines; i++) on_engines += y->engines[i].in_flight;
+  for (int i = 0; i < y->npeers; i++)
+    if (y->peers[i]->outstanding > on_engines) y->peers[i]->outstanding = on_engines;
   tell_clients(y, id);
   lparY_event ev = {.kind = LPARY_ENGINE_EXIT, .engine = id, .status = status, .signal = signal};
   emit(y, &ev);
@@ -180,6 +208,7 @@ static void reply(lparY_relay *y, int id, const lparW_header *h, const char *pay
   int ended = h->type == LPAR_MSG_RESULT || h->type == LPAR_MSG_ERROR;
   if (ended && e->in_flight > 0) e->in_flight--;
   peer *p = find_peer(y, (uint32_t)(h->id >> CID_BITS));
+  if (ended && p != NULL) charge(p, h, payload);
   if (p != NULL && p->route != NULL) { /* else its client left: the task ran all the same */
     unsigned flags = h->flags & ~(unsigned)(LPAR_FLAG_ROUTES | LPAR_FLAG_SHM);
     lparR_send(p->route, h->type, flags, (unsigned)id, h->id & CID_MASK, payload, (size_t)h->len,
@@ -248,6 +277,7 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
   }
   uint64_t gid = (uint64_t)p->serial << CID_BITS | h->id;
   int rc = forward(y, id, e, h->type, request_flags(p, h), gid, payload, (size_t)h->len, fds, nfds);
+  if (rc == LPAR_OK) p->outstanding++;
   /* A dying engine: its socket closed before its exit was seen. Its EXIT,
   ** with the real status and signal, follows and fails the request. */
   if (rc < 0 && !(rc == LPAR_EDEAD && e->state == LPARY_READY)) refuse_request(p, id, e);
@@ -260,9 +290,10 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
 ** some ready engine holds fewer than `depth` requests (counting every
 ** client's, load-balanced or not); then it goes to the least loaded of
 ** them (the one given a balanced request longest ago, on a tie), and its
-** client is told where with PLACED. Clients take turns, so two clients
-** mapping at once each get half the engines, however many each has
-** waiting. A request carrying descriptors goes only to a local engine.
+** client is told where with PLACED. Clients share the engines' time (see
+** place_waiting), so two clients mapping at once each get half of it,
+** however many requests each has waiting and however big. A request
+** carrying descriptors goes only to a local engine.
 */
 
 /* Is local engine `id` silent past its heartbeats (stopped, or wedged in a C call)? */
@@ -315,6 +346,7 @@ static int place_one(lparY_relay *y, peer *p, int *passed) {
       continue;
     }
     e->last_given = ++y->tick;
+    p->outstanding++;
     p->first_waiting = w->next;
     if (p->first_waiting == NULL) p->last_waiting = NULL;
     p->nwaiting--;
@@ -326,21 +358,32 @@ static int place_one(lparY_relay *y, peer *p, int *passed) {
   return 0;
 }
 
+/* The client with requests waiting whose requests have cost the engines least, or -1. */
+static int next_client(const lparY_relay *y) {
+  int best = -1;
+  for (int k = 0; k < y->npeers; k++) {
+    int i = (y->turn + k) % y->npeers;
+    const peer *p = y->peers[i];
+    if (p->first_waiting != NULL && (best < 0 || service(p) < service(y->peers[best]))) best = i;
+  }
+  return best;
+}
+
 /*
-** Give engines with room the waiting requests, a client at a time in turn.
-** A client whose first request finds no room keeps its turn: the next
-** engine to free is its, so a request that needs an idle engine (depth 1)
-** is not passed over for ever by others that take less.
+** Give engines with room the waiting requests: first those of the client
+** whose requests have cost the engines least, so clients share the engines'
+** time, not their number of requests (a batch of 64 tiny tasks is one
+** request). A client whose first request finds no room keeps its place:
+** the next engine to free is its, so a request that needs an idle engine
+** (depth 1) is not passed over for ever by others that take less.
 */
 static void place_waiting(lparY_relay *y) {
   if (y->placing || y->stopping) return;
   y->placing = 1; /* a failed send may close a route, whose handler comes back here */
   int passed = 0;
-  while (y->nwaiting > 0 && y->npeers > 0) {
-    if (y->turn >= y->npeers) y->turn = 0;
-    peer *p = y->peers[y->turn];
-    if (p->first_waiting != NULL && !place_one(y, p, &passed)) break;
-    y->turn++;
+  for (int i; y->nwaiting > 0 && (i = next_client(y)) >= 0;) {
+    if (!place_one(y, y->peers[i], &passed)) break;
+    y->turn = i + 1;
   }
   /* A silent engine that speaks again sends no reply to wake us: look again soon. */
   if (y->nwaiting > 0 && passed && !uv_is_active((uv_handle_t *)&y->recheck))
@@ -349,6 +392,23 @@ static void place_waiting(lparY_relay *y) {
 }
 
 static void on_recheck(uv_timer_t *t) { place_waiting(t->data); }
+
+/*
+** A client that starts waiting again starts level with those waiting now:
+** what it did not use while it had nothing to run is not a credit to
+** spend on them later.
+*/
+static void catch_up(const lparY_relay *y, peer *p) {
+  int first = 1;
+  double least = 0;
+  for (int i = 0; i < y->npeers; i++) {
+    const peer *q = y->peers[i];
+    if (q == p || q->first_waiting == NULL) continue;
+    if (first || service(q) < least) least = service(q);
+    first = 0;
+  }
+  if (!first && service(p) < least) p->served += least - service(p);
+}
 
 /* A client's request for any engine: into its queue, then placed if an engine has room. */
 static void request_any(lparY_relay *y, peer *p, const lparW_header *h, const char *payload,
@@ -379,6 +439,7 @@ static void request_any(lparY_relay *y, peer *p, const lparW_header *h, const ch
   }
   w->payload = (char *)(w->fds + nfds);
   memcpy(w->payload, payload, (size_t)h->len);
+  if (p->nwaiting == 0) catch_up(y, p);
   if (p->last_waiting)
     p->last_waiting->next = w;
   else
@@ -481,15 +542,18 @@ static void request_many(lparY_relay *y, peer *p, const lparW_header *h, const c
       done[i] = 1;
       int rc = lpar_cluster_send_fds(y->local, id, h->type, flags, gid + offset, f.body, f.body_len,
                                      fds, nfds);
-      if (rc == LPAR_OK)
+      if (rc == LPAR_OK) {
         e->in_flight++;
-      else if (!(rc == LPAR_EDEAD && e->state == LPARY_READY)) /* else its EXIT follows */
+        p->outstanding++;
+      } else if (!(rc == LPAR_EDEAD && e->state == LPARY_READY)) { /* else its EXIT follows */
         refuse_request(p, id, e);
+      }
       continue;
     }
     peer *via = e->via;
     if (via == NULL || via->route == NULL) continue; /* its link is closing: its EXIT follows */
     size_t k = host_entries(y, &f, i, via, done, sub);
+    p->outstanding += k;
     /* Its link is read by a relay that sends matrices inline. A failed send
     ** closes the link, and the host's engines end with the reason. */
     lparR_send2(via->route, h->type, flags | LPAR_FLAG_INLINE | LPAR_FLAG_ROUTES, 0, gid, sub,

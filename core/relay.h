@@ -21,6 +21,11 @@
 ** are flagged LPAR_FLAG_INLINE so the engine answers inline, and clients are
 ** told, by the same flag on the engine's HELLO, to send a joined engine its
 ** matrices inline.
+**
+** A load-balanced request (for LPAR_ANY_ENGINE + depth) is scheduled here,
+** with every client's: it waits in its client's queue for an engine with
+** room, clients sharing the engines' time, and the client learns its
+** engine from PLACED.
 */
 #ifndef LPAR_RELAY_H
 #define LPAR_RELAY_H
