@@ -3,7 +3,7 @@
 -- and DirectView apply_async, a 1,000,000-task map's rate and memory, imap
 -- over an endless iterator, and two clients mapping on one standalone cluster.
 -- `lpar scripts/bench_tasks.lua --client PROFILE N` (or `--window PROFILE
--- START SECONDS`) is the second client.
+-- START SECONDS [US]`) is another client.
 local lpar = require "lpar"
 local uv = require "luv"
 
@@ -42,17 +42,26 @@ local function map_rate(view, n)
   return n / dt
 end
 
---- Tasks per second of maps of identity, one after another, from wall
--- clock time `start` (core.now() seconds) for `seconds`: two clients given
--- the same window are measured over the same time, whichever ends first.
+--- Tasks per second of maps, one after another, from wall clock time
+-- `start` (core.now() seconds) for `seconds`: two clients given the same
+-- window are measured over the same time, whichever ends first. Each task
+-- is identity, or busy `us` microseconds on its engine first.
 local MAP_SIZE = 10000
-local function window_rate(view, start, seconds)
+local function window_rate(view, start, seconds, us)
   local list = range(MAP_SIZE)
   local core = require "lpar.core"
+  local f = identity
+  if us and us > 0 then
+    f = function(x)
+      local t = os.clock() + us * 1e-6
+      while os.clock() < t do end
+      return x
+    end
+  end
   while core.now() < start do uv.sleep(1) end
   local done = 0
   repeat
-    local out = view:map_sync(identity, list)
+    local out = view:map_sync(f, list)
     assert(#out == MAP_SIZE and out[MAP_SIZE] == MAP_SIZE, "the map lost results")
     done = done + MAP_SIZE
   until core.now() >= start + seconds
@@ -65,7 +74,7 @@ if arg and (arg[1] == "--client" or arg[1] == "--window") then
   local rc = lpar.Client { profile = arg[2] }
   local lb = rc:load_balanced_view()
   local rate = arg[1] == "--client" and map_rate(lb, tonumber(arg[3]))
-    or window_rate(lb, tonumber(arg[3]), tonumber(arg[4]))
+    or window_rate(lb, tonumber(arg[3]), tonumber(arg[4]), tonumber(arg[5]))
   print(string.format("rate %.1f", rate))
   rc:close()
   return
@@ -160,16 +169,15 @@ local function bench_two_clients(b)
     local alone = map_rate(lb, n)
     row("two_clients_alone", "standalone: one client's map of identity", alone, "/s")
     -- Two client processes of their own (not this one, whose heap the other
-    -- benchmarks grew: these tiny tasks are bound by the client's CPU), alone
-    -- and then both at once over the same window, from a moment both have
-    -- had time to connect by.
+    -- benchmarks grew), alone and then both at once over the same window,
+    -- from a moment both have had time to connect by.
     local seconds = b.quick and 0.5 or 2
-    local function clients(k)
+    local function clients(k, us)
       local start = require("lpar.core").now() + 1
       local procs, rates = {}, {}
       for i = 1, k do
-        procs[i] = io.popen(string.format("%s scripts/bench_tasks.lua --window tasks %.3f %g", lpar_cmd, start,
-          seconds))
+        procs[i] = io.popen(string.format("%s scripts/bench_tasks.lua --window tasks %.3f %g %d", lpar_cmd, start,
+          seconds, us))
       end
       for i = 1, k do
         rates[i] = tonumber((procs[i]:read("a") or ""):match("rate (%S+)"))
@@ -178,16 +186,25 @@ local function bench_two_clients(b)
       end
       return rates
     end
-    local one = clients(1)[1]
-    row("two_clients_window", string.format("  one client process mapping for %g s alone", seconds), one, "/s")
-    local both = clients(2)
-    local first, second = both[1], both[2]
-    row("two_clients_mine", "  two at once, the same window: the first / half of alone", first / (one / 2),
+    -- Tasks with engine work: the engines are what the clients share, and
+    -- the controller gives each half their time.
+    local one = clients(1, 50)[1]
+    row("two_clients_window", string.format("  one client mapping tasks of 50 us for %g s alone", seconds), one,
+      "/s")
+    local both = clients(2, 50)
+    row("two_clients_mine", "  two at once, the same window: the first / half of alone", both[1] / (one / 2),
       "x", "0.8x - 1.2x")
-    row("two_clients_theirs", "  two at once: the second / half of alone", second / (one / 2), "x",
+    row("two_clients_theirs", "  two at once: the second / half of alone", both[2] / (one / 2), "x",
       "0.8x - 1.2x")
-    row("two_clients_fair", "  two at once: the first's rate / the second's", first / second, "x",
+    row("two_clients_fair", "  two at once: the first's rate / the second's", both[1] / both[2], "x",
       "0.8x - 1.25x")
+    -- Identity: bound by each client's own CPU, which the system shares out.
+    one = clients(1, 0)[1]
+    row("two_clients_identity", "  one client mapping identity alone (its own CPU is the bound)", one, "/s")
+    both = clients(2, 0)
+    row("two_clients_identity_fair", "  two at once, identity: the first's rate / the second's", both[1] / both[2],
+      "x")
+    print(string.format("  (identity, two at once: %.0f and %.0f /s)", both[1], both[2]))
     -- The controller over a million tasks from the two clients: its memory.
     local mid = status_mb("VmRSS", controller)
     local big = b.quick and 20000 or 500000
