@@ -11,12 +11,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <uv.h>
 
 #include "check.h"
+#include "forked_controller.h"
 #include "link.h"
 #include "lpar.h"
 #include "relay.h"
@@ -33,33 +33,6 @@ static void on_relay_event(lparY_relay *y, const lparY_event *ev, void *ud) {
   if (ev->kind == LPARY_CONTROL && ev->id == STOP_ID) *(int *)ud = 1;
   if (ev->kind == LPARY_CONTROL && ev->id == JOIN_ID && lparY_join(y, ev->peer, 0, 1, "fakehost") != 0)
     *(int *)ud = 2;
-}
-
-static void check_stop(uv_timer_t *t) {
-  if (*(int *)t->data) uv_stop(t->loop);
-}
-
-static int run_controller(const char *path, const unsigned char *key) {
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  int stop = 0;
-  lparY_config cfg = {.socket = path, .on_event = on_relay_event, .ud = &stop};
-  memcpy(cfg.key, key, sizeof cfg.key);
-  lparY_relay *y = NULL;
-  char err[256];
-  if (lparY_new(&loop, &cfg, &y, err, sizeof err) != 0) {
-    fprintf(stderr, "controller: %s\n", err);
-    return 100;
-  }
-  uv_timer_t t;
-  uv_timer_init(&loop, &t);
-  t.data = &stop;
-  uv_timer_start(&t, check_stop, 5, 5);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  lparY_free(y);
-  uv_close((uv_handle_t *)&t, NULL);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  return uv_loop_close(&loop) == 0 ? 0 : 101;
 }
 
 /* ---- the engine's host, on a raw link: requests kept to answer later ---- */
@@ -94,14 +67,6 @@ static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
   if (ev->kind == LPAR_EV_MESSAGE && ev->type == LPAR_MSG_PLACED) s->placed++;
 }
 
-static int run_until(uv_loop_t *loop, int *counter, int want) {
-  for (int i = 0; i < 10000 && *counter < want; i++) {
-    uv_run(loop, UV_RUN_NOWAIT);
-    usleep(1000);
-  }
-  return *counter >= want;
-}
-
 static lpar_cluster *connect_client(uv_loop_t *loop, const char *path, const unsigned char *key,
                                     seen *s) {
   lpar_connect_config cfg = {.path = path, .on_event = on_event, .ud = s};
@@ -113,17 +78,10 @@ static lpar_cluster *connect_client(uv_loop_t *loop, const char *path, const uns
 }
 
 int main(void) {
-  char dir[] = "/tmp/lpar-test-fairness-XXXXXX";
-  CHECK(mkdtemp(dir) != NULL);
-  char path[128];
-  snprintf(path, sizeof path, "%s/controller.sock", dir);
-  unsigned char key[32];
-  for (int i = 0; i < 32; i++) key[i] = (unsigned char)(rand() & 0xff);
-
-  pid_t child = fork();
-  if (child == 0) _exit(run_controller(path, key));
-  struct stat st;
-  for (int i = 0; i < 5000 && stat(path, &st) != 0; i++) usleep(1000);
+  forked_controller fc;
+  if (!forked_start(&fc, "fairness", 0, on_relay_event)) return check_report();
+  const char *path = fc.path;
+  const unsigned char *key = fc.key;
 
   uv_loop_t loop;
   uv_loop_init(&loop);
@@ -174,14 +132,13 @@ int main(void) {
   CHECK(sa.placed >= served[2] && sb.placed >= served[3]);
 
   lpar_cluster_send(a, 0, LPAR_MSG_CONTROL, 0, STOP_ID, "", 0);
-  int status = check_reap(child, 5);
+  int status = forked_reap(&fc);
   CHECKF(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0, "controller status %d", status);
   lpar_cluster_free(a);
   lpar_cluster_free(b);
   lparR_close(hr, NULL);
   for (int i = 0; i < 20; i++) uv_run(&loop, UV_RUN_NOWAIT);
   CHECK(uv_loop_close(&loop) == 0);
-  unlink(path);
-  rmdir(dir);
+  forked_cleanup(&fc);
   return check_report();
 }

@@ -21,13 +21,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <uv.h>
 
 #include "check.h"
+#include "forked_controller.h"
 #include "lpar.h"
 #include "link.h"
 #include "relay.h"
@@ -42,10 +42,6 @@ static void on_relay_event(lparY_relay *y, const lparY_event *ev, void *ud) {
   if (ev->kind == LPARY_CONTROL && ev->id == STOP_ID) *(int *)ud = 1;
   if (ev->kind == LPARY_CONTROL && ev->id == JOIN_ID && lparY_join(y, ev->peer, 2, 2, "testhost") != 0)
     *(int *)ud = 2;
-}
-
-static void check_stop(uv_timer_t *t) {
-  if (*(int *)t->data) uv_stop(t->loop);
 }
 
 /* ---- a host's relay, on a raw link ---- */
@@ -68,30 +64,6 @@ static void host_frame(lparR_route *r, const lparW_header *h, const char *payloa
 static void host_closed(lparR_route *r, const char *reason, int refused, void *ud) {
   (void)r, (void)reason, (void)refused;
   ((host *)ud)->closed = 1;
-}
-
-static int run_controller(const char *path, const unsigned char *key) {
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  int stop = 0;
-  lparY_config cfg = {.socket = path, .on_event = on_relay_event, .ud = &stop};
-  memcpy(cfg.key, key, sizeof cfg.key);
-  lparY_relay *y = NULL;
-  char err[256];
-  if (lparY_new(&loop, &cfg, &y, err, sizeof err) != 0 || lparY_spawn(y, 0, 2, err, sizeof err) != 0 ||
-      lparY_spawn(y, 1, 2, err, sizeof err) != 0) {
-    fprintf(stderr, "controller: %s\n", err);
-    return 100;
-  }
-  uv_timer_t t;
-  uv_timer_init(&loop, &t);
-  t.data = &stop;
-  uv_timer_start(&t, check_stop, 5, 5);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  lparY_free(y);
-  uv_close((uv_handle_t *)&t, NULL);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  return uv_loop_close(&loop) == 0 ? 0 : 101;
 }
 
 /* ---- the client ---- */
@@ -141,33 +113,17 @@ static void on_event(lpar_cluster *c, const lpar_event *ev, void *ud) {
   }
 }
 
-/* Run the loop until *counter reaches want, or 10 s. */
-static int run_until(uv_loop_t *loop, int *counter, int want) {
-  for (int i = 0; i < 10000 && *counter < want; i++) {
-    uv_run(loop, UV_RUN_NOWAIT);
-    usleep(1000);
-  }
-  return *counter >= want;
-}
-
 int main(void) {
-  char dir[] = "/tmp/lpar-test-relay-XXXXXX";
-  CHECK(mkdtemp(dir) != NULL);
-  char path[128];
-  snprintf(path, sizeof path, "%s/controller.sock", dir);
-  unsigned char key[32];
-  for (int i = 0; i < 32; i++) key[i] = (unsigned char)(rand() & 0xff);
-
-  pid_t child = fork();
-  if (child == 0) _exit(run_controller(path, key));
-  struct stat st;
-  for (int i = 0; i < 5000 && stat(path, &st) != 0; i++) usleep(1000);
+  forked_controller fc;
+  if (!forked_start(&fc, "relay", 2, on_relay_event)) return check_report();
+  const char *path = fc.path;
+  const unsigned char *key = fc.key;
 
   uv_loop_t loop;
   uv_loop_init(&loop);
   seen s = {0};
   lpar_connect_config cfg = {.path = path, .on_event = on_event, .ud = &s};
-  memcpy(cfg.key, key, sizeof key);
+  memcpy(cfg.key, key, sizeof cfg.key);
   lpar_cluster *c = NULL;
   int rc = lpar_cluster_connect(&loop, &cfg, &c);
   CHECKF(rc == LPAR_OK, "connect: %s", lpar_cluster_errmsg(c));
@@ -262,7 +218,7 @@ int main(void) {
   /* The controller stops: the link closes, and the client hears it. */
   CHECK(lpar_cluster_send(c, 0, LPAR_MSG_CONTROL, 0, STOP_ID, "", 0) == LPAR_OK);
   CHECK(run_until(&loop, &s.closed, 1));
-  int status = check_reap(child, 5);
+  int status = forked_reap(&fc);
   CHECKF(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0, "controller status %d", status);
   CHECK(lpar_cluster_execute(c, 1, 11, "return 1", 8) == LPAR_EDEAD);
   lpar_cluster_free(c);
@@ -276,7 +232,6 @@ int main(void) {
 
   uv_run(&loop, UV_RUN_NOWAIT);
   CHECK(uv_loop_close(&loop) == 0);
-  unlink(path);
-  rmdir(dir);
+  forked_cleanup(&fc);
   return check_report();
 }
