@@ -90,7 +90,7 @@ enum lpar_msg_type {
   LPAR_MSG_HEARTBEAT = 15, /* engine -> host: empty, "my Lua is stepping"; never an event */
   LPAR_MSG_PING = 16,      /* controller <-> a host's relay: empty; the link is alive */
   LPAR_MSG_STARTED = 17,   /* engine -> host: empty, request `id` (LPAR_FLAG_DEADLINE) began */
-  LPAR_MSG_PLACED = 18,    /* controller -> client: empty, request `id` went to the route's engine */
+  LPAR_MSG_PLACED = 18,    /* controller -> client: empty, request `id` went to engine `route` */
   LPAR_MSG_MAX_ = 19
 };
 
@@ -111,6 +111,9 @@ enum lpar_msg_type {
 /* An engine's heartbeat period, in milliseconds (LPAR_HEARTBEAT_MS in its
    environment overrides it; 0 turns heartbeats off). */
 #define LPAR_HEARTBEAT_MS 100
+/* A ready engine silent this many of its heartbeat periods is stopped or
+   wedged: "not responding" (load-balanced tasks pass it by). */
+#define LPAR_NOT_RESPONDING_BEATS 10
 
 
 /*

@@ -19,8 +19,6 @@
 #define SERIAL_MAX 0xffffffu /* serials fill the id's top 24 bits */
 /* Load-balanced requests one client may have waiting here at once. */
 #define MAX_WAITING (1 << 16)
-/* A local engine silent this many of its heartbeat periods gets none: it is stopped or wedged. */
-#define SILENT_BEATS 10
 
 typedef enum peer_kind { PEER_CLIENT = 1, PEER_ENGINE = 2 } peer_kind;
 
@@ -299,7 +297,8 @@ static void request(lparY_relay *y, peer *p, const lparW_header *h, const char *
 /* Is local engine `id` silent past its heartbeats (stopped, or wedged in a C call)? */
 static int silent(const lparY_relay *y, int id) {
   int beat = lpar_cluster_heartbeat_ms(y->local, id);
-  return beat > 0 && lpar_cluster_silence_ms(y->local, id) > (int64_t)SILENT_BEATS * beat;
+  int64_t limit = (int64_t)LPAR_NOT_RESPONDING_BEATS * beat;
+  return beat > 0 && lpar_cluster_silence_ms(y->local, id) > limit;
 }
 
 /*
@@ -312,14 +311,16 @@ static int least_loaded(const lparY_relay *y, unsigned depth, int has_fds, int *
     const yengine *e = &y->engines[id];
     if (e->state != LPARY_READY || e->refusing || e->in_flight >= depth) continue;
     if (e->joined && (has_fds || e->via == NULL || e->via->route == NULL)) continue;
+    const yengine *b = best >= 0 ? &y->engines[best] : NULL;
+    if (b != NULL && (e->in_flight > b->in_flight ||
+                      (e->in_flight == b->in_flight && e->last_given >= b->last_given)))
+      continue;
+    /* Its silence is asked only of an engine that would be chosen: it reads the clock. */
     if (!e->joined && silent(y, id)) {
       *passed = 1;
       continue;
     }
-    const yengine *b = best >= 0 ? &y->engines[best] : NULL;
-    if (b == NULL || e->in_flight < b->in_flight ||
-        (e->in_flight == b->in_flight && e->last_given < b->last_given))
-      best = id;
+    best = id;
   }
   return best;
 }

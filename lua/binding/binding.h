@@ -13,6 +13,8 @@
 
 /* nil, "what: message", code: the luv way of failing. */
 int lparC_push_failure(lua_State *L, int code, const char *what);
+/* The same with a message of the caller's own: nil, message, code. */
+int lparC_push_error(lua_State *L, const char *message, int code);
 /* Message handler adding a traceback. */
 int lparC_traceback(lua_State *L);
 /* Release a registry reference, once: *ref becomes LUA_NOREF. */

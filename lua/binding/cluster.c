@@ -437,10 +437,7 @@ static int l_spawn(lua_State *L) {
   int id = (int)luaL_checkinteger(L, 2), n = (int)luaL_checkinteger(L, 3);
   int rc = lpar_cluster_spawn(u->c, id, n);
   if (rc < 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, lpar_cluster_errmsg(u->c));
-    lua_pushinteger(L, rc);
-    return 3;
+    return lparC_push_error(L, lpar_cluster_errmsg(u->c), rc);
   }
   lua_pushinteger(L, lpar_cluster_pid(u->c, id));
   return 1;
@@ -481,10 +478,7 @@ static int send_values(lua_State *L, cluster_ud *u, const double *deadline, int 
   int rc = lparS_encode_for(L, first, lua_gettop(L) - first + 1, root, &u->enc, &shm, funcs,
                             engine, err, sizeof err);
   if (rc < 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    lua_pushinteger(L, rc);
-    return 3;
+    return lparC_push_error(L, err, rc);
   }
   rc = lpar_cluster_send_fds(u->c, engine, type, flags, (uint64_t)id, u->enc.data, u->enc.len,
                              shm.fds, shm.nfds);
@@ -542,10 +536,7 @@ static int l_send_many(lua_State *L) {
   lparS_shm shm = {.min_bytes = lpar_cluster_passes_fds(u->c, engines[0]) ? LPARM_SHM_MIN_BYTES : 0};
   int rc = lparS_encode_shm(L, 7, lua_gettop(L) - 6, root, &u->enc, &shm, err, sizeof err);
   if (rc < 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    lua_pushinteger(L, rc);
-    return 3;
+    return lparC_push_error(L, err, rc);
   }
   rc = lpar_cluster_send_many(u->c, engines, (int)n, type, 0, (uint64_t)first, u->enc.data,
                               u->enc.len, shm.fds, shm.nfds, rcs);

@@ -28,6 +28,13 @@
 #include "route.h"
 #include "serialize.h"
 
+int lparC_push_error(lua_State *L, const char *message, int code) {
+  lua_pushnil(L);
+  lua_pushstring(L, message);
+  lua_pushinteger(L, code);
+  return 3;
+}
+
 int lparC_push_failure(lua_State *L, int code, const char *what) {
   lua_pushnil(L);
   if (what)
@@ -63,10 +70,7 @@ static int l_encode(lua_State *L) {
   int rc = lparS_encode(L, 1, lua_gettop(L), "value", &b, err, sizeof err);
   if (rc < 0) {
     lparB_free(&b);
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    lua_pushinteger(L, rc);
-    return 3;
+    return lparC_push_error(L, err, rc);
   }
   lua_pushlstring(L, b.data, b.len);
   lparB_free(&b);
@@ -86,10 +90,7 @@ static int l_decode(lua_State *L) {
   top = 1;
   if (lparS_decode(L, s, n, flags, &count, err, sizeof err) < 0) {
     lua_settop(L, top);
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    lua_pushinteger(L, LPAR_EBADMSG);
-    return 3;
+    return lparC_push_error(L, err, LPAR_EBADMSG);
   }
   lua_pushboolean(L, 1);
   lua_insert(L, top + 1);
@@ -194,7 +195,8 @@ int luaopen_lpar_core(lua_State *L) {
                {"DISPLAY", LPAR_MSG_DISPLAY}, {"FLAG_INLINE", LPAR_FLAG_INLINE},
                {"ECLOSED", LPAR_ECLOSED},     {"EDEAD", LPAR_EDEAD},
                {"HEARTBEAT", LPAR_MSG_HEARTBEAT}, {"HEARTBEAT_MS", LPAR_HEARTBEAT_MS},
-               {"ANY_ENGINE", LPAR_ANY_ENGINE}};
+               {"ANY_ENGINE", LPAR_ANY_ENGINE},
+               {"NOT_RESPONDING_BEATS", LPAR_NOT_RESPONDING_BEATS}};
   for (size_t i = 0; i < sizeof types / sizeof *types; i++) {
     lua_pushinteger(L, types[i].value);
     lua_setfield(L, -2, types[i].name);

@@ -156,10 +156,7 @@ static int l_relay(lua_State *L) {
   sodium_memzero(cfg.key, sizeof cfg.key);
   if (rc < 0) {
     u->y = NULL;
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    lua_pushinteger(L, rc);
-    return 3;
+    return lparC_push_error(L, err, rc);
   }
   return 1;
 }
@@ -170,10 +167,7 @@ static int l_spawn(lua_State *L) {
   int rc = lparY_spawn(u->y, (int)luaL_checkinteger(L, 2), (int)luaL_checkinteger(L, 3), err,
                        sizeof err);
   if (rc < 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    lua_pushinteger(L, rc);
-    return 3;
+    return lparC_push_error(L, err, rc);
   }
   lua_pushboolean(L, 1);
   return 1;
@@ -388,10 +382,7 @@ static int l_host_relay(lua_State *L) {
   if (rc < 0) {
     u->j = NULL;
     lparC_unref(L, &u->handler_ref);
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    lua_pushinteger(L, rc);
-    return 3;
+    return lparC_push_error(L, err, rc);
   }
   return 1;
 }
@@ -407,10 +398,7 @@ static int l_host_spawn(lua_State *L) {
   char err[512];
   int rc = lparJ_spawn(u->j, (int)luaL_checkinteger(L, 2), err, sizeof err);
   if (rc < 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    lua_pushinteger(L, rc);
-    return 3;
+    return lparC_push_error(L, err, rc);
   }
   lua_pushboolean(L, 1);
   return 1;

@@ -15,10 +15,6 @@ local core = require "lpar.core"
 -- matrix.blas_info) before any engine is spawned, so the engines inherit it.
 require "lpar.matrix"
 
--- Engines send a heartbeat every core.HEARTBEAT_MS (or the period their
--- hello says); a ready engine silent this many periods is stopped or
--- wedged. One that sends none is never judged.
-local NOT_RESPONDING_BEATS = 10
 
 local Controller = {}
 Controller.__index = Controller
@@ -111,7 +107,8 @@ function Controller:status()
       -- A ready engine silent for ten heartbeats is stopped or wedged.
       local state = e.state
       local beat = e.heartbeat_ms or 0
-      if state == "ready" and beat > 0 and (e.silent_ms or 0) > NOT_RESPONDING_BEATS * beat then
+      -- Silent core.NOT_RESPONDING_BEATS of its heartbeat periods (one that sends none is never judged).
+      if state == "ready" and beat > 0 and (e.silent_ms or 0) > core.NOT_RESPONDING_BEATS * beat then
         state = "not responding"
       end
       engines[eid] = { queue = e.queue, state = state, pid = e.pid, kind = e.kind, silent_ms = e.silent_ms,

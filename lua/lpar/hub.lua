@@ -42,9 +42,9 @@ end
 local CALL_TIMEOUT = 10
 
 -- Engines send a heartbeat every core.HEARTBEAT_MS (or the period their
--- hello says), busy or idle; a ready engine silent ten periods is stopped
--- or wedged: "not responding". One that sends none is never judged.
-Hub.NOT_RESPONDING_BEATS = 10
+-- hello says), busy or idle; a ready engine silent core.NOT_RESPONDING_BEATS
+-- periods is stopped or wedged: "not responding". One that sends none is
+-- never judged.
 
 local signal_names = {
   [1] = "SIGHUP", [2] = "SIGINT", [3] = "SIGQUIT", [4] = "SIGILL", [6] = "SIGABRT",
@@ -561,7 +561,7 @@ end
 function Hub:not_responding(id)
   if self.controller or not self.core then return false end
   local ms, beat = self.core:silence(id)
-  return ms ~= nil and beat > 0 and ms > Hub.NOT_RESPONDING_BEATS * beat
+  return ms ~= nil and beat > 0 and ms > core.NOT_RESPONDING_BEATS * beat
 end
 
 --- Per engine: requests in flight and state; plus what was dropped.
